@@ -1,0 +1,207 @@
+"""Configuration of the Masked Autoencoder (He et al., 2021, https://arxiv.org/abs/2111.06377).
+
+This file and `modeling_mae.py` import only each other (and transformers/torch), so both can travel
+with a checkpoint as Hub remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# The paper's models (ViT-B/16, L/16, H/14, all with the 512-wide, 8-block decoder) and small ones
+# for CPUs. Every other field keeps the MAEConfig default. Defined once: scripts resolve
+# `--model_config NAME` through `MAEConfig.from_preset`.
+MAE_PRESETS: dict[str, dict[str, Any]] = {
+    # For the embedded 32x32 sample: 8x8 patches of 4 px, a ViT-Ti-wide encoder of 6 blocks.
+    "tiny-32px": dict(
+        image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+        intermediate_size=768, decoder_hidden_size=128, decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4, decoder_intermediate_size=512,
+    ),
+    "tiny": dict(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+        decoder_hidden_size=256, decoder_num_hidden_layers=4, decoder_num_attention_heads=8,
+        decoder_intermediate_size=1024,
+    ),
+    "small": dict(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+        decoder_hidden_size=256, decoder_num_hidden_layers=4, decoder_num_attention_heads=8,
+        decoder_intermediate_size=1024,
+    ),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "huge": dict(
+        patch_size=14, hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120
+    ),
+}
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """`224` -> `(224, 224)`; JSON round-trips turn tuples into lists, so accept those too."""
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a (height, width) pair, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+class MAEConfig(PretrainedConfig):
+    r"""Configuration of [`MAEModel`], [`MAEForPreTraining`] and [`MAEForImageClassification`].
+
+    Field names follow transformers' `ViTMAEConfig` wherever the concept is the same; the defaults
+    are the paper's ViT-B/16 with its 512-wide, 8-block decoder.
+
+    Args:
+        image_size (`int` or `(int, int)`): input resolution (height, width).
+        patch_size (`int` or `(int, int)`): patch resolution; must divide `image_size`.
+        num_channels (`int`): input channels.
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: encoder shape.
+        decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads,
+        decoder_intermediate_size: decoder shape (pretraining only).
+        hidden_act (`str`): MLP activation.
+        hidden_dropout_prob, attention_probs_dropout_prob (`float`): dropout (0 in the paper).
+        drop_path_rate (`float`): stochastic depth of the encoder, increasing linearly with depth
+            (fine-tuning: 0.1 ViT-B, 0.2 ViT-L, 0.3 ViT-H).
+        initializer_range (`float`): std of the CLS/mask tokens.
+        layer_norm_eps (`float`): LayerNorm epsilon (the official models use 1e-6).
+        qkv_bias (`bool`): bias of the fused query/key/value projection.
+        mask_ratio (`float`): fraction of patches removed during pretraining, in [0, 1).
+        norm_pix_loss (`bool`): regress per-patch normalised pixels (the paper's better target).
+        use_mean_pooling (`bool`): classify from the mean of the patch tokens + `fc_norm` (the
+            paper's fine-tuning) instead of the CLS token.
+    """
+
+    model_type = "mae"
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        num_channels: int = 3,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        decoder_hidden_size: int = 512,
+        decoder_num_hidden_layers: int = 8,
+        decoder_num_attention_heads: int = 16,
+        decoder_intermediate_size: int = 2048,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        drop_path_rate: float = 0.0,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+        use_mean_pooling: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.image_size = _pair(image_size)
+        self.patch_size = _pair(patch_size)
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_hidden_layers = decoder_num_hidden_layers
+        self.decoder_num_attention_heads = decoder_num_attention_heads
+        self.decoder_intermediate_size = decoder_intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.use_mean_pooling = use_mean_pooling
+        super().__init__(**kwargs)
+        self.validate()
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches along (height, width)."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def validate(self) -> None:
+        """Raise a `ValueError` naming the first field whose value cannot build a model."""
+        for name in ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "decoder_hidden_size", "decoder_num_hidden_layers",
+                     "decoder_num_attention_heads", "decoder_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if min(self.patch_size) < 1 or any(i % p for i, p in zip(self.image_size, self.patch_size)):
+            raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+        for width, heads in (("hidden_size", "num_attention_heads"),
+                             ("decoder_hidden_size", "decoder_num_attention_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"{heads}={getattr(self, heads)} must divide {width}={getattr(self, width)}")
+        # The 2D sin-cos table splits each width into 4 equal blocks (sin/cos of rows and columns).
+        for width in ("hidden_size", "decoder_hidden_size"):
+            if getattr(self, width) % 4:
+                raise ValueError(f"{width} must be divisible by 4 for the 2D sin-cos position table")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        for name in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MAEConfig:
+        """One of `MAE_PRESETS` (e.g. `"base"` for the paper's ViT-B/16), with fields overridden."""
+        if name not in MAE_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; available: {', '.join(MAE_PRESETS)}")
+        return cls(**{**MAE_PRESETS[name], **overrides})
+
+
+def parse_overrides(overrides: str | dict[str, Any] | None) -> dict[str, Any]:
+    """`"mask_ratio=0.6,norm_pix_loss=true,image_size=[64,48]"` -> typed dict (JSON values, else strings)."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in re.split(r",(?![^\[]*\])", overrides):  # commas inside [...] belong to a list value
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config override {item!r} is not of the form key=value")
+        try:
+            parsed[key.strip()] = json.loads(raw.strip().replace("True", "true").replace("False", "false"))
+        except json.JSONDecodeError:
+            parsed[key.strip()] = raw.strip()
+    return parsed
+
+
+def load_config(name_or_path: str, overrides: str | dict[str, Any] | None = None, **kwargs: Any) -> MAEConfig:
+    """A preset name (`MAE_PRESETS`), a `config.json` path, a folder or Hub id holding one,
+    with `overrides` applied. Unknown override keys raise, so a typo never passes silently."""
+    if name_or_path in MAE_PRESETS:
+        config = MAEConfig.from_preset(name_or_path)
+    elif os.path.isfile(name_or_path):
+        config = MAEConfig.from_json_file(name_or_path)
+    elif os.path.isdir(name_or_path) or "/" in name_or_path:
+        config = MAEConfig.from_pretrained(name_or_path, **kwargs)
+    else:
+        raise ValueError(
+            f"model config {name_or_path!r} is neither a preset ({', '.join(MAE_PRESETS)}) nor a config.json path, "
+            "a folder or a Hub id"
+        )
+    values = parse_overrides(overrides)
+    unknown = sorted(set(values) - set(config.to_dict()))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(MAEConfig().to_dict())}")
+    return MAEConfig.from_dict({**config.to_dict(), **values})

@@ -1,0 +1,727 @@
+"""Masked Autoencoders Are Scalable Vision Learners (He et al., 2021), as transformers models.
+
+The algorithm, in the official implementation's steps (facebookresearch/mae, `models_mae.py`):
+`patchify` the image, embed every patch and add a fixed 2D sin-cos position, `random_masking` keeps
+25% of them, `forward_encoder` runs the ViT on the visible patches only (no mask tokens: this is
+what makes pretraining ~3x cheaper), `forward_decoder` puts learned mask tokens back in place and
+predicts every patch's pixels, and `forward_loss` is the MSE on the masked patches.
+
+Shapes: B batch, C channels, H x W image, p x q patch, L = (H / p) * (W / q) patches,
+L_vis visible patches, D encoder width, D_dec decoder width.
+
+This file imports only `configuration_mae.py` (and torch/transformers), so both can travel with a
+checkpoint as Hub remote code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, ViTImageProcessor
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.image_utils import PILImageResampling
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_mae import MAEConfig
+
+# The official code normalises with the ImageNet statistics (not transformers' 0.5/0.5 defaults).
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+NORM_PIX_EPS = 1e-6
+
+# Written into every saved config.json so that all four Auto classes load it as remote code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mae.MAEConfig",
+    "AutoModel": "modeling_mae.MAEModel",
+    "AutoModelForPreTraining": "modeling_mae.MAEForPreTraining",
+    "AutoModelForImageClassification": "modeling_mae.MAEForImageClassification",
+}
+
+
+def build_image_processor(config: MAEConfig) -> ViTImageProcessor:
+    """The preprocessing the model expects; `AutoImageProcessor` reloads it without custom code."""
+    height, width = config.image_size
+    return ViTImageProcessor(
+        size={"height": height, "width": width},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MAEModelOutput(ModelOutput):
+    r"""Output of [`MAEModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, 1 + L_vis, D)`): final-norm encoder
+            output, CLS first. `L_vis = L` when no masking was asked for.
+        pooler_output (`torch.FloatTensor` of shape `(B, D)`): mean of the patch tokens
+            (`config.use_mean_pooling`) or the CLS token.
+        mask (`torch.FloatTensor` of shape `(B, L)`, *optional*): 1 for removed patches, 0 for kept
+            ones; `None` without masking.
+        ids_restore (`torch.LongTensor` of shape `(B, L)`, *optional*): inverse of the shuffle,
+            used by the decoder to put tokens back in place; `None` without masking.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): input of every layer plus the
+            last output, each `(B, 1 + L_vis, D)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): each `(B, heads, 1 + L_vis, 1 + L_vis)`
+            (eager attention only).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MAEForPreTrainingOutput(ModelOutput):
+    r"""Output of [`MAEForPreTraining`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): MSE on the masked patches (on all patches when
+            `mask_ratio=0`), against per-patch normalised pixels when `config.norm_pix_loss`.
+        logits (`torch.FloatTensor` of shape `(B, L, p * q * C)`): predicted pixels of every patch,
+            in `patchify` order.
+        mask (`torch.FloatTensor` of shape `(B, L)`): 1 for removed patches, 0 for kept ones.
+        ids_restore (`torch.LongTensor` of shape `(B, L)`): inverse of the shuffle.
+        hidden_states, attentions: of the encoder, as in [`MAEModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Position tables and masking
+# ----------------------------------------------------------------------------------------------
+
+
+def sincos_position_table(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """The official fixed 2D sin-cos table, `(1 + H*W, embed_dim)`, zero row first for CLS.
+
+    Each row is `[sin(w * omega) | cos(w * omega) | sin(h * omega) | cos(h * omega)]` for the
+    patch at row h, column w (row-major), with `omega_k = 10000 ** (-k / (embed_dim / 4))`.
+    Computed in float64 like the official numpy code, then cast.
+    """
+    grid_h, grid_w = grid_size
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )  # each (H, W)
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega  # (H*W, D/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (H*W, D/2)
+
+    table = torch.cat([encode(cols), encode(rows)], dim=1)  # (H*W, D)
+    return torch.cat([table.new_zeros(1, embed_dim), table]).float()  # (1 + H*W, D)
+
+
+def resize_position_table(
+    table: torch.Tensor, grid_size: tuple[int, int], new_grid_size: tuple[int, int]
+) -> torch.Tensor:
+    """Bicubic resize of a `(1, 1 + H*W, D)` table to another grid (as the official fine-tuning
+    code does for a new resolution); the CLS row is kept."""
+    if tuple(new_grid_size) == tuple(grid_size):
+        return table
+    dim = table.shape[-1]
+    cls_row, patch_rows = table[:, :1], table[:, 1:]
+    patch_rows = patch_rows.reshape(1, *grid_size, dim).permute(0, 3, 1, 2)  # (1, D, H, W)
+    patch_rows = F.interpolate(patch_rows.float(), size=tuple(new_grid_size), mode="bicubic", align_corners=False)
+    patch_rows = patch_rows.to(table.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, H'*W', D)
+    return torch.cat([cls_row, patch_rows], dim=1)
+
+
+def random_masking(
+    sequence: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by sorting noise: the patches with the smallest noise are kept.
+
+    Args:
+        sequence: `(B, L, D)` patch tokens.
+        mask_ratio: fraction of patches to remove.
+        noise: `(B, L)` in [0, 1); pass it for reproducible masks, otherwise drawn uniformly.
+
+    Returns:
+        kept `(B, L_vis, D)`, mask `(B, L)` (1 = removed) and ids_restore `(B, L)`.
+    """
+    batch_size, seq_len, dim = sequence.shape
+    len_keep = int(seq_len * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch_size, seq_len, device=sequence.device)
+    elif noise.shape != (batch_size, seq_len):
+        raise ValueError(f"noise must have shape {(batch_size, seq_len)}, got {tuple(noise.shape)}")
+
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    kept = torch.gather(sequence, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, L_vis, D)
+
+    mask = torch.ones(batch_size, seq_len, device=sequence.device, dtype=sequence.dtype)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # back to the original patch order
+    return kept, mask, ids_restore
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+class MAEPatchEmbeddings(nn.Module):
+    """Non-overlapping p x q patches projected to the model width (a strided convolution)."""
+
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        _, channels, height, width = pixel_values.shape
+        if channels != self.config.num_channels:
+            raise ValueError(f"expected {self.config.num_channels} channels, got {channels}")
+        if not interpolate_pos_encoding and (height, width) != tuple(self.config.image_size):
+            raise ValueError(
+                f"input image size ({height}x{width}) doesn't match the model ({self.config.image_size[0]}x"
+                f"{self.config.image_size[1]}); pass interpolate_pos_encoding=True to use another resolution"
+            )
+        if height % self.config.patch_size[0] or width % self.config.patch_size[1]:
+            raise ValueError(f"image size ({height}x{width}) must be a multiple of patch_size {self.config.patch_size}")
+        # (B, C, H, W) -> (B, D, H/p, W/q) -> (B, L, D)
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class MAEEmbeddings(nn.Module):
+    """Patch embeddings plus the fixed (frozen) sin-cos positions, and the learned CLS token."""
+
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = MAEPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, config.num_patches + 1, config.hidden_size), requires_grad=False
+        )
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """`(B, C, H, W)` -> patch tokens with positions `(B, L, D)`; the CLS token comes after masking."""
+        patch_size = self.config.patch_size
+        grid = (pixel_values.shape[-2] // patch_size[0], pixel_values.shape[-1] // patch_size[1])
+        embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding)
+        table = resize_position_table(self.position_embeddings, self.config.grid_size, grid)
+        return embeddings + table[:, 1:]
+
+    def prepend_cls_token(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, L_vis, D)` -> `(B, 1 + L_vis, D)`."""
+        cls_token = (self.cls_token + self.position_embeddings[:, :1]).expand(patch_tokens.shape[0], -1, -1)
+        return torch.cat([cls_token, patch_tokens], dim=1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling) v on `(B, heads, N, head_dim)`; returns `(B, N, heads, head_dim)`
+    and the weights, the layout of transformers' attention interface."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, N, N)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class MAEAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (one GEMM instead of three, and the
+    official parameter layout), dispatched through transformers' attention interface."""
+
+    def __init__(self, config: MAEConfig, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # read by the sdpa/flash interfaces
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, width = hidden_states.shape
+        # (B, N, 3 * D) -> (B, N, 3, heads, head_dim) -> 3 x (B, heads, N, head_dim)
+        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        # (B, N, heads, head_dim) -> (B, N, D)
+        return self.proj(attn_output.reshape(batch_size, seq_len, width)), attn_weights
+
+
+class MAEMLP(nn.Module):
+    def __init__(self, config: MAEConfig, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch with probability `rate`."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return hidden_states
+        keep = 1.0 - self.rate
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)  # one draw per sample
+        return hidden_states * hidden_states.new_empty(shape).bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class MAELayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(
+        self, config: MAEConfig, hidden_size: int, num_heads: int, intermediate_size: int, drop_path: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attention = MAEAttention(config, hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MAEMLP(config, hidden_size, intermediate_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attention(self.norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        hidden_states = hidden_states + self.drop_path(self.dropout(self.mlp(self.norm2(hidden_states))))
+        return hidden_states, attn_weights
+
+
+class MAEClassifierHead(nn.Linear):
+    """The classification layer; its own type so it gets the official tiny init, not xavier."""
+
+
+class MAETransformer(nn.Module):
+    """A stack of `MAELayer`s; the encoder and the decoder each own one."""
+
+    def __init__(
+        self,
+        config: MAEConfig,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        intermediate_size: int,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()  # deeper layers drop more
+        self.layers = nn.ModuleList(
+            MAELayer(config, hidden_size, num_heads, intermediate_size, rate) for rate in rates
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        all_hidden_states: tuple[torch.Tensor, ...] = ()
+        all_attentions: tuple[torch.Tensor, ...] = ()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attn_weights = layer(hidden_states, output_attentions=output_attentions)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return (
+            hidden_states,
+            all_hidden_states if output_hidden_states else None,
+            all_attentions if output_attentions else None,
+        )
+
+
+class MAEDecoder(nn.Module):
+    """The light decoder: latent tokens plus learned mask tokens, unshuffled, back to pixels."""
+
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.decoder_hidden_size
+        self.decoder_embed = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, width), requires_grad=False)
+        self.transformer = MAETransformer(
+            config, width, config.decoder_num_hidden_layers, config.decoder_num_attention_heads,
+            config.decoder_intermediate_size,
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        patch_height, patch_width = config.patch_size
+        self.pred = nn.Linear(width, patch_height * patch_width * config.num_channels)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """`(B, 1 + L_vis, D)` encoder output -> `(B, L, p * q * C)` predicted pixels."""
+        tokens = self.decoder_embed(latent)  # (B, 1 + L_vis, D_dec)
+        batch_size, num_tokens, width = tokens.shape
+        num_patches = ids_restore.shape[1]
+        mask_tokens = self.mask_token.expand(batch_size, num_patches + 1 - num_tokens, -1)  # (B, L - L_vis, D_dec)
+        patches = torch.cat([tokens[:, 1:], mask_tokens], dim=1)  # (B, L, D_dec), shuffled order
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, width))  # unshuffle
+        tokens = torch.cat([tokens[:, :1], patches], dim=1)  # (B, 1 + L, D_dec)
+        tokens = tokens + resize_position_table(self.position_embeddings, self.config.grid_size, grid_size)
+        tokens, _, _ = self.transformer(tokens)
+        return self.pred(self.norm(tokens))[:, 1:]  # drop CLS: (B, L, p * q * C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class MAEPreTrainedModel(PreTrainedModel):
+    config_class = MAEConfig
+    config: MAEConfig
+    base_model_prefix = "mae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MAEEmbeddings", "MAELayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The official initialisation (`MaskedAutoencoderViT.initialize_weights`)."""
+        if isinstance(module, MAEClassifierHead):
+            init.trunc_normal_(module.weight, std=2e-5)  # the official fine-tuning's head init
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)  # qkv is one (3D, D) matrix: its bound is the official one
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):  # the patch projection
+            if not getattr(module.weight, "_is_hf_initialized", False):  # a view drops the flag `init` checks
+                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))  # a Linear on flat patches
+            init.zeros_(module.bias)
+        elif isinstance(module, MAEEmbeddings):
+            init.normal_(module.cls_token, std=self.config.initializer_range)
+            table = sincos_position_table(self.config.hidden_size, self.config.grid_size)
+            init.copy_(module.position_embeddings, table.unsqueeze(0))
+        elif isinstance(module, MAEDecoder):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            table = sincos_position_table(self.config.decoder_hidden_size, self.config.grid_size)
+            init.copy_(module.position_embeddings, table.unsqueeze(0))
+
+    def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> None:
+        """Also writes the code files, an `auto_map` for all four Auto classes and the image processor."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            build_image_processor(self.config).save_pretrained(save_directory)
+
+
+class MAEModel(MAEPreTrainedModel):
+    """The MAE ViT encoder (what `AutoModel` returns).
+
+    Without `mask_ratio`/`noise` it encodes all patches and is deterministic: a feature extractor.
+    It masks only when asked.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^fc_norm\.", r"^classifier\."]
+
+    def __init__(self, config: MAEConfig, add_final_layernorm: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = MAEEmbeddings(config)
+        self.encoder = MAETransformer(
+            config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            config.intermediate_size, config.drop_path_rate,
+        )
+        # Global-pool classifiers normalise the pooled features instead (`fc_norm`), as the paper does.
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if add_final_layernorm else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MAEModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
+            noise (`torch.FloatTensor` of shape `(B, L)`, *optional*): masking noise; implies masking
+                with `mask_ratio` (or `config.mask_ratio`).
+            mask_ratio (`float`, *optional*): mask this fraction of patches.
+            interpolate_pos_encoding (`bool`): accept a resolution other than `config.image_size`.
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        tokens = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, L, D)
+        mask = ids_restore = None
+        if noise is not None or mask_ratio is not None:
+            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+            tokens, mask, ids_restore = random_masking(tokens, ratio, noise)  # (B, L_vis, D)
+        tokens = self.embeddings.prepend_cls_token(tokens)  # (B, 1 + L_vis, D)
+        hidden_states, all_hidden_states, attentions = self.encoder(tokens, output_hidden_states, output_attentions)
+        sequence_output = self.layernorm(hidden_states)
+        pooled = sequence_output[:, 1:].mean(dim=1) if self.config.use_mean_pooling else sequence_output[:, 0]
+
+        output = MAEModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled,
+            mask=mask,
+            ids_restore=ids_restore,
+            hidden_states=all_hidden_states,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MAEForPreTraining(MAEPreTrainedModel):
+    """The paper's asymmetric encoder-decoder with the masked-patch reconstruction loss."""
+
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__(config)
+        self.mae = MAEModel(config)
+        self.decoder = MAEDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mae.get_input_embeddings()
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` -> `(B, L, p * q * C)`, each patch flattened row by row, channels last."""
+        batch_size, channels, height, width = pixel_values.shape
+        patch_height, patch_width = self.config.patch_size
+        grid_height, grid_width = height // patch_height, width // patch_width
+        patches = pixel_values.reshape(batch_size, channels, grid_height, patch_height, grid_width, patch_width)
+        patches = torch.einsum("nchpwq->nhwpqc", patches)  # (B, H/p, W/q, p, q, C)
+        return patches.reshape(batch_size, grid_height * grid_width, patch_height * patch_width * channels)
+
+    def unpatchify(self, patches: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`(B, L, p * q * C)` -> `(B, C, H, W)`; `image_size` defaults to the config's."""
+        height, width = image_size or self.config.image_size
+        patch_height, patch_width = self.config.patch_size
+        grid_height, grid_width = height // patch_height, width // patch_width
+        batch_size, num_patches, _ = patches.shape
+        if num_patches != grid_height * grid_width:
+            raise ValueError(f"{num_patches} patches don't tile a {height}x{width} image; pass image_size")
+        patches = patches.reshape(batch_size, grid_height, grid_width, patch_height, patch_width, -1)
+        images = torch.einsum("nhwpqc->nchpwq", patches)  # (B, C, H/p, p, W/q, q)
+        return images.reshape(batch_size, -1, height, width)
+
+    def normalize_targets(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patchified targets `(B, L, p * q * C)` and their per-patch mean and std `(B, L, 1)`;
+        the targets are normalised with them when `config.norm_pix_loss`."""
+        target = self.patchify(pixel_values)
+        if not self.config.norm_pix_loss:
+            return target, torch.zeros_like(target[..., :1]), torch.ones_like(target[..., :1])
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
+        return (target - mean) / std, mean, std
+
+    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over the removed patches (over all patches when
+        none was removed, `mask_ratio=0`, instead of 0/0)."""
+        target, _, _ = self.normalize_targets(pixel_values)
+        loss_per_patch = (logits.float() - target.float()).pow(2).mean(dim=-1)  # (B, L)
+        num_masked = mask.sum()
+        masked_loss = (loss_per_patch * mask).sum() / num_masked.clamp(min=1)
+        # torch.where instead of an `if` keeps the GPU free of a host sync every step.
+        return torch.where(num_masked > 0, masked_loss, loss_per_patch.mean())
+
+    def logits_to_pixels(self, logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Predictions `(B, L, p * q * C)` -> images `(B, C, H, W)` in the input's normalised space.
+
+        With `norm_pix_loss` the model predicts per-patch normalised pixels; they are mapped back
+        with each target patch's own mean and std, as the paper's visualisations do.
+        """
+        _, mean, std = self.normalize_targets(pixel_values)
+        return self.unpatchify(logits * std + mean, tuple(pixel_values.shape[-2:]))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MAEForPreTrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
+            noise (`torch.FloatTensor` of shape `(B, L)`, *optional*): masking noise, for reproducible masks.
+            mask_ratio (`float`, *optional*): overrides `config.mask_ratio` for this call.
+            interpolate_pos_encoding (`bool`): accept a resolution other than `config.image_size`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        encoded = self.mae(
+            pixel_values,
+            noise=noise,
+            mask_ratio=ratio,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        patch_height, patch_width = self.config.patch_size
+        grid = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
+        logits = self.decoder(encoded.last_hidden_state, encoded.ids_restore, grid)  # (B, L, p * q * C)
+        loss = self.forward_loss(pixel_values.to(logits.dtype), logits, encoded.mask)
+
+        output = MAEForPreTrainingOutput(
+            loss=loss,
+            logits=logits,
+            mask=encoded.mask,
+            ids_restore=encoded.ids_restore,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MAEForImageClassification(MAEPreTrainedModel):
+    """The encoder (no masking) with a linear head on the mean-pooled patch tokens + `fc_norm`
+    (`config.use_mean_pooling`, the paper's fine-tuning) or on the normalised CLS token."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: MAEConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.mae = MAEModel(config, add_final_layernorm=not config.use_mean_pooling)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
+        self.classifier = MAEClassifierHead(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mae.get_input_embeddings()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
+            labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`,
+                *optional*): class indices, or soft targets (MixUp/CutMix, label smoothing).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        encoded = self.mae(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(encoded.last_hidden_state[:, 1:].mean(dim=1))  # (B, D)
+        else:
+            pooled = encoded.last_hidden_state[:, 0]
+        logits = self.classifier(pooled)  # (B, num_labels)
+        loss = None if labels is None else classification_loss(logits, labels)
+
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with class indices `(B,)` or soft targets `(B, num_classes)`."""
+    logits = logits.float()
+    if labels.ndim == logits.ndim:  # soft targets, e.g. from MixUp/CutMix
+        return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, labels)
+
+
+MAEConfig.register_for_auto_class()
+MAEModel.register_for_auto_class("AutoModel")
+MAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "MAEModel",
+    "MAEForPreTraining",
+    "MAEForImageClassification",
+    "MAEPreTrainedModel",
+    "MAEModelOutput",
+    "MAEForPreTrainingOutput",
+    "build_image_processor",
+    "random_masking",
+    "sincos_position_table",
+]

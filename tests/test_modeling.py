@@ -1,0 +1,338 @@
+"""The model: shapes, the official algorithm's details, Auto classes, remote code, attention backends."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+    pipeline,
+)
+
+from modeling_mae import (
+    MAE_PRESETS,
+    MAEConfig,
+    MAEForImageClassification,
+    MAEForPreTraining,
+    MAEModel,
+    load_config,
+)
+
+
+def official_sincos_table(embed_dim: int, grid_size: int) -> np.ndarray:
+    """A transcription of the official `util/pos_embed.py` (numpy), CLS row included."""
+
+    def one_axis(dim: int, positions: np.ndarray) -> np.ndarray:
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", positions.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))  # w first
+    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
+    table = np.concatenate([one_axis(embed_dim // 2, grid[0]), one_axis(embed_dim // 2, grid[1])], axis=1)
+    return np.concatenate([np.zeros([1, embed_dim]), table], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_presets_have_the_papers_shapes() -> None:
+    base, large, huge = (MAEConfig.from_preset(name) for name in ("base", "large", "huge"))
+    assert (base.hidden_size, base.num_hidden_layers, base.patch_size) == (768, 12, (16, 16))
+    assert (large.hidden_size, large.num_hidden_layers, large.patch_size) == (1024, 24, (16, 16))
+    assert (huge.hidden_size, huge.num_hidden_layers, huge.patch_size) == (1280, 32, (14, 14))
+    for config in (base, large, huge):
+        assert (config.decoder_hidden_size, config.decoder_num_hidden_layers, config.layer_norm_eps) == (512, 8, 1e-6)
+    assert {"tiny", "small", "tiny-32px"} <= set(MAE_PRESETS)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(image_size=30, patch_size=4), "patch_size"),
+        (dict(num_attention_heads=3), "num_attention_heads"),
+        (dict(decoder_num_attention_heads=5), "decoder_num_attention_heads"),
+        (dict(mask_ratio=1.0), "mask_ratio"),
+        (dict(mask_ratio=-0.1), "mask_ratio"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(drop_path_rate=1.5), "drop_path_rate"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_load_config_from_preset_file_and_overrides(tmp_path) -> None:
+    config = load_config("tiny-32px", "mask_ratio=0.6,norm_pix_loss=true,image_size=[32,64]")
+    assert (config.mask_ratio, config.norm_pix_loss, config.image_size) == (0.6, True, (32, 64))
+    config.save_pretrained(tmp_path)
+    assert load_config(str(tmp_path)).image_size == (32, 64)
+    assert load_config(str(tmp_path / "config.json"), {"mask_ratio": 0.5}).mask_ratio == 0.5
+    with pytest.raises(ValueError, match="mask_ration"):
+        load_config("tiny-32px", "mask_ration=0.5")
+    with pytest.raises(ValueError, match="preset"):
+        load_config("no-such-preset")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_position_tables_are_the_official_sincos_when_built_from_config(tmp_path) -> None:
+    config = tiny_config()
+    model = MAEForPreTraining(config)
+    encoder_table = official_sincos_table(config.hidden_size, 4)
+    decoder_table = official_sincos_table(config.decoder_hidden_size, 4)
+    torch.testing.assert_close(model.mae.embeddings.position_embeddings[0].double(), torch.from_numpy(encoder_table))
+    torch.testing.assert_close(model.decoder.position_embeddings[0].double(), torch.from_numpy(decoder_table))
+    assert not model.mae.embeddings.position_embeddings.requires_grad
+    # ... and survive a save/load round trip, also into the encoder alone.
+    model.save_pretrained(tmp_path)
+    encoder = MAEModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(encoder.embeddings.position_embeddings, model.mae.embeddings.position_embeddings)
+
+
+def test_official_initialisation() -> None:
+    config = tiny_config(num_labels=5, use_mean_pooling=True)
+    model = MAEForPreTraining(config)
+    qkv = model.mae.encoder.layers[0].attention.qkv.weight  # (3D, D): the fused bound
+    bound = (6 / (config.hidden_size + 3 * config.hidden_size)) ** 0.5
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+    conv = model.mae.embeddings.patch_embeddings.projection.weight  # xavier as a (D, C*p*q) Linear
+    assert conv.abs().max() <= (6 / (config.hidden_size + 3 * 16)) ** 0.5
+    assert 0.01 < model.mae.embeddings.cls_token.std() < 0.03
+    assert model.mae.layernorm.weight.eq(1).all() and model.mae.layernorm.bias.eq(0).all()
+    head = MAEForImageClassification(config).classifier.weight
+    assert 0 < head.std() < 1e-4  # trunc_normal(std=2e-5)
+
+
+def test_pretraining_shapes_and_visible_only_encoder() -> None:
+    config = tiny_config()
+    model = MAEForPreTraining(config).eval()
+    pixel_values = torch.randn(3, 3, 16, 16)
+    out = model(pixel_values)
+    assert out.logits.shape == (3, 16, 4 * 4 * 3)
+    assert out.mask.shape == out.ids_restore.shape == (3, 16)
+    assert out.mask.sum(dim=1).tolist() == [12, 12, 12]  # 75% of 16 removed
+    encoded = model.mae(pixel_values, mask_ratio=0.75)
+    assert encoded.last_hidden_state.shape == (3, 1 + 4, 32)  # CLS + the 4 visible patches, no mask tokens
+
+
+def test_noise_makes_masking_reproducible_and_keeps_the_smallest_noise() -> None:
+    model = MAEForPreTraining(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    first, second = model(pixel_values, noise=noise), model(pixel_values, noise=noise)
+    torch.testing.assert_close(first.logits, second.logits)
+    kept = noise.argsort(dim=1)[:, :4]
+    expected_mask = torch.ones(2, 16).scatter(1, kept, 0.0)
+    torch.testing.assert_close(first.mask, expected_mask)
+    torch.testing.assert_close(first.ids_restore, noise.argsort(dim=1).argsort(dim=1))
+
+
+def test_encoder_alone_is_deterministic_and_sees_all_patches() -> None:
+    encoder = MAEModel(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    first, second = encoder(pixel_values), encoder(pixel_values)
+    assert first.last_hidden_state.shape == (2, 17, 32) and first.mask is None
+    torch.testing.assert_close(first.last_hidden_state, second.last_hidden_state)
+    torch.testing.assert_close(first.pooler_output, first.last_hidden_state[:, 1:].mean(dim=1))
+    assert encoder(pixel_values, mask_ratio=0.5).last_hidden_state.shape == (2, 9, 32)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_loss_is_mse_on_masked_patches(norm_pix_loss: bool) -> None:
+    model = MAEForPreTraining(tiny_config(norm_pix_loss=norm_pix_loss)).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    out = model(pixel_values)
+    target = model.patchify(pixel_values)
+    if norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((out.logits - target) ** 2).mean(-1)
+    torch.testing.assert_close(out.loss, (per_patch * out.mask).sum() / out.mask.sum())
+
+
+def test_mask_ratio_zero_gives_a_finite_loss_over_all_patches() -> None:
+    model = MAEForPreTraining(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    out = model(pixel_values, mask_ratio=0.0)
+    assert out.mask.sum() == 0 and torch.isfinite(out.loss)
+    expected = ((out.logits - model.patchify(pixel_values)) ** 2).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_patchify_unpatchify_round_trip_non_square() -> None:
+    model = MAEForPreTraining(tiny_config(image_size=(16, 24), patch_size=(4, 8)))
+    pixel_values = torch.randn(2, 3, 16, 24)
+    patches = model.patchify(pixel_values)
+    assert patches.shape == (2, 4 * 3, 4 * 8 * 3)
+    torch.testing.assert_close(model.unpatchify(patches), pixel_values)
+    out = model(pixel_values)
+    assert out.logits.shape == (2, 12, 96) and torch.isfinite(out.loss)
+
+
+def test_logits_to_pixels_inverts_norm_pix_targets() -> None:
+    model = MAEForPreTraining(tiny_config(norm_pix_loss=True))
+    pixel_values = torch.randn(2, 3, 16, 16)
+    normalised, _, _ = model.normalize_targets(pixel_values)
+    torch.testing.assert_close(model.logits_to_pixels(normalised, pixel_values), pixel_values, atol=1e-4, rtol=1e-4)
+
+
+def test_interpolate_pos_encoding_accepts_another_resolution() -> None:
+    model = MAEForPreTraining(tiny_config()).eval()
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        model(torch.randn(1, 3, 24, 24))
+    out = model(torch.randn(1, 3, 24, 24), interpolate_pos_encoding=True)
+    assert out.logits.shape == (1, 36, 48) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("model_class", [MAEForPreTraining, MAEForImageClassification])
+def test_gradients_reach_every_trainable_parameter(model_class) -> None:
+    model = model_class(tiny_config(num_labels=3)).train()
+    kwargs = {"labels": torch.tensor([0, 2])} if model_class is MAEForImageClassification else {}
+    model(torch.randn(2, 3, 16, 16), **kwargs).loss.backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert "position_embeddings" in name, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model = MAEForPreTraining(tiny_config()).train()
+    pixel_values, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    model(pixel_values, noise=noise).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(pixel_values, noise=noise).loss.backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+
+
+def test_eager_and_sdpa_attention_agree() -> None:
+    config = tiny_config()
+    eager = MAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    sdpa = MAEForPreTraining._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    pixel_values, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    torch.testing.assert_close(
+        eager(pixel_values, noise=noise).logits, sdpa(pixel_values, noise=noise).logits, atol=1e-5, rtol=1e-5
+    )
+    attentions = eager.mae(pixel_values, output_attentions=True).attentions
+    assert len(attentions) == 2 and attentions[0].shape == (2, 2, 17, 17)
+
+
+def test_drop_path_is_stochastic_in_training_only() -> None:
+    model = MAEForImageClassification(tiny_config(drop_path_rate=0.5, num_labels=3))
+    pixel_values = torch.randn(4, 3, 16, 16)
+    model.train()
+    torch.manual_seed(1)
+    first = model(pixel_values).logits
+    second = model(pixel_values).logits
+    assert not torch.allclose(first, second)
+    model.eval()
+    torch.testing.assert_close(model(pixel_values).logits, model(pixel_values).logits)
+
+
+def test_classifier_soft_and_hard_labels() -> None:
+    model = MAEForImageClassification(tiny_config(num_labels=3)).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    hard = model(pixel_values, labels=torch.tensor([0, 2])).loss
+    soft = model(pixel_values, labels=torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()).loss
+    torch.testing.assert_close(hard, soft)
+    cls_model = MAEForImageClassification(tiny_config(num_labels=3, use_mean_pooling=False))
+    assert cls_model.fc_norm is None and isinstance(cls_model.mae.layernorm, torch.nn.LayerNorm)
+
+
+# ---------------------------------------------------------------------------------------------- hub
+
+
+def test_save_pretrained_writes_a_self_contained_folder(tmp_path) -> None:
+    model = MAEForPreTraining(tiny_config())
+    model.save_pretrained(tmp_path)
+    files = {path.name for path in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "configuration_mae.py", "modeling_mae.py",
+            "preprocessor_config.json"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification"}
+    processor = AutoImageProcessor.from_pretrained(tmp_path)  # no custom code needed
+    assert processor.size == {"height": 16, "width": 16} and list(processor.image_mean) == [0.485, 0.456, 0.406]
+
+
+def test_auto_classes_load_the_right_models(tmp_path) -> None:
+    pretraining = MAEForPreTraining(tiny_config()).eval()
+    pretraining.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is MAEConfig
+    assert type(AutoModelForPreTraining.from_pretrained(tmp_path)) is MAEForPreTraining
+    encoder = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(encoder) is MAEModel
+    pixel_values = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(
+        encoder(pixel_values).last_hidden_state, pretraining.mae(pixel_values).last_hidden_state
+    )
+    classifier = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=4)
+    assert type(classifier) is MAEForImageClassification and classifier.classifier.out_features == 4
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["modeling_mae"] = None  # this process cannot import the package: remote code only
+    from transformers import AutoModel, AutoModelForPreTraining
+    folder, noise_file, out_file = sys.argv[1:]
+    model = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    inputs = torch.load(noise_file)
+    with torch.no_grad():
+        out = model(inputs["pixel_values"], noise=inputs["noise"])
+        features = encoder(inputs["pixel_values"]).last_hidden_state
+    torch.save({"logits": out.logits, "loss": out.loss, "features": features}, out_file)
+    """
+)
+
+
+def test_remote_code_in_a_process_without_the_package(tmp_path, hf_home) -> None:
+    model = MAEForPreTraining(tiny_config(norm_pix_loss=True)).eval()
+    model.save_pretrained(tmp_path / "model")
+    inputs = {"pixel_values": torch.randn(2, 3, 16, 16), "noise": torch.rand(2, 16)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "load_remote.py"
+    script.write_text(REMOTE_SCRIPT)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "model"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        check=True, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    remote = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        local = model(inputs["pixel_values"], noise=inputs["noise"])
+        features = model.mae(inputs["pixel_values"]).last_hidden_state
+    torch.testing.assert_close(remote["logits"], local.logits)
+    torch.testing.assert_close(remote["loss"], local.loss)
+    torch.testing.assert_close(remote["features"], features)
+
+
+def test_image_classification_pipeline(tmp_path) -> None:
+    config = tiny_config(num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"}, label2id={"cat": 0, "dog": 1, "fox": 2})
+    MAEForImageClassification(config).save_pretrained(tmp_path)
+    classify = pipeline("image-classification", model=str(tmp_path))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    predictions = classify(image, top_k=3)
+    assert {p["label"] for p in predictions} == {"cat", "dog", "fox"}
+    assert abs(sum(p["score"] for p in predictions) - 1) < 1e-4
