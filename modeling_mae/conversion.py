@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import ViTConfig
+from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from .configuration_mae import MAEConfig, parse_overrides
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, MAEPreTrainedModel
@@ -45,7 +45,9 @@ OFFICIAL_RENAMES: Renames = [
 
 # transformers v4 names -> v5 names (what transformers' own conversion mapping does at load time).
 TRANSFORMERS_V4_TO_V5: Renames = [
-    (r"\.encoder\.layer\.(\d+)\.", r".layers.\1."),
+    # "vit.encoder.layer.N." -> "vit.layers.N."; transformers 5 also saves its decoder layers as
+    # "decoder.decoder_encoder.layer.N." (the inverse of its own renaming), so no leading dot here.
+    (r"encoder\.layer\.(\d+)\.", r"layers.\1."),
     (r"\.attention\.attention\.query\.", ".attention.q_proj."),
     (r"\.attention\.attention\.key\.", ".attention.k_proj."),
     (r"\.attention\.attention\.value\.", ".attention.v_proj."),
@@ -257,3 +259,22 @@ def export_to_vit(model: MAEPreTrainedModel) -> tuple[ViTConfig, StateDict]:
         label2id=config.label2id,
     )
     return vit_config, split_qkv(rename_keys(state_dict, inverse))
+
+
+def to_transformers_vit(model: MAEPreTrainedModel) -> ViTModel | ViTForImageClassification:
+    """Our encoder as a transformers `ViTModel` (or a CLS-token classifier as `ViTForImageClassification`)."""
+    vit_config, state_dict = export_to_vit(model)
+    if isinstance(model, MAEForImageClassification):
+        vit: ViTModel | ViTForImageClassification = ViTForImageClassification(vit_config)
+    else:
+        vit = ViTModel(vit_config, add_pooling_layer=False)
+        state_dict = {key.removeprefix("vit."): tensor for key, tensor in state_dict.items()}
+    vit.load_state_dict(state_dict, strict=True)
+    return vit.eval()
+
+
+def load_ours(source: str) -> MAEPreTrainedModel:
+    """One of our saved models, as the class it was saved as (the encoder of a pretraining model)."""
+    architectures = MAEConfig.from_pretrained(source).architectures or []
+    model_class = MAEForImageClassification if "MAEForImageClassification" in architectures else MAEModel
+    return model_class.from_pretrained(source)
