@@ -1,0 +1,571 @@
+"""Streamed image data for MAE pretraining, fine-tuning and evaluation, on `datasets`.
+
+One code path for every source: a Hub id (``ILSVRC/imagenet-1k``, ``timm/imagenet-1k-wds``, ...), a local folder of
+parquet shards, of webdataset ``.tar`` shards or an image folder tree, or, with no ``dataset_name``, the Fashion-MNIST
+sample embedded in the package. The stream is shuffled with a buffer, split by process and by DataLoader worker,
+resumable mid-epoch, and skips (and counts) images that cannot be decoded.
+
+How the pieces fit (see docs/data.md):
+- the image column is read with ``Image(decode=False)`` and decoded here, so a bad file is skipped, not fatal;
+- every DataLoader worker builds whole batches from its own part of the stream and reports, with each batch, how many
+  records it has consumed and which ones were bad: the main process keeps these positions (that is the resumable
+  state) and the skip count, so nothing relies on worker-local globals;
+- on resume each worker skips the records it had already consumed (cheap: they are not decoded) and the worker
+  round-robin is rotated so that batches come out in exactly the uninterrupted order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import pathlib
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from datasets import ClassLabel, DatasetBuilder, IterableDataset, load_dataset_builder
+from datasets import Image as ImageFeature
+from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetNotFoundError
+from datasets.utils.file_utils import xopen
+from PIL import Image
+
+from .transforms import (
+    ImageTransform,
+    augment_on_device,
+    decode_image,
+    decode_images_on_device,
+    eval_transform,
+    finetune_transform,
+    mixup_cutmix,
+    pretrain_transform,
+    to_rgb,
+)
+
+__all__ = [
+    "DataArguments",
+    "ImageStreamLoader",
+    "ImageTransform",
+    "augment_on_device",
+    "available_splits",
+    "build_dataloader",
+    "decode_image",
+    "decode_images_on_device",
+    "eval_transform",
+    "finetune_transform",
+    "load_source",
+    "mixup_cutmix",
+    "pretrain_transform",
+    "resolve_split_name",
+    "sample_dataset_path",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "picture")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target", "fine_label", "category")
+VALIDATION_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
+KEY_COLUMN = "__key__"  # webdataset's sample key, the best name to log for a bad file
+RECORDS_PER_READ = 64  # records fetched from `datasets` at a time (undecoded bytes, so this is cheap)
+MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK = 32  # a few bad files at the start of a shard must not stop a run
+PASS_EPOCH_STRIDE = 1_000_003  # seeds the extra passes a worker makes to fill a fixed-length epoch, distinct per epoch
+_DATA_SUFFIXES = (".parquet", ".tar", ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from and how they are streamed; every field is a command-line flag."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id (e.g. ILSVRC/imagenet-1k, timm/imagenet-1k-wds) or a local folder of "
+                          "parquet shards, webdataset .tar shards or class/xxx.jpg images. Default: the embedded "
+                          "Fashion-MNIST sample."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on. Default: 'validation', else 'test', else no evaluation."}
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column. Default: the Image feature, else image/img/jpg/png/webp/..."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column. Default: the ClassLabel feature, else label/labels/cls/... "
+                                        "(may be absent for pretraining)."}
+    )
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer size (training stream)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per process."})
+    num_train_samples: int | None = field(
+        default=None, metadata={"help": "Training samples per epoch when the dataset's split info does not say."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a fixed subset of N samples (the first ones of the shards)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a fixed subset of N samples (the first ones of the shards)."}
+    )
+    fast_decode: bool = field(
+        default=True, metadata={"help": "Decode large JPEGs at reduced size (PIL draft) when the crop allows it."}
+    )
+    max_bad_image_fraction: float = field(
+        default=0.5, metadata={"help": "Stop with an error when more than this fraction of the images read are "
+                                       "unreadable (checked after a minimum number of images)."}
+    )
+
+
+def sample_dataset_path() -> pathlib.Path:
+    """The Fashion-MNIST sample shipped inside the package (parquet shards, train + test splits)."""
+    return pathlib.Path(__file__).resolve().parent / "sample_data" / "fashion_mnist"
+
+
+# --- Source resolution ---------------------------------------------------------------------------------------------
+
+
+def _is_local_path(name: str) -> bool:
+    return pathlib.Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
+
+
+def _check_local_folder(folder: pathlib.Path) -> None:
+    if not folder.is_dir():
+        raise ValueError(f"Dataset folder {str(folder)!r} does not exist (or is not a folder).")
+    if not any(path.suffix.lower() in _DATA_SUFFIXES for path in folder.rglob("*") if path.is_file()):
+        raise ValueError(
+            f"Dataset folder {str(folder)!r} is empty: expected parquet shards, webdataset .tar shards or an image "
+            "folder tree (class_name/xxx.jpg)."
+        )
+
+
+def load_source(args: DataArguments) -> DatasetBuilder:
+    """The `datasets` builder of the source: its files, split info and features, without reading any data."""
+    name = args.dataset_name or str(sample_dataset_path())
+    if _is_local_path(name):
+        folder = pathlib.Path(name).expanduser()
+        _check_local_folder(folder)
+        return load_dataset_builder(str(folder))
+    try:
+        return load_dataset_builder(name, args.dataset_config_name)
+    except DatasetNotFoundError as error:
+        raise ValueError(
+            f"Unknown dataset {name!r}: neither a local folder nor a dataset on the Hugging Face Hub ({error}). For a "
+            "gated dataset such as ILSVRC/imagenet-1k, accept its terms on the Hub and log in (`hf auth login`)."
+        ) from error
+
+
+def available_splits(builder: DatasetBuilder) -> list[str]:
+    if builder.config.data_files:
+        return [str(split) for split in builder.config.data_files]
+    return list(builder.info.splits or {})
+
+
+def _pick_split(split: str, args: DataArguments, splits: Sequence[str]) -> str | None:
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}.")
+    requested = args.train_split if split == "train" else args.validation_split
+    if requested is None:
+        return next((name for name in VALIDATION_SPLIT_CANDIDATES if name in splits), None)
+    if requested not in splits:
+        raise ValueError(f"Split {requested!r} not found; available splits: {', '.join(splits)}.")
+    return requested
+
+
+def resolve_split_name(args: DataArguments, split: str) -> str | None:
+    """The dataset's split behind "train" or "validation"; None when no evaluation split exists (evaluation skipped)."""
+    return _pick_split(split, args, available_splits(load_source(args)))
+
+
+def _detect_column(
+    features: dict[str, Any], requested: str | None, wanted_type: type, candidates: Sequence[str], what: str
+) -> str | None:
+    if requested is not None:
+        if requested not in features:
+            raise ValueError(f"{what} column {requested!r} not found; available columns: {', '.join(features)}.")
+        return requested
+    typed = [name for name, feature in features.items() if isinstance(feature, wanted_type)]
+    named = [name for name in candidates if name in features]
+    return (typed + named + [None])[0]
+
+
+def _column_types(stream: IterableDataset) -> dict[str, Any]:
+    if stream.features is not None:
+        return dict(stream.features)
+    # Some Hub datasets do not declare features: read the column names off the first record. Their images cannot be
+    # cast to Image(decode=False), so there a bad file is only skipped if `datasets` does not decode it first.
+    return {name: None for name in next(iter(stream.take(1)))}
+
+
+def _count_local_examples(files: Sequence[str]) -> int | None:
+    """Samples in local data files, from the parquet footers / tar headers / file count, without decoding anything."""
+    paths = [pathlib.Path(file) for file in files]
+    if not paths or not all(path.is_file() for path in paths):
+        return None  # remote files: rely on the split info or --num_train_samples
+    if all(path.suffix == ".parquet" for path in paths):
+        import pyarrow.parquet
+
+        return sum(pyarrow.parquet.read_metadata(path).num_rows for path in paths)
+    if all(path.suffix == ".tar" for path in paths):
+        return sum(_count_tar_keys(path) for path in paths)
+    return len(paths)
+
+
+def _count_tar_keys(path: pathlib.Path) -> int:
+    with tarfile.open(path) as tar:
+        return len({member.name.split(".", 1)[0] for member in tar if member.isfile()})
+
+
+def _split_size(builder: DatasetBuilder, split_name: str) -> int | None:
+    split_info = (builder.info.splits or {}).get(split_name)
+    if split_info is not None and split_info.num_examples:
+        return split_info.num_examples
+    data_files = builder.config.data_files or {}
+    return _count_local_examples(data_files[split_name]) if split_name in data_files else None
+
+
+def _epoch_samples(known: int | None, override: int | None, cap: int | None) -> int | None:
+    """Samples per epoch: the user's --num_train_samples, else the known split size; capped by --max_*_samples."""
+    samples = override if override is not None else known
+    if cap is None:
+        return samples
+    return cap if samples is None else min(samples, cap)
+
+
+# --- Decoding --------------------------------------------------------------------------------------------------------
+
+
+def _record_image(value: Any, min_side: int | None) -> Image.Image:
+    """Decode the image column's value: {"bytes", "path"} (Image(decode=False)), raw bytes, or an already decoded PIL."""
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, dict):
+        value = value.get("bytes") or _read_file(value["path"])
+    return decode_image(value, min_side)
+
+
+def _read_file(path: str) -> bytes:
+    with xopen(path, "rb") as file:  # image folders stream paths, local or remote (hf://...)
+        return file.read()
+
+
+def _record_key(record: dict[str, Any], image_column: str, position: int) -> str:
+    value = record[image_column]
+    path = value.get("path") if isinstance(value, dict) else None
+    return str(record.get(KEY_COLUMN) or path or f"record #{position}")
+
+
+@dataclass(frozen=True)
+class _Columns:
+    image: str
+    label: str | None
+
+
+class _WorkerStream(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker: reads its part of the stream and yields whole, decoded batches.
+
+    The batch keys starting with "_" carry the bookkeeping to the main process: the (virtual) worker index, how many
+    records this worker has consumed in the epoch, and the keys of the records that could not be decoded.
+    """
+
+    def __init__(
+        self,
+        source: IterableDataset,
+        columns: _Columns,
+        transform: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+        *,
+        drop_last: bool,
+        repeat: bool,
+        process_index: int,
+        num_processes: int,
+        num_workers: int,
+        min_decode_side: int | None,
+        max_bad_image_fraction: float,
+    ) -> None:
+        self.source = source
+        self.columns = columns
+        self.transform = transform
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.repeat = repeat
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.min_decode_side = min_decode_side
+        self.max_bad_image_fraction = max_bad_image_fraction
+        # [epoch, worker rotation, start position of each worker]; in shared memory so that persistent workers see
+        # the values the main process sets before every epoch.
+        self.control = torch.zeros(2 + max(num_workers, 1), dtype=torch.int64).share_memory_()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker_info = torch.utils.data.get_worker_info()
+        num_workers, worker_id = (worker_info.num_workers, worker_info.id) if worker_info else (1, 0)
+        epoch, rotation, *starts = self.control.tolist()
+        worker = (worker_id + rotation) % num_workers
+        records = itertools.islice(self._records(epoch, worker, num_workers), starts[worker], None)
+        yield from self._batches(records, starts[worker], worker)
+
+    def _records(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        # Workers of all processes are one flat pool: disjoint parts that together cover the stream.
+        stream = split_dataset_by_node(
+            self.source, rank=self.process_index * num_workers + worker, world_size=self.num_processes * num_workers
+        )
+        for pass_index in itertools.count():
+            stream.set_epoch(epoch + pass_index * PASS_EPOCH_STRIDE)
+            read_any = False
+            for columns in stream.iter(batch_size=RECORDS_PER_READ):
+                read_any = True
+                yield from (dict(zip(columns, values)) for values in zip(*columns.values()))
+            if not (self.repeat and read_any):
+                return
+
+    def _batches(self, records: Iterator[dict[str, Any]], position: int, worker: int) -> Iterator[dict[str, Any]]:
+        images: list[torch.Tensor] = []
+        labels: list[int] = []
+        bad_keys: list[str] = []
+        decoded = bad = 0
+        for record in records:
+            position += 1
+            image = self._decode(record, position)
+            decoded += 1
+            if image is None:
+                bad += 1
+                bad_keys.append(_record_key(record, self.columns.image, position))
+                self._check_bad_fraction(bad, decoded, bad_keys)
+                continue
+            images.append(self.transform(image))
+            if self.columns.label is not None:
+                labels.append(int(record[self.columns.label]))
+            if len(images) == self.batch_size:
+                yield self._batch(images, labels, bad_keys, worker, position)
+                images, labels, bad_keys = [], [], []
+        if images and self.drop_last:
+            images, labels = [], []
+        if images or bad_keys:  # the last partial batch, or only the bad keys so that every skip gets counted
+            yield self._batch(images, labels, bad_keys, worker, position)
+
+    def _decode(self, record: dict[str, Any], position: int) -> Image.Image | None:
+        try:
+            return _record_image(record[self.columns.image], self.min_decode_side)
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file": skip it, never stop the run
+            logger.debug("Cannot decode %s: %r", _record_key(record, self.columns.image, position), error)
+            return None
+
+    def _check_bad_fraction(self, bad: int, decoded: int, bad_keys: list[str]) -> None:
+        if decoded >= MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK and bad / decoded > self.max_bad_image_fraction:
+            raise RuntimeError(
+                f"{bad} of the {decoded} images read so far could not be decoded (more than "
+                f"max_bad_image_fraction={self.max_bad_image_fraction}); the data set looks broken. "
+                f"Last unreadable records: {bad_keys[-5:]}"
+            )
+
+    def _batch(
+        self, images: list[torch.Tensor], labels: list[int], bad_keys: list[str], worker: int, position: int
+    ) -> dict[str, Any]:
+        batch: dict[str, Any] = {"_worker": worker, "_position": position, "_bad_keys": bad_keys}
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+            if self.columns.label is not None:
+                batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+
+
+@dataclass
+class _StreamPosition:
+    """Where an epoch stands: what the main process has consumed so far (the resumable state)."""
+
+    epoch: int
+    num_workers: int
+    batches: int = 0
+    next_worker: int = 0
+    worker_positions: list[int] = field(default_factory=list)
+    completed: bool = False
+
+    @classmethod
+    def start(cls, epoch: int, num_workers: int) -> _StreamPosition:
+        return cls(epoch=epoch, num_workers=num_workers, worker_positions=[0] * num_workers)
+
+
+class ImageStreamLoader:
+    """Batches ``{"pixel_values": (B, 3, H, W), "labels": (B,)}`` of this process's share of the stream.
+
+    Already split by process: do not pass it through ``accelerator.prepare``. A training stream of known length yields
+    exactly ``len(self)`` batches per epoch on every process (a worker that runs out starts another pass over its
+    part), so that processes stay in step.
+    """
+
+    def __init__(
+        self,
+        stream: _WorkerStream,
+        *,
+        num_workers: int,
+        num_samples: int | None,
+        num_processes: int,
+        batch_size: int,
+        fixed_length: bool,
+        class_names: list[str] | None,
+    ) -> None:
+        self._stream = stream
+        self._num_workers = max(num_workers, 1)
+        self._loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,  # the workers build the batches themselves
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=num_workers > 0,
+        )
+        self.num_samples = num_samples
+        self._num_processes = num_processes
+        self._batch_size = batch_size
+        self._fixed_length = fixed_length
+        self.class_names = class_names
+        self.num_classes = len(class_names) if class_names is not None else None
+        self.epoch = 0
+        self._position = _StreamPosition.start(0, self._num_workers)
+        self._resume_from: _StreamPosition | None = None
+        self._skipped = 0
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError("The length of this stream is unknown: pass --num_train_samples.")
+        per_process = self.num_samples / self._num_processes
+        if self._fixed_length:
+            return max(1, int(per_process // self._batch_size))
+        return math.ceil(per_process / self._batch_size)  # an estimate: workers may each end with a partial batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new shuffle order per epoch (seed + epoch); a state loaded for this very epoch is kept."""
+        self.epoch = epoch
+        if self._resume_from is not None and self._resume_from.epoch != epoch:
+            self._resume_from = None
+
+    def skipped_images(self) -> int:
+        return self._skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self._resume_from or self._position
+        return {**asdict(position), "skipped_images": self._skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self._skipped = state.pop("skipped_images", 0)
+        position = _StreamPosition(**state)
+        if position.num_workers != self._num_workers:
+            raise ValueError(
+                f"The saved stream position was made with {position.num_workers} DataLoader worker(s); resume with "
+                f"the same --dataloader_num_workers (now {self._num_workers}) to continue exactly where it stopped."
+            )
+        self.epoch = position.epoch
+        self._resume_from = position
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        position = self._resume_from or _StreamPosition.start(self.epoch, self._num_workers)
+        self._resume_from = None
+        self._position = position
+        if position.completed:
+            return
+        self._stream.control.copy_(
+            torch.tensor([position.epoch, position.next_worker, *position.worker_positions], dtype=torch.int64)
+        )
+        limit = len(self) if self._fixed_length else None
+        if limit is None or position.batches < limit:
+            yield from self._consume(position, limit)
+        position.completed = True
+
+    def _consume(self, position: _StreamPosition, limit: int | None) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self._loader:
+            self._record_progress(position, batch.pop("_worker"), batch.pop("_position"), batch.pop("_bad_keys"))
+            if "pixel_values" not in batch:
+                continue
+            position.batches += 1
+            yield batch
+            if limit is not None and position.batches >= limit:
+                return
+
+    def _record_progress(self, position: _StreamPosition, worker: int, consumed: int, bad_keys: list[str]) -> None:
+        position.worker_positions[worker] = consumed
+        position.next_worker = (worker + 1) % self._num_workers
+        for key in bad_keys:
+            logger.warning("Skipped an unreadable image: %s", key)
+        self._skipped += len(bad_keys)
+
+
+# --- Public entry point ------------------------------------------------------------------------------------------------
+
+
+def _prepare_source(
+    stream: IterableDataset, columns: _Columns, features: dict[str, Any], *, train: bool, seed: int,
+    args: DataArguments, max_samples: int | None,
+) -> IterableDataset:
+    keep = [columns.image] + [name for name in (columns.label, KEY_COLUMN) if name is not None and name in features]
+    stream = stream.select_columns(keep)
+    if isinstance(features[columns.image], ImageFeature):
+        stream = stream.cast_column(columns.image, ImageFeature(decode=False))  # decode ourselves: skip bad files
+    if max_samples is not None:
+        stream = stream.take(max_samples)
+    if train:
+        # max_buffer_input_shards=1: interleaving shards uses threads, and on parquet `datasets` then sleeps 5 s at
+        # the end of every pass (SLEEP_TIME_ON_THREADS_SHUTDOWN). Shard order is still shuffled every epoch.
+        stream = stream.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size, max_buffer_input_shards=1)
+    return stream
+
+
+def build_dataloader(
+    args: DataArguments,
+    split: str,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    drop_last: bool | None = None,
+) -> ImageStreamLoader:
+    """The loader of ``split`` ("train" or "validation") for process ``process_index`` of ``num_processes``.
+
+    ``train`` shuffles (buffer + seed + epoch) and, by default, drops the last incomplete batch. Raises ValueError
+    for an unknown dataset, a missing split or column (listing what exists), or an empty folder.
+    """
+    builder = load_source(args)
+    split_name = _pick_split(split, args, available_splits(builder))
+    if split_name is None:
+        raise ValueError(f"No validation split found; available splits: {', '.join(available_splits(builder))}.")
+    stream = builder.as_streaming_dataset(split=split_name)
+    features = _column_types(stream)
+    image_column = _detect_column(features, args.image_column_name, ImageFeature, IMAGE_COLUMN_CANDIDATES, "Image")
+    if image_column is None:
+        raise ValueError(f"No image column found; available columns: {', '.join(features)}. Pass --image_column_name.")
+    columns = _Columns(image_column, _detect_column(
+        features, args.label_column_name, ClassLabel, LABEL_COLUMN_CANDIDATES, "Label"))
+    max_samples = args.max_train_samples if split == "train" else args.max_eval_samples
+    override = args.num_train_samples if split == "train" else None
+    num_samples = _epoch_samples(_split_size(builder, split_name), override, max_samples)
+    label_feature = features.get(columns.label) if columns.label is not None else None
+    fixed_length = train and num_samples is not None
+    if train and num_samples is None and num_processes > 1:
+        logger.warning("The training stream's length is unknown: pass --num_train_samples so that every process "
+                       "runs the same number of steps per epoch.")
+    worker_stream = _WorkerStream(
+        _prepare_source(stream, columns, features, train=train, seed=seed, args=args, max_samples=max_samples),
+        columns,
+        transform,
+        batch_size,
+        drop_last=train if drop_last is None else drop_last,
+        repeat=fixed_length,
+        process_index=process_index,
+        num_processes=num_processes,
+        num_workers=args.dataloader_num_workers,
+        min_decode_side=getattr(transform, "min_source_side", None) if args.fast_decode else None,
+        max_bad_image_fraction=args.max_bad_image_fraction,
+    )
+    return ImageStreamLoader(
+        worker_stream,
+        num_workers=args.dataloader_num_workers,
+        num_samples=num_samples,
+        num_processes=num_processes,
+        batch_size=batch_size,
+        fixed_length=fixed_length,
+        class_names=list(label_feature.names) if isinstance(label_feature, ClassLabel) else None,
+    )

@@ -1,0 +1,182 @@
+"""Image decoding and the paper's augmentations, built on torchvision.transforms.v2.
+
+Three decode paths, so the speed of each can be measured on its own:
+- plain: ``decode_image(data)``, full-size PIL decode;
+- fast: ``decode_image(data, min_side=transform.min_source_side)``, JPEGs decoded at a reduced size (PIL ``draft``,
+  i.e. libjpeg DCT scaling) when the crop cannot use the full resolution anyway;
+- device: ``decode_images_on_device`` (nvjpeg when ``device`` is a GPU) + ``augment_on_device``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAIN_CROP_SCALE = (0.2, 1.0)  # MAE pretraining (He et al., appendix A.1)
+FINETUNE_CROP_SCALE = (0.08, 1.0)
+EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, then center crop
+_WORST_CROP_ASPECT = 3 / 4  # RandomResizedCrop's default ratio range is (3/4, 4/3)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (CMYK, L, P, RGBA, LA, 16-bit, ...) -> 3-channel 8-bit RGB, the model's ``num_channels=3``."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        # 16/32-bit integer images: PIL's convert would clip to 255 instead of rescaling the 0-65535 range.
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the palette's transparency is only understood by the RGBA conversion
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode encoded image bytes to RGB; raises on truncated or non-image bytes (the caller skips those).
+
+    With ``min_side``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose short side stays >= min_side.
+    """
+    image = Image.open(io.BytesIO(data))
+    if min_side is not None and image.format == "JPEG":
+        image.draft(image.mode, (min_side, min_side))
+    image.load()  # decoding is lazy: force it here so a truncated file fails now, not inside the transform
+    return to_rgb(image)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL image (any mode) -> normalised float tensor (3, H, W).
+
+    ``min_source_side``: the short side below which decoding at a reduced size would lose detail in the output crop.
+    """
+
+    pipeline: v2.Compose
+    min_source_side: int
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.pipeline(to_rgb(image))
+
+
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def _min_side_for_random_crop(size: tuple[int, int], min_scale: float) -> int:
+    # The smallest crop RandomResizedCrop can take covers min_scale of the area with aspect ratio 3/4; its short side
+    # must still have at least max(size) source pixels for the output to be full resolution.
+    return math.ceil(max(size) / math.sqrt(min_scale * _WORST_CROP_ASPECT))
+
+
+def _random_resized_crop(size: tuple[int, int], scale: tuple[float, float]) -> list[v2.Transform]:
+    return [
+        v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+
+
+def pretrain_transform(
+    image_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> ImageTransform:
+    """MAE pretraining: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip + normalise."""
+    size = _as_size(image_size)
+    pipeline = v2.Compose(_random_resized_crop(size, PRETRAIN_CROP_SCALE) + _to_normalised_tensor(mean, std))
+    return ImageTransform(pipeline, _min_side_for_random_crop(size, PRETRAIN_CROP_SCALE[0]))
+
+
+def eval_transform(
+    image_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> ImageTransform:
+    """Evaluation: resize the short side to size / 0.875 (bicubic), center crop, normalise."""
+    size = _as_size(image_size)
+    resize_side = int(max(size) / EVAL_CROP_FRACTION)
+    pipeline = v2.Compose(
+        [v2.Resize(resize_side, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+        + _to_normalised_tensor(mean, std)
+    )
+    return ImageTransform(pipeline, resize_side)
+
+
+class RandAugmentWithMagnitudeNoise(v2.RandAugment):
+    """RandAugment whose magnitude is drawn per image from N(magnitude, magnitude_std), like timm's ``mstd0.5``."""
+
+    def __init__(self, magnitude: int = 9, magnitude_std: float = 0.5, **kwargs: object) -> None:
+        super().__init__(magnitude=magnitude, **kwargs)
+        self.mean_magnitude = magnitude
+        self.magnitude_std = magnitude_std
+
+    def forward(self, *inputs: object) -> object:
+        noisy = round(random.gauss(self.mean_magnitude, self.magnitude_std))
+        self.magnitude = min(max(noisy, 0), self.num_magnitude_bins - 1)
+        return super().forward(*inputs)
+
+
+def finetune_transform(
+    image_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> ImageTransform:
+    """The paper's fine-tuning recipe: RandomResizedCrop + flip + RandAugment(m9, mstd0.5) + random erasing 0.25."""
+    size = _as_size(image_size)
+    fill = [round(channel * 255) for channel in mean]  # timm fills RandAugment's empty pixels with the mean colour
+    augment = RandAugmentWithMagnitudeNoise(
+        magnitude=9, magnitude_std=0.5, interpolation=v2.InterpolationMode.BICUBIC, fill=fill
+    )
+    erase = v2.RandomErasing(p=0.25, value="random")  # timm's re_mode="pixel": per-pixel normal noise
+    pipeline = v2.Compose(
+        _random_resized_crop(size, FINETUNE_CROP_SCALE) + [augment] + _to_normalised_tensor(mean, std) + [erase]
+    )
+    return ImageTransform(pipeline, _min_side_for_random_crop(size, FINETUNE_CROP_SCALE[0]))
+
+
+def mixup_cutmix(
+    num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, label_smoothing: float = 0.1
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Batch-level MixUp or CutMix (one of the two per batch, 50/50) -> (pixel_values, smoothed soft targets)."""
+    choice = v2.RandomChoice(
+        [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes), v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)]
+    )
+
+    def mix(pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed, targets = choice(pixel_values, labels)
+        return mixed, targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+
+    return mix
+
+
+def decode_images_on_device(encoded: Sequence[bytes], device: str | torch.device = "cuda") -> list[torch.Tensor]:
+    """Decode to uint8 RGB tensors (3, H, W) on ``device``: JPEGs with nvjpeg on a GPU, other formats on the CPU."""
+    device = torch.device(device)
+    rgb = torchvision.io.ImageReadMode.RGB
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
+    is_jpeg = [data[:2] == b"\xff\xd8" for data in encoded]
+    jpegs = [tensor for tensor, jpeg in zip(tensors, is_jpeg) if jpeg]
+    decoded_jpegs = iter(torchvision.io.decode_jpeg(jpegs, mode=rgb, device=device) if jpegs else [])
+    return [
+        next(decoded_jpegs) if jpeg else torchvision.io.decode_image(tensor, mode=rgb).to(device)
+        for tensor, jpeg in zip(tensors, is_jpeg)
+    ]
+
+
+def augment_on_device(
+    images: Sequence[torch.Tensor],
+    image_size: int | Sequence[int],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Pretraining augmentation of decoded uint8 images where they are (e.g. the GPU) -> normalised batch (B, 3, H, W)."""
+    crop = v2.Compose(_random_resized_crop(_as_size(image_size), PRETRAIN_CROP_SCALE))
+    batch = torch.stack([crop(image) for image in images])
+    return v2.Normalize(mean=list(mean), std=list(std))(v2.ToDtype(torch.float32, scale=True)(batch))

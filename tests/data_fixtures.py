@@ -1,0 +1,136 @@
+"""Generators of tiny on-disk image data sets for offline tests, in the three local layouts the data pipeline streams:
+parquet shards (HF layout), webdataset ``.tar`` shards and an image folder tree. Every image encodes its own id in its
+pixels (see ``encoded_id``), so a test can check exactly which samples came out of a loader whatever the transform.
+
+Bad files can be mixed in: ``"truncated"`` (a JPEG cut in half) and ``"garbage"`` (bytes that are no image); odd but
+valid ones too: ``"cmyk"``, ``"gray"``, ``"rgba"``, ``"palette"``, ``"gray16"`` and ``"tiny"`` (3x2 pixels).
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import tarfile
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+CLASS_NAMES = ("cat", "dog", "fish")
+BAD_KINDS = ("truncated", "garbage")
+ODD_KINDS = ("cmyk", "gray", "rgba", "palette", "gray16", "tiny")
+
+
+def id_colour(sample_id: int) -> tuple[int, int, int]:
+    """A colour that encodes the id in base 16, 16 steps per channel, so it survives JPEG and mode conversions."""
+    return (sample_id % 16 * 16 + 8, sample_id // 16 % 16 * 16 + 8, sample_id // 256 % 16 * 16 + 8)
+
+
+def encoded_id(rgb_mean: Sequence[float]) -> int:
+    """Inverse of ``id_colour`` from the mean RGB value (0-255) of an image."""
+    r, g, b = (min(15, max(0, int(round((float(value) - 8) / 16)))) for value in rgb_mean)
+    return r + 16 * g + 256 * b
+
+
+def image_bytes(sample_id: int, kind: str = "rgb", size: tuple[int, int] = (24, 20)) -> bytes:
+    """Encoded bytes of one image of the given kind (see the module docstring)."""
+    if kind == "garbage":
+        return b"this is not an image at all" * 3
+    colour = id_colour(sample_id)
+    if kind == "tiny":
+        size = (3, 2)
+    image = Image.new("RGB", size, colour)
+    if kind == "truncated":
+        data = _encode(image, "JPEG")
+        return data[: len(data) // 2]
+    if kind == "cmyk":
+        return _encode(image.convert("CMYK"), "JPEG", quality=100)
+    if kind == "gray":
+        return _encode(image.convert("L"), "PNG")
+    if kind == "gray16":
+        level = int(np.asarray(image.convert("L")).mean())
+        return _encode(Image.fromarray(np.full(size[::-1], level * 257, dtype=np.uint16)), "PNG")
+    if kind == "rgba":
+        return _encode(image.convert("RGBA"), "PNG")
+    if kind == "palette":
+        return _encode(image.convert("P"), "PNG")
+    return _encode(image, "PNG" if kind == "rgb" else "JPEG", quality=100)
+
+
+def _encode(image: Image.Image, image_format: str, **options: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def _suffix(kind: str) -> str:
+    return ".png" if kind in ("rgb", "gray", "gray16", "rgba", "palette", "garbage", "tiny") else ".jpg"
+
+
+def sample_kinds(num_samples: int, kinds: dict[int, str] | None = None) -> list[str]:
+    """Kind of every sample id: "rgb" unless overridden by ``kinds`` ({id: kind})."""
+    kinds = kinds or {}
+    return [kinds.get(sample_id, "rgb") for sample_id in range(num_samples)]
+
+
+def make_parquet_shards(
+    directory: pathlib.Path,
+    num_samples: int,
+    num_shards: int = 2,
+    split: str = "train",
+    kinds: dict[int, str] | None = None,
+    with_labels: bool = True,
+) -> list[pathlib.Path]:
+    """HF-layout parquet shards ``data/{split}-0000i-of-0000n.parquet`` with ``image`` (Image) + ``label`` (ClassLabel)."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    feature_types = {"image": ImageFeature()} | ({"label": ClassLabel(names=list(CLASS_NAMES))} if with_labels else {})
+    ids = list(range(num_samples))
+    columns = {"image": [{"bytes": image_bytes(i, kind), "path": f"{i}{_suffix(kind)}"} for i, kind in
+                         zip(ids, sample_kinds(num_samples, kinds))]}
+    if with_labels:
+        columns["label"] = [i % len(CLASS_NAMES) for i in ids]
+    dataset = Dataset.from_dict(columns, features=Features(feature_types))
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard_index in range(num_shards):
+        path = directory / "data" / f"{split}-{shard_index:05d}-of-{num_shards:05d}.parquet"
+        dataset.shard(num_shards, shard_index, contiguous=True).to_parquet(str(path))
+        paths.append(path)
+    return paths
+
+
+def make_webdataset(
+    directory: pathlib.Path, num_samples: int, num_shards: int = 2, split: str = "train", kinds: dict[int, str] | None = None
+) -> list[pathlib.Path]:
+    """Webdataset shards ``{split}-i.tar`` with ``{key}.jpg`` (any image bytes) + ``{key}.cls`` per sample, like timm's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    all_kinds = sample_kinds(num_samples, kinds)
+    paths = []
+    for shard_index in range(num_shards):
+        path = directory / f"{split}-{shard_index:04d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for sample_id in range(shard_index, num_samples, num_shards):
+                key = f"sample{sample_id:06d}"
+                _add_tar_member(tar, f"{key}.jpg", image_bytes(sample_id, all_kinds[sample_id]))
+                _add_tar_member(tar, f"{key}.cls", str(sample_id % len(CLASS_NAMES)).encode())
+        paths.append(path)
+    return paths
+
+
+def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_imagefolder(directory: pathlib.Path, num_samples: int, kinds: dict[int, str] | None = None) -> list[pathlib.Path]:
+    """An image folder tree ``{class_name}/{id}.{png,jpg}``; the class of sample ``i`` is ``CLASS_NAMES[i % 3]``."""
+    paths = []
+    for sample_id, kind in enumerate(sample_kinds(num_samples, kinds)):
+        path = directory / CLASS_NAMES[sample_id % len(CLASS_NAMES)] / f"{sample_id:06d}{_suffix(kind)}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image_bytes(sample_id, kind))
+        paths.append(path)
+    return paths

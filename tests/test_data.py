@@ -1,0 +1,286 @@
+"""Offline tests of the streamed data pipeline on tiny generated shards in the three local layouts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import torch
+from datasets.exceptions import DatasetNotFoundError
+from PIL import Image
+
+import modeling_mae.data as data
+from data_fixtures import (
+    BAD_KINDS,
+    CLASS_NAMES,
+    ODD_KINDS,
+    encoded_id,
+    image_bytes,
+    make_imagefolder,
+    make_parquet_shards,
+    make_webdataset,
+)
+from modeling_mae.data import (
+    DataArguments,
+    build_dataloader,
+    decode_image,
+    eval_transform,
+    finetune_transform,
+    mixup_cutmix,
+    pretrain_transform,
+    resolve_split_name,
+    sample_dataset_path,
+)
+
+MAKERS: dict[str, Callable[..., list[pathlib.Path]]] = {
+    "parquet": make_parquet_shards,
+    "webdataset": make_webdataset,
+    "imagefolder": lambda directory, num_samples, num_shards=0, kinds=None: make_imagefolder(directory, num_samples, kinds),
+}
+MIXED_KINDS = {1: "truncated", 2: "cmyk", 4: "gray", 5: "garbage", 7: "rgba", 8: "palette", 10: "gray16", 11: "tiny"}
+# Identity-preserving transform: 8x8 resize of the [0, 1] pixels, so encoded_id reads back each sample's id.
+ID_TRANSFORM = eval_transform(8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def make_source(tmp_path: pathlib.Path, form: str, num_samples: int, num_shards: int = 2,
+                kinds: dict[int, str] | None = None) -> str:
+    folder = tmp_path / form
+    MAKERS[form](folder, num_samples, num_shards=num_shards, kinds=kinds)
+    return str(folder)
+
+
+def batch_ids(batch: dict[str, torch.Tensor]) -> list[int]:
+    return [encoded_id(image.mean((1, 2)) * 255) for image in batch["pixel_values"]]
+
+
+def epoch_ids(loader: data.ImageStreamLoader) -> list[int]:
+    return [sample_id for batch in loader for sample_id in batch_ids(batch)]
+
+
+# --- Transforms ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ("rgb", "jpeg") + ODD_KINDS)
+@pytest.mark.parametrize("make_transform", [pretrain_transform, eval_transform, finetune_transform])
+def test_every_image_mode_becomes_a_normalised_rgb_tensor(kind: str, make_transform: Callable) -> None:
+    image = decode_image(image_bytes(7, kind))
+    assert image.mode == "RGB"
+    pixels = make_transform((16, 12))(Image.open(io.BytesIO(image_bytes(7, kind))))
+    assert pixels.shape == (3, 16, 12) and pixels.dtype == torch.float32
+
+
+def test_sixteen_bit_images_are_rescaled_not_clipped() -> None:
+    assert abs(decode_image(image_bytes(7, "gray16")).getpixel((0, 0))[0] - decode_image(
+        image_bytes(7, "gray")).getpixel((0, 0))[0]) <= 1
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_bytes_raise_on_decode(kind: str) -> None:
+    with pytest.raises(Exception):
+        decode_image(image_bytes(3, kind))
+
+
+def test_fast_decode_shrinks_large_jpegs_but_keeps_enough_pixels_for_the_crop() -> None:
+    transform = pretrain_transform(32)
+    large = image_bytes(3, "jpeg", size=(1600, 1200))
+    reduced = decode_image(large, min_side=transform.min_source_side)
+    assert transform.min_source_side <= min(reduced.size) < 1200
+    assert decode_image(large).size == (1600, 1200)
+
+
+def test_mixup_cutmix_gives_smoothed_soft_targets() -> None:
+    pixels, targets = mixup_cutmix(num_classes=5)(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert pixels.shape == (4, 3, 8, 8) and targets.shape == (4, 5)
+    assert torch.allclose(targets.sum(1), torch.ones(4)) and targets.min() >= 0.1 / 5 - 1e-6
+
+
+# --- Sources and bad files -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("form", list(MAKERS))
+def test_local_forms_yield_every_good_image_once_and_count_the_bad(
+    tmp_path: pathlib.Path, form: str, num_workers: int
+) -> None:
+    args = DataArguments(dataset_name=make_source(tmp_path, form, 24, kinds=MIXED_KINDS),
+                         dataloader_num_workers=num_workers)
+    loader = build_dataloader(args, "train", ID_TRANSFORM, 4, train=False)
+    batches = list(loader)
+    ids = [sample_id for batch in batches for sample_id in batch_ids(batch)]
+    labels = [label for batch in batches for label in batch["labels"].tolist()]
+    good_plain = [i for i in range(24) if i not in MIXED_KINDS]
+    assert len(ids) == 24 - 2 and loader.skipped_images() == 2
+    assert Counter(i for i in ids if i in good_plain) == Counter(good_plain)
+    assert all(label == sample_id % 3 for sample_id, label in zip(ids, labels) if sample_id in good_plain)
+    assert loader.num_samples == 24
+
+
+def test_training_epoch_has_fixed_length_and_shapes(tmp_path: pathlib.Path) -> None:
+    args = DataArguments(dataset_name=make_source(tmp_path, "parquet", 30, kinds={3: "garbage"}))
+    loader = build_dataloader(args, "train", pretrain_transform(16), 4, train=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 30 // 4
+    assert all(b["pixel_values"].shape == (4, 3, 16, 16) and b["labels"].shape == (4,) for b in batches)
+    assert loader.class_names == list(CLASS_NAMES) and loader.num_classes == 3
+
+
+def test_max_train_samples_caps_the_epoch(tmp_path: pathlib.Path) -> None:
+    args = DataArguments(dataset_name=make_source(tmp_path, "parquet", 40), max_train_samples=12)
+    loader = build_dataloader(args, "train", ID_TRANSFORM, 4, train=False)
+    assert loader.num_samples == 12 and len(epoch_ids(loader)) == 12
+
+
+def test_unlabelled_data_yields_pixels_only(tmp_path: pathlib.Path) -> None:
+    make_parquet_shards(tmp_path, 8, with_labels=False)
+    loader = build_dataloader(DataArguments(dataset_name=str(tmp_path)), "train", ID_TRANSFORM, 4, train=True)
+    assert [set(batch) for batch in loader] == [{"pixel_values"}] * 2 and loader.num_classes is None
+
+
+def test_mostly_bad_data_stops_with_a_clear_error(tmp_path: pathlib.Path) -> None:
+    kinds = {i: "garbage" for i in range(40) if i % 4}
+    args = DataArguments(dataset_name=make_source(tmp_path, "parquet", 40, kinds=kinds))
+    with pytest.raises(RuntimeError, match="could not be decoded"):
+        list(build_dataloader(args, "train", ID_TRANSFORM, 4, train=False))
+
+
+# --- Distribution, epochs, resumption ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("form", "num_shards", "num_workers"),
+                         [("parquet", 4, 0), ("parquet", 3, 2), ("webdataset", 2, 2), ("imagefolder", 0, 0)])
+def test_two_ranks_see_disjoint_data_that_covers_everything(
+    tmp_path: pathlib.Path, form: str, num_shards: int, num_workers: int
+) -> None:
+    args = DataArguments(dataset_name=make_source(tmp_path, form, 48, num_shards=num_shards),
+                         dataloader_num_workers=num_workers, shuffle_buffer_size=16)
+    per_rank = [epoch_ids(build_dataloader(args, "train", ID_TRANSFORM, 4, train=True, seed=3, process_index=rank,
+                                           num_processes=2)) for rank in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 24
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(48))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])  # with 2, the persistent workers must see the new epoch
+def test_each_epoch_has_a_new_order_and_an_epoch_is_reproducible(tmp_path: pathlib.Path, num_workers: int) -> None:
+    args = DataArguments(dataset_name=make_source(tmp_path, "parquet", 32, num_shards=4), shuffle_buffer_size=8,
+                         dataloader_num_workers=num_workers)
+    loader = build_dataloader(args, "train", ID_TRANSFORM, 4, train=True, seed=1)
+    start = time.perf_counter()
+    first, again = epoch_ids(loader), epoch_ids(loader)
+    loader.set_epoch(1)
+    second = epoch_ids(loader)
+    assert first == again and first != second and sorted(first) == sorted(second) == list(range(32))
+    assert time.perf_counter() - start < 10  # not 5 s of `datasets` thread-shutdown sleep per parquet pass
+
+
+@pytest.mark.parametrize(("num_workers", "num_shards", "stop_after"), [(0, 2, 3), (2, 3, 3), (2, 4, 4)])
+def test_a_resumed_stream_continues_exactly_where_it_stopped(
+    tmp_path: pathlib.Path, num_workers: int, num_shards: int, stop_after: int
+) -> None:
+    source = make_source(tmp_path, "parquet", 44, num_shards=num_shards, kinds={6: "garbage", 30: "truncated"})
+    args = DataArguments(dataset_name=source, dataloader_num_workers=num_workers, shuffle_buffer_size=8)
+
+    def loader() -> data.ImageStreamLoader:
+        stream = build_dataloader(args, "train", ID_TRANSFORM, 4, train=True, seed=5)
+        stream.set_epoch(2)
+        return stream
+
+    uninterrupted = [batch_ids(batch) for batch in loader()]
+    interrupted = loader()
+    head = []
+    for batch in interrupted:
+        head.append(batch_ids(batch))
+        if len(head) == stop_after:
+            break
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    tail = [batch_ids(batch) for batch in resumed]
+    assert head + tail == uninterrupted
+    assert resumed.skipped_images() == 2
+    assert list(resumed) != [] and resumed.state_dict()["epoch"] == 2  # after the resumed epoch: a full epoch again
+
+
+# --- Sample data and errors ------------------------------------------------------------------------------------------
+
+
+def test_embedded_sample_is_the_default(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # works from any working directory
+    args = DataArguments()
+    train = build_dataloader(args, "train", pretrain_transform(32), 8, train=True)
+    batch = next(iter(train))
+    assert batch["pixel_values"].shape == (8, 3, 32, 32) and train.num_samples == 10_000 and train.num_classes == 10
+    assert resolve_split_name(args, "validation") == "test"
+    assert build_dataloader(args, "validation", eval_transform(32), 8, train=False).num_samples == 2_000
+    assert (sample_dataset_path() / "LICENSE").is_file() and (sample_dataset_path() / "README.md").is_file()
+
+
+def test_user_errors_are_clear(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        build_dataloader(DataArguments(dataset_name=str(empty)), "train", ID_TRANSFORM, 2, train=True)
+    with pytest.raises(ValueError, match="does not exist"):
+        build_dataloader(DataArguments(dataset_name=str(tmp_path / "nope")), "train", ID_TRANSFORM, 2, train=True)
+    source = make_source(tmp_path, "parquet", 8)
+    with pytest.raises(ValueError, match="available splits: train"):
+        build_dataloader(DataArguments(dataset_name=source, train_split="nope"), "train", ID_TRANSFORM, 2, train=True)
+    with pytest.raises(ValueError, match="No validation split found; available splits: train"):
+        build_dataloader(DataArguments(dataset_name=source), "validation", ID_TRANSFORM, 2, train=False)
+    with pytest.raises(ValueError, match="available columns: image, label"):
+        build_dataloader(DataArguments(dataset_name=source, image_column_name="pixels"), "train", ID_TRANSFORM, 2,
+                         train=True)
+
+    def not_found(*args: object, **kwargs: object) -> None:
+        raise DatasetNotFoundError("missing")
+
+    monkeypatch.setattr(data, "load_dataset_builder", not_found)
+    with pytest.raises(ValueError, match="Unknown dataset .*hf auth login"):
+        build_dataloader(DataArguments(dataset_name="someone/no-such-dataset"), "train", ID_TRANSFORM, 2, train=True)
+
+
+TWO_RANK_SCRIPT = """
+import json, sys
+import torch
+from accelerate import Accelerator
+from data_fixtures import encoded_id
+from modeling_mae.data import DataArguments, build_dataloader, eval_transform
+
+accelerator = Accelerator(cpu=True)
+args = DataArguments(dataset_name=sys.argv[1], dataloader_num_workers=1, shuffle_buffer_size=8)
+transform = eval_transform(8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+loader = build_dataloader(args, "train", transform, 4, train=True, process_index=accelerator.process_index,
+                          num_processes=accelerator.num_processes)
+ids = [encoded_id(image.mean((1, 2)) * 255) for batch in loader for image in batch["pixel_values"]]
+skipped = accelerator.reduce(torch.tensor(loader.skipped_images()), reduction="sum").item()
+with open(f"{sys.argv[2]}/rank{accelerator.process_index}.json", "w") as file:
+    json.dump({"ids": ids, "world": accelerator.num_processes, "skipped": skipped}, file)
+"""
+
+
+def test_two_real_processes_see_disjoint_data(tmp_path: pathlib.Path) -> None:
+    """Two gloo processes under `accelerate launch` (not `--cpu`, which silently runs one process)."""
+
+    kinds = {5: "garbage", 17: "truncated"}
+    source = make_source(tmp_path, "parquet", 42, num_shards=4, kinds=kinds)
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANK_SCRIPT)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = os.environ | {"ACCELERATE_USE_CPU": "true", "PYTHONPATH": f"{repo}:{repo / 'tests'}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), source,
+               str(tmp_path)]
+    subprocess.run(command, env=env, check=True, timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world"] for rank in ranks] == [2, 2] and [rank["skipped"] for rank in ranks] == [2, 2]
+    assert len(ranks[0]["ids"]) == len(ranks[1]["ids"]) == 42 // 2 // 4 * 4
+    assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == [i for i in range(42) if i not in kinds]
