@@ -11,11 +11,14 @@ How the pieces fit (see docs/data.md):
   records it has consumed and which ones were bad: the main process keeps these positions (that is the resumable
   state) and the skip count, so nothing relies on worker-local globals;
 - on resume each worker skips the records it had already consumed (cheap: they are not decoded) and the worker
-  round-robin is rotated so that batches come out in exactly the uninterrupted order.
+  round-robin is rotated so that batches come out in exactly the uninterrupted order;
+- with ``decode_on`` a device (e.g. "cuda"), the workers only read the encoded bytes and the main process decodes and
+  augments each batch on that device; the bookkeeping above is the same, the device decode only adds bad keys to it.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import math
@@ -37,6 +40,7 @@ from .transforms import (
     ImageTransform,
     augment_on_device,
     decode_image,
+    decode_image_tensor,
     decode_images_on_device,
     eval_transform,
     finetune_transform,
@@ -53,6 +57,7 @@ __all__ = [
     "available_splits",
     "build_dataloader",
     "decode_image",
+    "decode_image_tensor",
     "decode_images_on_device",
     "eval_transform",
     "finetune_transform",
@@ -72,6 +77,7 @@ VALIDATION_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
 KEY_COLUMN = "__key__"  # webdataset's sample key, the best name to log for a bad file
 RECORDS_PER_READ = 64  # records fetched from `datasets` at a time (undecoded bytes, so this is cheap)
 MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK = 32  # a few bad files at the start of a shard must not stop a run
+DECODE_IN_WORKERS = "workers"  # the default --decode_on; any other value is a torch device
 PASS_EPOCH_STRIDE = 1_000_003  # seeds the extra passes a worker makes to fill a fixed-length epoch, distinct per epoch
 _DATA_SUFFIXES = (".parquet", ".tar", ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -115,6 +121,14 @@ class DataArguments:
     max_bad_image_fraction: float = field(
         default=0.5, metadata={"help": "Stop with an error when more than this fraction of the images read are "
                                        "unreadable (checked after a minimum number of images)."}
+    )
+    decode_on: str = field(
+        default=DECODE_IN_WORKERS,
+        metadata={"help": "Where images are decoded and augmented. 'workers': with PIL in the DataLoader workers. A "
+                          "torch device ('cuda', 'cuda:1', 'cpu'): the workers only read the encoded bytes, the main "
+                          "process decodes each batch there (JPEGs with nvjpeg on a GPU, other formats with PIL) and "
+                          "augments it there, and batches come out on that device. Pretraining transform only: other "
+                          "loaders (evaluation) keep decoding in the workers."},
     )
 
 
@@ -240,9 +254,19 @@ def _record_image(value: Any, min_side: int | None) -> Image.Image:
     """Decode the image column's value: {"bytes", "path"} (Image(decode=False)), raw bytes, or an already decoded PIL."""
     if isinstance(value, Image.Image):
         return to_rgb(value)
+    return decode_image(_record_bytes(value), min_side)
+
+
+def _record_bytes(value: Any) -> bytes:
+    """The image column's value as encoded bytes, to be decoded elsewhere."""
+    if isinstance(value, Image.Image):
+        # A source without declared features comes already decoded by `datasets`: re-encode it, losslessly.
+        buffer = io.BytesIO()
+        to_rgb(value).save(buffer, format="PNG")
+        return buffer.getvalue()
     if isinstance(value, dict):
-        value = value.get("bytes") or _read_file(value["path"])
-    return decode_image(value, min_side)
+        return value.get("bytes") or _read_file(value["path"])
+    return value
 
 
 def _read_file(path: str) -> bytes:
@@ -262,18 +286,41 @@ class _Columns:
     label: str | None
 
 
+@dataclass
+class _BadImageTally:
+    """Images read and found unreadable in one epoch's stream, to stop a run whose data is mostly unreadable."""
+
+    max_fraction: float
+    read: int = 0
+    bad: int = 0
+    last_bad_keys: list[str] = field(default_factory=list)
+
+    def count(self, bad_keys: Sequence[str], read: int = 1) -> None:
+        self.read += read
+        self.bad += len(bad_keys)
+        self.last_bad_keys = (self.last_bad_keys + list(bad_keys))[-5:]
+        if bad_keys and self.read >= MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK and self.bad / self.read > self.max_fraction:
+            raise RuntimeError(
+                f"{self.bad} of the {self.read} images read so far could not be decoded (more than "
+                f"max_bad_image_fraction={self.max_fraction}); the data set looks broken. "
+                f"Last unreadable records: {self.last_bad_keys}"
+            )
+
+
 class _WorkerStream(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: reads its part of the stream and yields whole, decoded batches.
 
     The batch keys starting with "_" carry the bookkeeping to the main process: the (virtual) worker index, how many
-    records this worker has consumed in the epoch, and the keys of the records that could not be decoded.
+    records this worker has consumed in the epoch, and the keys of the records that could not be decoded. With no
+    ``transform`` (decoding on a device), batches hold the still encoded images ("encoded") and their keys ("_keys")
+    instead of "pixel_values".
     """
 
     def __init__(
         self,
         source: IterableDataset,
         columns: _Columns,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], torch.Tensor] | None,
         batch_size: int,
         *,
         drop_last: bool,
@@ -321,54 +368,100 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 return
 
     def _batches(self, records: Iterator[dict[str, Any]], position: int, worker: int) -> Iterator[dict[str, Any]]:
-        images: list[torch.Tensor] = []
+        images: list[torch.Tensor | bytes] = []
         labels: list[int] = []
+        keys: list[str] = []
         bad_keys: list[str] = []
-        decoded = bad = 0
+        tally = _BadImageTally(self.max_bad_image_fraction)
         for record in records:
             position += 1
-            image = self._decode(record, position)
-            decoded += 1
+            key = _record_key(record, self.columns.image, position)
+            image = self._read(record, key)
+            tally.count([key] if image is None else [])
             if image is None:
-                bad += 1
-                bad_keys.append(_record_key(record, self.columns.image, position))
-                self._check_bad_fraction(bad, decoded, bad_keys)
+                bad_keys.append(key)
                 continue
-            images.append(self.transform(image))
+            images.append(image if self.transform is None else self.transform(image))
+            keys.append(key)
             if self.columns.label is not None:
                 labels.append(int(record[self.columns.label]))
             if len(images) == self.batch_size:
-                yield self._batch(images, labels, bad_keys, worker, position)
-                images, labels, bad_keys = [], [], []
+                yield self._batch(images, labels, keys, bad_keys, worker, position)
+                images, labels, keys, bad_keys = [], [], [], []
         if images and self.drop_last:
-            images, labels = [], []
+            images, labels, keys = [], [], []
         if images or bad_keys:  # the last partial batch, or only the bad keys so that every skip gets counted
-            yield self._batch(images, labels, bad_keys, worker, position)
+            yield self._batch(images, labels, keys, bad_keys, worker, position)
 
-    def _decode(self, record: dict[str, Any], position: int) -> Image.Image | None:
+    def _read(self, record: dict[str, Any], key: str) -> Image.Image | bytes | None:
+        """The record's image, decoded, or still encoded when the loader decodes on a device; None if unreadable."""
         try:
-            return _record_image(record[self.columns.image], self.min_decode_side)
+            value = record[self.columns.image]
+            return _record_bytes(value) if self.transform is None else _record_image(value, self.min_decode_side)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file": skip it, never stop the run
-            logger.debug("Cannot decode %s: %r", _record_key(record, self.columns.image, position), error)
+            logger.debug("Cannot decode %s: %r", key, error)
             return None
 
-    def _check_bad_fraction(self, bad: int, decoded: int, bad_keys: list[str]) -> None:
-        if decoded >= MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK and bad / decoded > self.max_bad_image_fraction:
-            raise RuntimeError(
-                f"{bad} of the {decoded} images read so far could not be decoded (more than "
-                f"max_bad_image_fraction={self.max_bad_image_fraction}); the data set looks broken. "
-                f"Last unreadable records: {bad_keys[-5:]}"
-            )
-
     def _batch(
-        self, images: list[torch.Tensor], labels: list[int], bad_keys: list[str], worker: int, position: int
+        self, images: list[Any], labels: list[int], keys: list[str], bad_keys: list[str], worker: int, position: int
     ) -> dict[str, Any]:
         batch: dict[str, Any] = {"_worker": worker, "_position": position, "_bad_keys": bad_keys}
         if images:
-            batch["pixel_values"] = torch.stack(images)
+            if self.transform is None:
+                batch["encoded"], batch["_keys"] = images, keys  # the keys name the files the device cannot decode
+            else:
+                batch["pixel_values"] = torch.stack(images)
             if self.columns.label is not None:
                 batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
+
+
+def _decode_or_none(encoded: list[bytes], keys: list[str], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode a batch on ``device``; None for an image no decoder can read."""
+    try:
+        return list(decode_images_on_device(encoded, device))
+    except Exception:  # noqa: BLE001 - one bad file fails the whole batched decode: find it by decoding one at a time
+        return [_decode_one_or_none(data, key, device) for data, key in zip(encoded, keys)]
+
+
+def _decode_one_or_none(data: bytes, key: str, device: torch.device) -> torch.Tensor | None:
+    # Errors are logged, never kept: an exception's traceback would tie the loader into a reference cycle, and a loader
+    # freed by the cycle collector shuts its workers down only after a 5 s timeout each.
+    try:
+        return decode_images_on_device([data], device)[0]
+    except Exception:  # noqa: BLE001 - nvjpeg rejects some files PIL reads (e.g. CMYK): PIL decides, as in the workers
+        pass
+    try:
+        return decode_image_tensor(data).to(device)
+    except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file": skip it, never stop the run
+        logger.debug("Cannot decode %s: %r", key, error)
+        return None
+
+
+@dataclass(frozen=True)
+class _DeviceDecoding:
+    """The main process's half of ``decode_on=<device>``: decode the workers' encoded batches there and augment them."""
+
+    device: torch.device
+    augment: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+    def apply(self, batch: dict[str, Any], tally: _BadImageTally) -> None:
+        """Replace "encoded" by "pixel_values" on the device. Unreadable images are dropped, so the batch may be smaller
+        (refilling it would break the exact resume position); their keys join "_bad_keys" to be counted as skipped."""
+        encoded, keys = batch.pop("encoded", []), batch.pop("_keys", [])
+        if not encoded:
+            return
+        images = _decode_or_none(encoded, keys, self.device)
+        good = [index for index, image in enumerate(images) if image is not None]
+        bad_keys = [key for key, image in zip(keys, images) if image is None]
+        batch["_bad_keys"] = batch["_bad_keys"] + bad_keys
+        tally.count(bad_keys, read=len(encoded))
+        labels = batch.pop("labels", None)
+        if not good:
+            return  # nothing left: the loader only counts the skips
+        batch["pixel_values"] = self.augment([images[index] for index in good])
+        if labels is not None:
+            batch["labels"] = labels[good].to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -390,6 +483,7 @@ class _StreamPosition:
 class ImageStreamLoader:
     """Batches ``{"pixel_values": (B, 3, H, W), "labels": (B,)}`` of this process's share of the stream.
 
+    With ``decode_on`` a device, the tensors are already on it, and a batch with unreadable images has fewer than B.
     Already split by process: do not pass it through ``accelerator.prepare``. A training stream of known length yields
     exactly ``len(self)`` batches per epoch on every process (a worker that runs out starts another pass over its
     part), so that processes stay in step.
@@ -405,8 +499,10 @@ class ImageStreamLoader:
         batch_size: int,
         fixed_length: bool,
         class_names: list[str] | None,
+        device_decoding: _DeviceDecoding | None = None,
     ) -> None:
         self._stream = stream
+        self._device_decoding = device_decoding
         self._num_workers = max(num_workers, 1)
         self._loader = torch.utils.data.DataLoader(
             stream,
@@ -474,7 +570,10 @@ class ImageStreamLoader:
         position.completed = True
 
     def _consume(self, position: _StreamPosition, limit: int | None) -> Iterator[dict[str, torch.Tensor]]:
+        tally = _BadImageTally(self._stream.max_bad_image_fraction)  # the device's share; the workers keep theirs
         for batch in self._loader:
+            if self._device_decoding is not None:
+                self._device_decoding.apply(batch, tally)
             self._record_progress(position, batch.pop("_worker"), batch.pop("_position"), batch.pop("_bad_keys"))
             if "pixel_values" not in batch:
                 continue
@@ -511,6 +610,32 @@ def _prepare_source(
     return stream
 
 
+def _decode_device(decode_on: str) -> torch.device:
+    try:
+        device = torch.device(decode_on)
+    except RuntimeError as error:
+        raise ValueError(
+            f"decode_on must be {DECODE_IN_WORKERS!r} or a torch device (cuda, cuda:1, cpu), got {decode_on!r}."
+        ) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"decode_on={decode_on!r} needs a GPU, and none is visible.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (Accelerate sets it)
+    return device
+
+
+def _device_decoding(decode_on: str, transform: Callable[[Image.Image], torch.Tensor]) -> _DeviceDecoding | None:
+    if decode_on == DECODE_IN_WORKERS:
+        return None
+    device = _decode_device(decode_on)  # checked even where unused: a wrong flag fails before training starts
+    augment = getattr(transform, "device_augment", None)
+    if augment is None:
+        logger.info("decode_on=%s: this loader's transform has no on-device version; it decodes in the workers.",
+                    decode_on)
+        return None
+    return _DeviceDecoding(device, augment)
+
+
 def build_dataloader(
     args: DataArguments,
     split: str,
@@ -525,8 +650,10 @@ def build_dataloader(
 ) -> ImageStreamLoader:
     """The loader of ``split`` ("train" or "validation") for process ``process_index`` of ``num_processes``.
 
-    ``train`` shuffles (buffer + seed + epoch) and, by default, drops the last incomplete batch. Raises ValueError
-    for an unknown dataset, a missing split or column (listing what exists), or an empty folder.
+    ``train`` shuffles (buffer + seed + epoch) and, by default, drops the last incomplete batch. With
+    ``args.decode_on`` a device and a transform that has a ``device_augment`` (the pretraining one), batches are decoded
+    and augmented on that device and come out there. Raises ValueError for an unknown dataset, a missing split or
+    column (listing what exists), an empty folder, or a ``decode_on`` that is no usable device.
     """
     builder = load_source(args)
     split_name = _pick_split(split, args, available_splits(builder))
@@ -547,10 +674,11 @@ def build_dataloader(
     if train and num_samples is None and num_processes > 1:
         logger.warning("The training stream's length is unknown: pass --num_train_samples so that every process "
                        "runs the same number of steps per epoch.")
+    device_decoding = _device_decoding(args.decode_on, transform)
     worker_stream = _WorkerStream(
         _prepare_source(stream, columns, features, train=train, seed=seed, args=args, max_samples=max_samples),
         columns,
-        transform,
+        None if device_decoding is not None else transform,
         batch_size,
         drop_last=train if drop_last is None else drop_last,
         repeat=fixed_length,
@@ -568,4 +696,5 @@ def build_dataloader(
         batch_size=batch_size,
         fixed_length=fixed_length,
         class_names=list(label_feature.names) if isinstance(label_feature, ClassLabel) else None,
+        device_decoding=device_decoding,
     )

@@ -4,11 +4,13 @@ Three decode paths, so the speed of each can be measured on its own:
 - plain: ``decode_image(data)``, full-size PIL decode;
 - fast: ``decode_image(data, min_side=transform.min_source_side)``, JPEGs decoded at a reduced size (PIL ``draft``,
   i.e. libjpeg DCT scaling) when the crop cannot use the full resolution anyway;
-- device: ``decode_images_on_device`` (nvjpeg when ``device`` is a GPU) + ``augment_on_device``.
+- device: ``decode_images_on_device`` (nvjpeg when ``device`` is a GPU) + ``augment_on_device``; a transform that has
+  such a batch-wise version carries it as ``ImageTransform.device_augment`` (the pretraining one does).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -59,10 +61,13 @@ class ImageTransform:
     """PIL image (any mode) -> normalised float tensor (3, H, W).
 
     ``min_source_side``: the short side below which decoding at a reduced size would lose detail in the output crop.
+    ``device_augment``: the same recipe for a list of decoded uint8 tensors (3, H, W) wherever they are (e.g. the GPU)
+    -> normalised batch; None when the recipe has no such version (only pretraining has one).
     """
 
     pipeline: v2.Compose
     min_source_side: int
+    device_augment: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.pipeline(to_rgb(image))
@@ -95,7 +100,8 @@ def pretrain_transform(
     """MAE pretraining: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip + normalise."""
     size = _as_size(image_size)
     pipeline = v2.Compose(_random_resized_crop(size, PRETRAIN_CROP_SCALE) + _to_normalised_tensor(mean, std))
-    return ImageTransform(pipeline, _min_side_for_random_crop(size, PRETRAIN_CROP_SCALE[0]))
+    on_device = functools.partial(augment_on_device, image_size=size, mean=tuple(mean), std=tuple(std))
+    return ImageTransform(pipeline, _min_side_for_random_crop(size, PRETRAIN_CROP_SCALE[0]), on_device)
 
 
 def eval_transform(
@@ -156,17 +162,28 @@ def mixup_cutmix(
     return mix
 
 
+def decode_image_tensor(data: bytes) -> torch.Tensor:
+    """``decode_image`` as a uint8 RGB tensor (3, H, W): the CPU decoder, with the mode conversions of the PIL path."""
+    return v2.functional.pil_to_tensor(decode_image(data))
+
+
 def decode_images_on_device(encoded: Sequence[bytes], device: str | torch.device = "cuda") -> list[torch.Tensor]:
-    """Decode to uint8 RGB tensors (3, H, W) on ``device``: JPEGs with nvjpeg on a GPU, other formats on the CPU."""
+    """Decode to uint8 RGB tensors (3, H, W) on ``device``: JPEGs with nvjpeg on a GPU, other formats on the CPU.
+
+    Raises when any image cannot be decoded (one bad JPEG fails the whole batched call).
+    """
     device = torch.device(device)
-    rgb = torchvision.io.ImageReadMode.RGB
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
     is_jpeg = [data[:2] == b"\xff\xd8" for data in encoded]
-    jpegs = [tensor for tensor, jpeg in zip(tensors, is_jpeg) if jpeg]
+    jpegs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data, jpeg in zip(encoded, is_jpeg) if jpeg]
+    if jpegs and device.type == "cuda":
+        # nvjpeg writes its outputs from its own stream into blocks the caching allocator may have just recycled from
+        # tensors that kernels queued on the caller's stream still read (pytorch/vision#9606): let those finish first.
+        torch.cuda.current_stream(device).synchronize()
+    rgb = torchvision.io.ImageReadMode.RGB
     decoded_jpegs = iter(torchvision.io.decode_jpeg(jpegs, mode=rgb, device=device) if jpegs else [])
+    # Other formats go through PIL, like in the workers: torchvision's decode_image keeps 16-bit PNGs as uint16.
     return [
-        next(decoded_jpegs) if jpeg else torchvision.io.decode_image(tensor, mode=rgb).to(device)
-        for tensor, jpeg in zip(tensors, is_jpeg)
+        next(decoded_jpegs) if jpeg else decode_image_tensor(data).to(device) for data, jpeg in zip(encoded, is_jpeg)
     ]
 
 
