@@ -1,0 +1,207 @@
+"""Command-line arguments of the training scripts: HF-style snake_case flags grouped in dataclasses.
+
+Defaults live in the dataclasses; `--config FILE.yaml` (a flat mapping of the same flag names) overrides them, and
+flags given on the command line override the file. The pretraining and fine-tuning scripts share
+`ModelArguments`, `OptimizationArguments`, `RunArguments` and `parse_arguments`; each adds its own fields by
+subclassing (see `PretrainModelArguments`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+CONFIG_FLAG = "--config"
+SECRET_FIELDS = ("hub_token",)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to build and from what."""
+
+    model_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "A preset name (tiny-32px, tiny, small, base, large, huge), or a config.json file or a folder "
+            "holding one. Default: the config of --model_name_or_path, else the script's default preset."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from these weights (local folder or Hub id) instead of a random init."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": 'Config fields to override, "key=value,key=value" (e.g. "drop_path_rate=0.1").'}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": 'Attention kernel: "sdpa" or "eager" (default: the library\'s choice).'}
+    )
+
+
+@dataclass
+class PretrainModelArguments(ModelArguments):
+    """`ModelArguments` plus the two pretraining knobs the paper ablates (None keeps the model config's value)."""
+
+    mask_ratio: float | None = field(default=None, metadata={"help": "Fraction of patches removed (paper: 0.75)."})
+    norm_pix_loss: bool | None = field(
+        default=None, metadata={"help": "Regress per-patch normalised pixels (paper's better target)."}
+    )
+
+
+@dataclass
+class OptimizationArguments:
+    """The recipe: batch, AdamW, learning-rate schedule, length, numerics."""
+
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process per micro-batch."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Images per process per validation batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    base_learning_rate: float = field(
+        default=1.5e-3,
+        metadata={
+            "help": "Learning rate per 256 images: lr = base_learning_rate * effective_batch / 256 (paper: 1.5e-4)."
+        },
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Absolute peak learning rate; overrides the base_learning_rate scaling."}
+    )
+    min_lr: float = field(default=0.0, metadata={"help": "Floor of the cosine decay."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on biases and 1-D weights)."})
+    adam_beta1: float = 0.9
+    adam_beta2: float = field(default=0.95, metadata={"help": "The paper's 0.95 (not PyTorch's 0.999)."})
+    adam_epsilon: float = 1e-8
+    num_train_epochs: float = field(default=2, metadata={"help": "Epochs, when --max_train_steps is not set."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides num_train_epochs."})
+    warmup_epochs: float = field(default=0.25, metadata={"help": "Linear warmup length in epochs (paper: 40)."})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Linear warmup in optimizer steps; overrides warmup_epochs."}
+    )
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "Clip gradients to this norm (the paper does not clip)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."}
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile."})
+    max_consecutive_nonfinite: int = field(
+        default=20,
+        metadata={"help": "Stop (after a checkpoint) when this many micro-batches in a row have a non-finite loss."},
+    )
+
+
+@dataclass
+class RunArguments:
+    """Where the run writes, how it checkpoints, logs and publishes."""
+
+    output_dir: str = field(default="outputs/mae-pretrain", metadata={"help": "Model, checkpoints, logs and results."})
+    seed: int = 0
+    checkpointing_steps: str | None = field(
+        default=None, metadata={"help": 'Save the full training state every N optimizer steps, or "epoch".'}
+    )
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": 'A checkpoint folder, or "latest" (the newest complete one in output_dir, if any).'},
+    )
+    with_tracking: bool = field(default=False, metadata={"help": "Log metrics and images to the --report_to trackers."})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": 'Tracker(s) for accelerate: "tensorboard", "wandb", "all", ...'}
+    )
+    tracker_project_name: str = "mae-pretrain"
+    logging_steps: int = field(default=10, metadata={"help": "Log loss/lr/throughput every N optimizer steps."})
+    log_images_steps: int | None = field(
+        default=None,
+        metadata={"help": "Save and log a reconstruction figure every N optimizer steps (always at the end)."},
+    )
+    eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "Validation loss every N optimizer steps (default: every epoch), when a split exists."},
+    )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the exported model (at checkpoints and at the end)."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": 'Repository "user/name" (default: output_dir\'s name).'}
+    )
+    hub_token: str | None = None
+    hub_private_repo: bool = False
+
+    def checkpoint_every_epoch(self) -> bool:
+        return self.checkpointing_steps == "epoch"
+
+    def checkpoint_interval(self) -> int | None:
+        """Optimizer steps between checkpoints, or None (never, or once per epoch)."""
+        if self.checkpointing_steps is None or self.checkpoint_every_epoch():
+            return None
+        if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) < 1:
+            raise ValueError(
+                f'--checkpointing_steps must be a positive integer or "epoch", got {self.checkpointing_steps!r}'
+            )
+        return int(self.checkpointing_steps)
+
+
+def load_yaml_config(path: str | pathlib.Path) -> dict[str, Any]:
+    """A flat `{flag_name: value}` mapping; an empty file is an empty mapping."""
+    values = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}")
+    return values
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    # Read --config before the full parse: its values must become defaults that the other flags then override.
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument(CONFIG_FLAG, default=None)
+    return peek.parse_known_args(list(argv))[0].config
+
+
+def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Instances of `dataclass_types` from defaults < `--config` YAML < command-line flags.
+
+    Unknown flags and unknown YAML keys are errors (a typo must not silently fall back to a default).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(list(dataclass_types))
+    parser.add_argument(CONFIG_FLAG, default=None, help="YAML file of flag values; command-line flags override it.")
+    config_path = _config_path(argv)
+    if config_path is not None:
+        values = load_yaml_config(config_path)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown argument(s) {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    namespace = parser.parse_args(argv)
+    del namespace.config
+    return tuple(_from_namespace(cls, namespace) for cls in dataclass_types)
+
+
+def _from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{name: getattr(namespace, name) for name in names})
+
+
+def arguments_to_dict(*arguments: Any) -> dict[str, Any]:
+    """All fields of the argument dataclasses in one flat mapping (the resolved configuration of a run)."""
+    merged: dict[str, Any] = {}
+    for instance in arguments:
+        merged.update(dataclasses.asdict(instance))
+    return merged
+
+
+def without_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as it may be written to disk or sent to trackers."""
+    return {key: value for key, value in values.items() if key not in SECRET_FIELDS}
+
+
+def save_resolved_config(values: dict[str, Any], path: str | pathlib.Path) -> None:
+    """Write the resolved configuration as YAML, loadable again with `--config` (secrets are never written)."""
+    public = without_secrets(values)
+    pathlib.Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(public, default=str)), sort_keys=False))

@@ -1,0 +1,462 @@
+"""Training building blocks shared by the pretraining and fine-tuning scripts.
+
+The recipe follows the official MAE code (facebookresearch/mae): AdamW with no weight decay on biases and 1-D
+parameters, `lr = base_lr * effective_batch / 256`, a per-step linear warmup then a half-cycle cosine to `min_lr`.
+State handling is built on Accelerate: `save_checkpoint` writes `accelerator.save_state` plus the training progress
+and each process's data-stream position into a staging folder that is renamed to `step_{N}` only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+logger = logging.getLogger(__name__)
+
+LR_REFERENCE_BATCH = 256  # the paper scales its base learning rate per 256 images
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+PROCESS_STATE_NAME = "process_state_{}.json"
+
+# Learning-rate multiplier of a parameter from its name, e.g. layer-wise decay when fine-tuning.
+LrScaleFn = Callable[[str, nn.Parameter], float]
+
+
+# ----------------------------------------------------------------------------------------------- optimizer and schedule
+
+
+def effective_batch_size(per_device_batch_size: int, gradient_accumulation_steps: int, num_processes: int) -> int:
+    """Images per optimizer step, all processes and accumulated micro-batches included."""
+    return per_device_batch_size * gradient_accumulation_steps * num_processes
+
+
+def scaled_learning_rate(base_learning_rate: float, batch_size: int) -> float:
+    """The linear scaling rule of the paper: `base_lr * batch / 256`."""
+    return base_learning_rate * batch_size / LR_REFERENCE_BATCH
+
+
+def uses_weight_decay(name: str, parameter: nn.Parameter, no_weight_decay: Iterable[str] = ()) -> bool:
+    """Biases, norms and other 1-D parameters are not decayed (timm's `param_groups_weight_decay`), nor named ones."""
+    skipped = set(no_weight_decay)
+    return (
+        parameter.ndim > 1 and not name.endswith(".bias") and name not in skipped and name.split(".")[-1] not in skipped
+    )
+
+
+def build_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale_fn: LrScaleFn | None = None,
+    no_weight_decay: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (weight decay, learning-rate scale).
+
+    Each group carries `lr_scale` (1.0 without `lr_scale_fn`); `build_optimizer` turns it into the group's peak lr.
+    """
+    no_weight_decay = tuple(no_weight_decay)
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue  # e.g. the fixed sin-cos position tables
+        decay = weight_decay if uses_weight_decay(name, parameter, no_weight_decay) else 0.0
+        scale = lr_scale_fn(name, parameter) if lr_scale_fn is not None else 1.0
+        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
+def build_optimizer(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    lr_scale_fn: LrScaleFn | None = None,
+    no_weight_decay: Iterable[str] = (),
+) -> torch.optim.AdamW:
+    """AdamW over `build_param_groups`; each group's peak lr is `learning_rate * lr_scale`."""
+    groups = build_param_groups(model, weight_decay, lr_scale_fn, no_weight_decay)
+    for group in groups:
+        group["lr"] = learning_rate * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+
+@dataclass
+class WarmupCosineSchedule:
+    """Multiplier of the peak lr at an optimizer step: linear warmup from 0, then half-cycle cosine to `min_lr_ratio`.
+
+    A callable object rather than a lambda, so `LambdaLR.state_dict()` saves it with the checkpoint.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, peak_lr: float, min_lr: float = 0.0
+) -> LambdaLR:
+    """Per-optimizer-step `WarmupCosineSchedule`; step it only when an optimizer step really happened."""
+    min_lr_ratio = min_lr / peak_lr if peak_lr > 0 else 0.0
+    return LambdaLR(optimizer, WarmupCosineSchedule(warmup_steps, total_steps, min_lr_ratio))
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How long the run is, in optimizer steps."""
+
+    steps_per_epoch: int | None  # None for streams of unknown length
+    total_steps: int
+    num_epochs: int
+    warmup_steps: int
+
+
+def plan_training(
+    batches_per_epoch: int | None,
+    gradient_accumulation_steps: int,
+    num_train_epochs: float,
+    max_train_steps: int | None = None,
+    warmup_epochs: float = 0.0,
+    warmup_steps: int | None = None,
+) -> TrainingPlan:
+    """Resolve epochs/steps: `max_train_steps` wins over `num_train_epochs`, `warmup_steps` over `warmup_epochs`.
+
+    An epoch holds `batches_per_epoch // gradient_accumulation_steps` optimizer steps (a trailing partial
+    accumulation is dropped, as in the official code). Streams of unknown length need explicit step counts.
+    """
+    steps_per_epoch = None if batches_per_epoch is None else batches_per_epoch // gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"an epoch of {batches_per_epoch} batches is shorter than one optimizer step of "
+            f"{gradient_accumulation_steps} micro-batches: lower the batch size or the accumulation"
+        )
+    if max_train_steps is None:
+        if steps_per_epoch is None:
+            raise ValueError("the training stream has no known length: set --max_train_steps")
+        max_train_steps = math.ceil(num_train_epochs * steps_per_epoch)
+    if warmup_steps is None:
+        if steps_per_epoch is None and warmup_epochs > 0:
+            raise ValueError("the training stream has no known length: set --warmup_steps instead of --warmup_epochs")
+        warmup_steps = round(warmup_epochs * (steps_per_epoch or 0))
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch) if steps_per_epoch else 1
+    return TrainingPlan(steps_per_epoch, max_train_steps, num_epochs, min(warmup_steps, max_train_steps))
+
+
+# ---------------------------------------------------------------------------------------------------------- accelerator
+
+
+def build_accelerator(
+    gradient_accumulation_steps: int, project_dir: str | os.PathLike[str], log_with: str | list[str] | None = None
+) -> Accelerator:
+    """An Accelerator whose precision/distribution come from `accelerate config` / `accelerate launch` flags.
+
+    The data loaders are not prepared by Accelerate (they shard by process themselves), so gradient accumulation
+    counts micro-batches instead of watching for the end of a loader.
+    """
+    # Without GPUs the default process-group backend of DeepSpeed's CPU accelerator is oneCCL; gloo ships with torch.
+    # (Only for real multi-process runs: a backend makes Accelerate initialise a process group.)
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
+    return Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(project_dir), logging_dir=str(pathlib.Path(project_dir) / "runs")
+        ),
+        kwargs_handlers=handlers,
+    )
+
+
+def fill_deepspeed_config(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float | None) -> None:
+    """Fill the DeepSpeed JSON's `"auto"` values Accelerate cannot infer without a prepared data loader.
+
+    Accelerate would otherwise turn `"gradient_clipping": "auto"` into 1.0; the MAE recipe does not clip.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = max_grad_norm or 0.0
+
+
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from integer keys, e.g. (seed, process, epoch, batch).
+
+    Randomness drawn from it depends only on where the run stands, not on how much of the global RNG other code has
+    consumed, so a resumed run draws exactly what the uninterrupted run drew (the masks of MAE).
+    """
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def move_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a batch on `device` (the loaders are not prepared by Accelerate, so they stay on the CPU)."""
+    return {
+        key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()
+    }
+
+
+def configure_logging(accelerator: Accelerator, *loggers: logging.Logger) -> None:
+    """INFO from the main process only, so that N processes do not print everything N times."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING
+    )
+    for each in loggers:
+        each.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+
+
+def tracker_values(values: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
+    """A configuration as trackers take it (TensorBoard's hparams: scalars and strings only)."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in values.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ loss safeguard
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run diverged."""
+
+
+class NonFiniteLossGuard:
+    """Counts non-finite losses: the caller skips those micro-batches, and stops after `max_consecutive` in a row."""
+
+    def __init__(self, max_consecutive: int, total: int = 0) -> None:
+        self.max_consecutive = max_consecutive
+        self.total = total
+        self.consecutive = 0
+
+    def update(self, finite: bool) -> bool:
+        """Record one micro-batch; returns `finite`."""
+        if finite:
+            self.consecutive = 0
+        else:
+            self.total += 1
+            self.consecutive += 1
+        return finite
+
+    @property
+    def diverged(self) -> bool:
+        return self.consecutive >= self.max_consecutive
+
+
+def loss_is_finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process: all of them must skip the same micro-batch, or DDP hangs."""
+    non_finite = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        non_finite = accelerator.reduce(non_finite, reduction="sum")
+    return non_finite.item() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------- progress
+
+
+class Throughput:
+    """Images per second since the previous call."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples, self.time = samples, time.perf_counter()
+
+    def rate(self, samples: int) -> float:
+        now = time.perf_counter()
+        rate = (samples - self.samples) / max(now - self.time, 1e-9)
+        self.samples, self.time = samples, now
+        return rate
+
+
+@dataclass
+class TrainingProgress:
+    """Where the run stands; saved in every checkpoint (identical on all processes)."""
+
+    completed_steps: int = 0  # optimizer steps
+    epoch: int = 0
+    epoch_micro_batches: int = 0  # consumed in the current epoch, on each process
+    train_samples: int = 0  # images seen by all processes
+    nonfinite_losses: int = 0  # skipped micro-batches
+    loss_sum: float = 0.0  # of the per-step losses averaged over processes
+    loss_steps: int = 0
+    last_loss: float | None = None  # mean over the last logging window
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.loss_sum / self.loss_steps if self.loss_steps else None
+
+
+class LossWindow:
+    """Per-step losses of this process since the last `flush`; `flush` averages them over processes."""
+
+    def __init__(self) -> None:
+        self.step_losses: list[float] = []
+        self._micro_losses: list[float] = []
+
+    def add_micro_batch(self, loss: float) -> None:
+        self._micro_losses.append(loss)
+
+    def end_step(self) -> None:
+        if self._micro_losses:
+            self.step_losses.append(sum(self._micro_losses) / len(self._micro_losses))
+        self._micro_losses = []
+
+    def discard_step(self) -> None:
+        self._micro_losses = []
+
+    def flush(self, accelerator: Accelerator, progress: TrainingProgress) -> float | None:
+        """Add the window's process-averaged losses to `progress`; a collective, call it on every process."""
+        totals = torch.tensor(
+            [sum(self.step_losses), len(self.step_losses)], dtype=torch.float64, device=accelerator.device
+        )
+        totals = accelerator.reduce(totals, reduction="sum") if accelerator.num_processes > 1 else totals
+        self.step_losses = []
+        loss_sum, count = totals.tolist()
+        if count == 0:
+            return None
+        steps = int(round(count / accelerator.num_processes))
+        progress.loss_sum += loss_sum / accelerator.num_processes
+        progress.loss_steps += steps
+        progress.last_loss = loss_sum / count
+        return progress.last_loss
+
+
+def iterate_in_lockstep(
+    accelerator: Accelerator, batches: Iterable[dict[str, Any]]
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Yield `(batch, is_real)` until every process has run out of batches.
+
+    Evaluation splits need not divide evenly across processes, but a DDP/ZeRO-3 forward is a collective: a process
+    that is done re-yields its last batch with `is_real=False` (to be ignored) while the others finish.
+    """
+    iterator = iter(batches)
+    last: dict[str, Any] | None = None
+    while True:
+        batch = next(iterator, None)
+        has_batch = torch.tensor([float(batch is not None)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            has_batch = accelerator.reduce(has_batch, reduction="sum")
+        if has_batch.item() == 0:
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        elif last is not None:
+            yield last, False
+        else:
+            raise RuntimeError("this process has no evaluation batch at all: use fewer processes or a larger split")
+
+
+# -------------------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: pathlib.Path) -> int | None:
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[pathlib.Path]:
+    """Complete checkpoints `step_{N}` in `output_dir`, oldest first."""
+    directory = pathlib.Path(output_dir)
+    if not directory.is_dir():
+        return []
+    complete = [p for p in directory.iterdir() if checkpoint_step(p) is not None and (p / TRAINER_STATE_NAME).is_file()]
+    return sorted(complete, key=lambda p: checkpoint_step(p) or 0)
+
+
+def resolve_resume_checkpoint(
+    resume_from_checkpoint: str | None, output_dir: str | os.PathLike[str]
+) -> pathlib.Path | None:
+    """`"latest"` -> the newest complete checkpoint in `output_dir` (None: start fresh); a path -> that folder."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = pathlib.Path(resume_from_checkpoint)
+    if not (path / TRAINER_STATE_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike[str],
+    step: int,
+    trainer_state: dict[str, Any],
+    process_state: dict[str, Any],
+    total_limit: int | None = None,
+) -> pathlib.Path:
+    """Save the full training state to `output_dir/step_{step}`; call it on every process.
+
+    `trainer_state` (identical on all processes: step, epoch, counters) is written by the main process,
+    `process_state` (e.g. this process's data-stream position) by each process. Everything goes to a staging
+    folder first, renamed to `step_{step}` at the end, so a crash mid-save never leaves a complete-looking folder.
+    """
+    output_dir = pathlib.Path(output_dir)
+    final = output_dir / f"step_{step}"
+    if (final / TRAINER_STATE_NAME).is_file():
+        return final  # e.g. an end-of-epoch save landing on a step that was just saved
+    staging = output_dir / f".step_{step}.incomplete"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save
+        shutil.rmtree(final, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    write_json(staging / PROCESS_STATE_NAME.format(accelerator.process_index), process_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(staging / TRAINER_STATE_NAME, trainer_state)
+        os.replace(staging, final)
+        if total_limit is not None:
+            rotate_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike[str], total_limit: int) -> None:
+    """Delete all but the newest `total_limit` complete checkpoints."""
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        logger.info("Deleting old checkpoint %s", old)
+        shutil.rmtree(old)
+
+
+def load_checkpoint(
+    accelerator: Accelerator, checkpoint: str | os.PathLike[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore `accelerator.load_state` and return (trainer_state, this process's process_state)."""
+    checkpoint = pathlib.Path(checkpoint)
+    accelerator.load_state(str(checkpoint))
+    trainer_state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    process_file = checkpoint / PROCESS_STATE_NAME.format(accelerator.process_index)
+    if not process_file.is_file():
+        raise FileNotFoundError(f"{process_file} missing: resume with the same number of processes as the checkpoint")
+    return trainer_state, json.loads(process_file.read_text())
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    pathlib.Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,90 @@
+"""The paper's Figure 2 for a training run: one row per image, masked input | reconstruction | original.
+
+As in the paper, the reconstruction is the raw decoder output on every patch (visible patches are not pasted back),
+mapped back to pixels with each patch's own mean/std when the model regresses normalised pixels (`norm_pix_loss`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from torch import nn
+
+GAP = 2  # pixels of white between tiles
+MIN_TILE_SIDE = 96  # small images (the 32x32 sample) are enlarged so they can be seen
+
+
+@torch.no_grad()
+def reconstruct(
+    model: nn.Module, unwrapped: nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked input, reconstruction), both `(B, C, H, W)` in the input's normalised space.
+
+    `model` is the (possibly DDP/DeepSpeed-wrapped) model that runs the forward pass: with ZeRO-3 or DDP buffers the
+    forward is a collective, so every process must call this. `unwrapped` provides the pure tensor helpers.
+    """
+    was_training = model.training
+    model.eval()
+    output = model(pixel_values, noise=noise)
+    model.train(was_training)
+    pixel_values = pixel_values.float()
+    reconstruction = unwrapped.logits_to_pixels(output.logits.float(), pixel_values)
+    patch_values = unwrapped.patchify(pixel_values).shape[-1]
+    # The mask is per patch (1 = removed); spread it over the patch's pixels. 0 is the dataset mean after
+    # normalisation, so removed patches show up grey, as in the paper.
+    pixel_mask = unwrapped.unpatchify(
+        output.mask.float().unsqueeze(-1).expand(-1, -1, patch_values), tuple(pixel_values.shape[-2:])
+    )
+    return pixel_values * (1 - pixel_mask), reconstruction
+
+
+def to_uint8_images(images: torch.Tensor, image_mean: Sequence[float], image_std: Sequence[float]) -> np.ndarray:
+    """Normalised `(B, C, H, W)` -> `(B, H, W, C)` uint8 pixels."""
+    mean = torch.tensor(image_mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(image_std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    pixels = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_image(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
+    """Tiles `(H, W, C)` uint8 arrays, all the same shape, on a white canvas, enlarged to >= MIN_TILE_SIDE."""
+    height, width = rows[0][0].shape[:2]
+    scale = max(1, -(-MIN_TILE_SIDE // min(height, width)))  # ceil division
+    tile_h, tile_w = height * scale, width * scale
+    num_cols = max(len(row) for row in rows)
+    canvas = Image.new("RGB", (num_cols * (tile_w + GAP) + GAP, len(rows) * (tile_h + GAP) + GAP), "white")
+    for row_index, row in enumerate(rows):
+        for col_index, tile in enumerate(row):
+            image = Image.fromarray(tile).resize((tile_w, tile_h), Image.Resampling.NEAREST)
+            canvas.paste(image, (GAP + col_index * (tile_w + GAP), GAP + row_index * (tile_h + GAP)))
+    return canvas
+
+
+def reconstruction_figure(
+    model: nn.Module,
+    unwrapped: nn.Module,
+    pixel_values: torch.Tensor,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    noise: torch.Tensor | None = None,
+) -> Image.Image:
+    """Figure 2: a row per image of `pixel_values`: masked input | reconstruction | original."""
+    masked, reconstruction = reconstruct(model, unwrapped, pixel_values, noise)
+    columns = [
+        to_uint8_images(images, image_mean, image_std) for images in (masked, reconstruction, pixel_values.float())
+    ]
+    return grid_image([list(row) for row in zip(*columns, strict=False)])
+
+
+def log_figure(accelerator: Accelerator, name: str, figure: Image.Image, step: int) -> None:
+    """Send the figure to every tracker that takes images (call on the main process)."""
+    pixels = np.asarray(figure)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [figure]}, step=step)

@@ -1,0 +1,537 @@
+"""The pretraining recipe, its state handling and `run_scripts/run_mae.py`, in one process on tiny data.
+
+Multi-process runs (DDP, DeepSpeed) are in test_distributed.py and reuse the helpers here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import tiny_config
+from data_fixtures import make_parquet_shards
+from huggingface_hub.utils import filter_repo_objects
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForPreTraining
+
+from modeling_mae import MAEForPreTraining
+from modeling_mae.arguments import (
+    OptimizationArguments,
+    PretrainModelArguments,
+    RunArguments,
+    load_yaml_config,
+    parse_arguments,
+)
+from modeling_mae.data import DataArguments
+from modeling_mae.training import (
+    LossWindow,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    TrainingProgress,
+    WarmupCosineSchedule,
+    build_optimizer,
+    build_scheduler,
+    list_checkpoints,
+    plan_training,
+    resolve_resume_checkpoint,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUN_MAE = REPO / "run_scripts" / "run_mae.py"
+ARGUMENT_TYPES = (PretrainModelArguments, DataArguments, OptimizationArguments, RunArguments)
+EXPORTED_FILES = {
+    "README.md",
+    "all_results.json",
+    "config.json",
+    "configuration_mae.py",
+    "modeling_mae.py",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "reconstruction.png",
+    "run_config.yaml",
+}
+
+
+def _load_run_mae() -> Any:
+    spec = importlib.util.spec_from_file_location("run_mae", RUN_MAE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_mae"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+run_mae = _load_run_mae()
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def make_data(directory: pathlib.Path, num_train: int = 64, num_validation: int = 0) -> pathlib.Path:
+    """Parquet shards of solid-colour images (one shard: processes split it sample by sample)."""
+    make_parquet_shards(directory, num_train, num_shards=1)
+    if num_validation:
+        make_parquet_shards(directory, num_validation, num_shards=1, split="validation")
+    return directory
+
+
+def make_model_config(directory: pathlib.Path, **overrides: Any) -> pathlib.Path:
+    tiny_config(**overrides).save_pretrained(directory)
+    return directory / "config.json"
+
+
+def run_args(data: pathlib.Path, model_config: pathlib.Path, output_dir: pathlib.Path, *extra: str) -> list[str]:
+    """Flags of a tiny run: 16x16 images, 2 layers of 32, batch 8, 6 steps."""
+    return [
+        "--dataset_name",
+        str(data),
+        "--model_config",
+        str(model_config),
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_train_steps",
+        "6",
+        "--warmup_steps",
+        "2",
+        "--logging_steps",
+        "2",
+        "--shuffle_buffer_size",
+        "16",
+        "--seed",
+        "0",
+        *extra,
+    ]
+
+
+def run_main(argv: list[str]) -> dict[str, Any]:
+    """`run_mae.main` in this process; Accelerate's singletons are reset so that the next run starts clean."""
+    try:
+        return run_mae.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def weights(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=name)
+
+
+def assert_loadable(folder: pathlib.Path, reference: dict[str, torch.Tensor]) -> None:
+    """`AutoModel*.from_pretrained(trust_remote_code=True)` loads the folder with exactly these weights."""
+    model = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__name__ == "MAEForPreTraining"
+    assert_same_weights({name: value for name, value in model.state_dict().items() if name in reference}, reference)
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert type(encoder).__name__ == "MAEModel"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_data(tmp_path_factory.mktemp("data"), num_train=64, num_validation=16)
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return make_model_config(tmp_path_factory.mktemp("model"))
+
+
+# ----------------------------------------------------------------------------------------------- recipe building blocks
+
+
+def test_param_groups_decay_only_matrices_and_apply_lr_scale() -> None:
+    model = MAEForPreTraining(tiny_config())
+    optimizer = build_optimizer(
+        model,
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        lr_scale_fn=lambda name, _: 0.5 if name.startswith("decoder.") else 1.0,
+    )
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = names[id(parameter)]
+            decayed = parameter.ndim > 1 and not name.endswith(".bias")
+            assert group["weight_decay"] == (0.05 if decayed else 0.0), name
+            assert group["lr"] == pytest.approx(1e-3 * (0.5 if name.startswith("decoder.") else 1.0)), name
+    grouped = sum(len(group["params"]) for group in optimizer.param_groups)
+    assert grouped == sum(1 for p in model.parameters() if p.requires_grad)  # fixed sin-cos tables are left out
+
+
+def test_warmup_cosine_schedule_and_its_state() -> None:
+    schedule = WarmupCosineSchedule(warmup_steps=4, total_steps=12, min_lr_ratio=0.1)
+    assert [schedule(step) for step in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert schedule(8) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert schedule(12) == pytest.approx(0.1) and schedule(50) == pytest.approx(0.1)
+
+    parameter = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.AdamW([parameter], lr=2.0)
+    scheduler = build_scheduler(optimizer, warmup_steps=4, total_steps=12, peak_lr=2.0, min_lr=0.2)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    restored = build_scheduler(torch.optim.AdamW([parameter], lr=2.0), warmup_steps=1, total_steps=2, peak_lr=2.0)
+    restored.load_state_dict(scheduler.state_dict())  # the schedule object itself travels with the checkpoint
+    assert restored.lr_lambdas[0] == schedule
+    assert restored.get_last_lr() == pytest.approx(scheduler.get_last_lr())
+    assert scheduler.get_last_lr()[0] == pytest.approx(2.0 * schedule(6))
+
+
+def test_plan_training_from_epochs_or_steps() -> None:
+    plan = plan_training(batches_per_epoch=10, gradient_accumulation_steps=3, num_train_epochs=2.5, warmup_epochs=1)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.num_epochs, plan.warmup_steps) == (3, 8, 3, 3)
+    plan = plan_training(10, 1, num_train_epochs=100, max_train_steps=7, warmup_steps=20)
+    assert (plan.total_steps, plan.warmup_steps) == (7, 7)
+    with pytest.raises(ValueError, match="max_train_steps"):
+        plan_training(None, 1, num_train_epochs=1)
+    with pytest.raises(ValueError, match="shorter than one optimizer step"):
+        plan_training(2, 4, num_train_epochs=1)
+
+
+def test_nonfinite_guard_counts_and_stops_after_a_streak() -> None:
+    guard = NonFiniteLossGuard(max_consecutive=3)
+    for finite in (True, False, False, True, False, False):
+        guard.update(finite)
+        assert not guard.diverged
+    guard.update(False)
+    assert guard.diverged and guard.total == 5
+
+
+def test_loss_window_averages_micro_batches_then_steps() -> None:
+    class OneProcess:
+        num_processes, device = 1, torch.device("cpu")
+
+    window, progress = LossWindow(), TrainingProgress()
+    for micro_batches in ([1.0, 3.0], [4.0, 4.0]):
+        for loss in micro_batches:
+            window.add_micro_batch(loss)
+        window.end_step()
+    window.add_micro_batch(100.0)
+    window.discard_step()  # a skipped step leaves no trace
+    assert window.flush(OneProcess(), progress) == 3.0
+    assert (progress.loss_steps, progress.train_loss) == (2, 3.0)
+
+
+def test_only_complete_checkpoints_are_resumed(tmp_path: pathlib.Path) -> None:
+    for name in ("step_2", "step_10", "step_12", ".step_14.incomplete"):
+        (tmp_path / name).mkdir()
+    for name in ("step_2", "step_10"):
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    (tmp_path / ".step_14.incomplete" / "trainer_state.json").write_text("{}")  # crashed before its rename
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_10"]
+    assert resolve_resume_checkpoint("latest", tmp_path).name == "step_10"
+    assert resolve_resume_checkpoint("latest", tmp_path / "nothing-yet") is None
+    with pytest.raises(FileNotFoundError):
+        resolve_resume_checkpoint(str(tmp_path / "step_12"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------ arguments
+
+
+def test_yaml_config_with_command_line_overrides(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("base_learning_rate: 1.5e-4\nnum_train_epochs: 800\nnorm_pix_loss: true\nmask_ratio: 0.6\n")
+    model, data, optim, run = parse_arguments(
+        ARGUMENT_TYPES, ["--config", str(config), "--num_train_epochs", "3", "--dataset_name", "x", "--seed", "7"]
+    )
+    assert (optim.base_learning_rate, optim.num_train_epochs, model.norm_pix_loss, model.mask_ratio) == (
+        1.5e-4,
+        3,
+        True,
+        0.6,
+    )
+    assert (data.dataset_name, run.seed, optim.weight_decay) == ("x", 7, 0.05)  # untouched fields keep the defaults
+    config.write_text("base_learing_rate: 1.0\n")
+    with pytest.raises(ValueError, match="base_learing_rate"):
+        parse_arguments(ARGUMENT_TYPES, ["--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    "preset, model_config, epochs",
+    [
+        ("mae_vit_base_800ep", "base", 800),
+        ("mae_vit_large_1600ep", "large", 1600),
+        ("mae_vit_huge_1600ep", "huge", 1600),
+    ],
+)
+def test_paper_presets(preset: str, model_config: str, epochs: int) -> None:
+    path = REPO / "configuration" / "pretrain" / f"{preset}.yaml"
+    model, _, optim, run = parse_arguments(ARGUMENT_TYPES, ["--config", str(path)])
+    assert (model.model_config, model.mask_ratio, model.norm_pix_loss) == (model_config, 0.75, True)
+    assert (optim.base_learning_rate, optim.weight_decay, optim.num_train_epochs, optim.warmup_epochs) == (
+        1.5e-4,
+        0.05,
+        epochs,
+        40,
+    )
+    assert (optim.adam_beta1, optim.adam_beta2) == (0.9, 0.95)
+    assert optim.per_device_train_batch_size * optim.gradient_accumulation_steps * 8 == 4096  # on 8 GPUs
+    assert run.resume_from_checkpoint == "latest"
+    assert set(load_yaml_config(path)) <= {f for cls in ARGUMENT_TYPES for f in cls.__dataclass_fields__}
+
+
+# ---------------------------------------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_exports_a_loadable_model(data_dir, model_config, tmp_path, hf_home) -> None:
+    output = tmp_path / "run"
+    results = run_main(
+        run_args(
+            data_dir,
+            model_config,
+            output,
+            "--with_tracking",
+            "--log_images_steps",
+            "3",
+            "--eval_steps",
+            "3",
+            "--norm_pix_loss",
+            "true",
+        )
+    )
+    for key in (
+        "train_loss",
+        "train_steps",
+        "train_samples",
+        "skipped_images",
+        "train_runtime",
+        "train_samples_per_second",
+    ):
+        assert key in results
+    assert (results["train_steps"], results["train_samples"], results["skipped_images"]) == (6, 48, 0)
+    assert math.isfinite(results["train_loss"]) and math.isfinite(results["eval_loss"])
+    assert json.loads((output / "all_results.json").read_text()) == results
+    assert EXPORTED_FILES | {"reconstruction_step3.png", "reconstruction_step6.png"} <= {
+        p.name for p in output.iterdir()
+    }
+    config = json.loads((output / "config.json").read_text())
+    assert config["norm_pix_loss"] is True and "AutoModelForPreTraining" in config["auto_map"]
+    card = (output / "README.md").read_text()
+    for fact in (str(data_dir), "6 of 6", "0.75", "final_loss", f"{results['final_loss']:.4g}", "(0.9, 0.95)"):
+        assert fact in card
+    assert "--dataset_name" not in card and "hub_token" not in (output / "run_config.yaml").read_text()
+    assert list((output / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    assert_loadable(output, weights(output))
+
+
+def test_start_from_pretrained_weights(model_config, data_dir, tmp_path, hf_home) -> None:
+    pretrained = tmp_path / "pretrained"
+    MAEForPreTraining(tiny_config(norm_pix_loss=True)).save_pretrained(pretrained)
+    output = tmp_path / "run"
+    results = run_main(
+        run_args(
+            data_dir,
+            model_config,
+            output,
+            "--model_config",
+            str(pretrained),
+            "--model_name_or_path",
+            str(pretrained),
+            "--max_train_steps",
+            "0",
+        )
+    )
+    assert results["train_steps"] == 0
+    assert json.loads((output / "config.json").read_text())["norm_pix_loss"] is True
+    assert_same_weights(weights(output), weights(pretrained))
+
+
+def test_checkpoint_and_resume_continue_exactly(data_dir, model_config, tmp_path) -> None:
+    straight = tmp_path / "straight"
+    run_main(run_args(data_dir, model_config, straight, "--checkpointing_steps", "3"))
+    assert [p.name for p in list_checkpoints(straight)] == ["step_3", "step_6"]
+    state = json.loads((straight / "step_3" / "trainer_state.json").read_text())
+    position = json.loads((straight / "step_3" / "process_state_0.json").read_text())["train_loader"]
+    assert (state["completed_steps"], state["epoch"], state["epoch_micro_batches"]) == (3, 0, 3)
+    assert (position["epoch"], position["batches"]) == (0, 3)
+
+    resumed = tmp_path / "resumed"
+    results = run_main(
+        run_args(
+            data_dir,
+            model_config,
+            resumed,
+            "--resume_from_checkpoint",
+            str(straight / "step_3"),
+            "--checkpointing_steps",
+            "3",
+            "--checkpoints_total_limit",
+            "1",
+        )
+    )
+    assert (results["train_steps"], results["train_samples"]) == (6, 48)  # counted from the start of the run
+    assert [p.name for p in list_checkpoints(resumed)] == ["step_6"]
+    assert_same_weights(weights(resumed), weights(straight))  # same data order, masks and schedule
+    assert results["train_loss"] == pytest.approx(json.loads((straight / "all_results.json").read_text())["train_loss"])
+
+
+def test_epoch_checkpoints_with_gradient_accumulation(data_dir, model_config, tmp_path) -> None:
+    # 64 images / 8 = 8 batches per epoch = 2 steps of 3 micro-batches (the trailing 2 are dropped).
+    output = tmp_path / "run"
+    results = run_main(
+        run_args(
+            data_dir,
+            model_config,
+            output,
+            "--gradient_accumulation_steps",
+            "3",
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "epoch",
+        )
+    )
+    assert [p.name for p in list_checkpoints(output)] == ["step_2", "step_4"]
+    state = json.loads((output / "step_2" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["epoch_micro_batches"], state["train_samples"]) == (1, 0, 48)
+    assert (results["train_steps"], results["train_samples"]) == (4, 96)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(data_dir, model_config, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(MAEForPreTraining, "forward_loss", lambda self, pixels, logits, mask: logits.sum() * math.nan)
+    output = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
+        run_main(run_args(data_dir, model_config, output, "--max_consecutive_nonfinite", "3"))
+    state = json.loads((output / "step_0" / "trainer_state.json").read_text())
+    assert (state["completed_steps"], state["nonfinite_losses"]) == (0, 3)
+
+
+class FakeHfApi:
+    """Stands in for `huggingface_hub.HfApi`: uploads copy the files upload_folder would send into `remote/`."""
+
+    remote: pathlib.Path
+    calls: list[dict[str, Any]] = []
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+
+    def create_repo(self, repo_id: str, private: bool = False, exist_ok: bool = False) -> Any:
+        self.calls.append({"call": "create_repo", "repo_id": repo_id, "private": private})
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(
+        self,
+        *,
+        repo_id: str,
+        folder_path: str,
+        commit_message: str,
+        ignore_patterns: list[str],
+        run_as_future: bool = False,
+    ) -> Any:
+        folder = pathlib.Path(folder_path)
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        selected = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        for name in selected:
+            (self.remote / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, self.remote / name)
+        self.calls.append(
+            {
+                "call": "upload_folder",
+                "repo_id": repo_id,
+                "files": selected,
+                "future": run_as_future,
+                "message": commit_message,
+            }
+        )
+        if not run_as_future:
+            return None
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+
+def test_push_to_hub_offline(data_dir, model_config, tmp_path, monkeypatch, hf_home) -> None:
+    FakeHfApi.remote, FakeHfApi.calls = tmp_path / "remote", []
+    FakeHfApi.remote.mkdir()
+    monkeypatch.setattr("modeling_mae.hub.HfApi", FakeHfApi)
+    output = tmp_path / "run"
+    run_main(
+        run_args(
+            data_dir,
+            model_config,
+            output,
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/tiny-mae",
+            "--hub_token",
+            "secret",
+            "--checkpointing_steps",
+            "3",
+        )
+    )
+    uploads = [call for call in FakeHfApi.calls if call["call"] == "upload_folder"]
+    assert FakeHfApi.calls[0] == {"call": "create_repo", "repo_id": "someone/tiny-mae", "private": False}
+    assert [(u["future"], u["message"]) for u in uploads] == [
+        (True, "Training in progress, step 3"),
+        (True, "Training in progress, step 6"),
+        (False, "End of training"),
+    ]
+    checkpoint_files = set(EXPORTED_FILES) - {"all_results.json", "reconstruction.png"}
+    assert set(uploads[0]["files"]) == checkpoint_files  # no results or figure yet, never the step_* state
+    assert set(uploads[-1]["files"]) == EXPORTED_FILES | {"reconstruction_step6.png"}
+    assert "secret" not in (FakeHfApi.remote / "run_config.yaml").read_text()
+    assert_loadable(FakeHfApi.remote, weights(output))
+
+
+def test_sigkill_then_resume_latest(data_dir, model_config, tmp_path) -> None:
+    output = tmp_path / "run"
+
+    def command(max_train_steps: int) -> list[str]:
+        flags = run_args(
+            data_dir,
+            model_config,
+            output,
+            "--checkpointing_steps",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
+            "--logging_steps",
+            "50",
+        )
+        flags[flags.index("--max_train_steps") + 1] = str(max_train_steps)
+        return [sys.executable, str(RUN_MAE), *flags]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command(400), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list_checkpoints(output)) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert len(list_checkpoints(output)) >= 2, "no checkpoint written before the kill"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (output / "all_results.json").exists()
+    last = list_checkpoints(output)[-1]  # a save cut short by the kill stays a hidden staging folder
+    step = int(last.name.split("_")[1])
+
+    completed = subprocess.run(command(step + 4), env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert f"resumed from {last}: step {step}" in completed.stderr
+    results = json.loads((output / "all_results.json").read_text())
+    assert (results["train_steps"], results["train_samples"]) == (step + 4, (step + 4) * 8)
+    state = json.loads((output / f"step_{step + 4}" / "trainer_state.json").read_text())
+    assert state["epoch"] * 8 + state["epoch_micro_batches"] == step + 4  # 8 batches per epoch
