@@ -330,8 +330,10 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         num_workers: int,
         min_decode_side: int | None,
         max_bad_image_fraction: float,
+        seed: int = 0,
     ) -> None:
         self.source = source
+        self.seed = seed
         self.columns = columns
         self.transform = transform
         self.batch_size = batch_size
@@ -351,7 +353,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         epoch, rotation, *starts = self.control.tolist()
         worker = (worker_id + rotation) % num_workers
         records = itertools.islice(self._records(epoch, worker, num_workers), starts[worker], None)
-        yield from self._batches(records, starts[worker], worker)
+        yield from self._batches(records, starts[worker], worker, epoch)
 
     def _records(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         # Workers of all processes are one flat pool: disjoint parts that together cover the stream.
@@ -367,7 +369,9 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             if not (self.repeat and read_any):
                 return
 
-    def _batches(self, records: Iterator[dict[str, Any]], position: int, worker: int) -> Iterator[dict[str, Any]]:
+    def _batches(
+        self, records: Iterator[dict[str, Any]], position: int, worker: int, epoch: int
+    ) -> Iterator[dict[str, Any]]:
         images: list[torch.Tensor | bytes] = []
         labels: list[int] = []
         keys: list[str] = []
@@ -381,7 +385,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             if image is None:
                 bad_keys.append(key)
                 continue
-            images.append(image if self.transform is None else self.transform(image))
+            images.append(image if self.transform is None else self._augment(image, epoch, worker, position))
             keys.append(key)
             if self.columns.label is not None:
                 labels.append(int(record[self.columns.label]))
@@ -392,6 +396,13 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             images, labels, keys = [], [], []
         if images or bad_keys:  # the last partial batch, or only the bad keys so that every skip gets counted
             yield self._batch(images, labels, keys, bad_keys, worker, position)
+
+    def _augment(self, image: Image.Image, epoch: int, worker: int, position: int) -> torch.Tensor:
+        """The transform, with random draws seeded by the record's place in the stream: a resumed run crops and
+        flips exactly as an uninterrupted one, whatever the worker processes' RNG states."""
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG (the main process's, without workers) alone
+            torch.manual_seed(hash((self.seed, epoch, self.process_index, worker, position)) & (2**63 - 1))
+            return self.transform(image)
 
     def _read(self, record: dict[str, Any], key: str) -> Image.Image | bytes | None:
         """The record's image, decoded, or still encoded when the loader decodes on a device; None if unreadable."""
@@ -687,6 +698,7 @@ def build_dataloader(
         num_workers=args.dataloader_num_workers,
         min_decode_side=getattr(transform, "min_source_side", None) if args.fast_decode else None,
         max_bad_image_fraction=args.max_bad_image_fraction,
+        seed=seed,
     )
     return ImageStreamLoader(
         worker_stream,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -208,6 +209,27 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped(
     assert head + tail == uninterrupted
     assert resumed.skipped_images() == 2
     assert list(resumed) != [] and resumed.state_dict()["epoch"] == 2  # after the resumed epoch: a full epoch again
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_stream_draws_the_same_augmentations(tmp_path: pathlib.Path, num_workers: int) -> None:
+    source = make_source(tmp_path, "parquet", 24, num_shards=2)
+    args = DataArguments(dataset_name=source, dataloader_num_workers=num_workers, shuffle_buffer_size=8)
+    transform = pretrain_transform((8, 8))  # random crops and flips
+
+    def loader() -> data.ImageStreamLoader:
+        return build_dataloader(args, "train", transform, 4, train=True, seed=3)
+
+    uninterrupted = [batch["pixel_values"] for batch in loader()]
+    interrupted = loader()
+    head = [batch["pixel_values"] for batch in itertools.islice(interrupted, 2)]
+    resumed = loader()
+    resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+    torch.manual_seed(1234)  # the global RNG differs after a restart; the crops must not depend on it
+    tail = [batch["pixel_values"] for batch in resumed]
+    assert len(head + tail) == len(uninterrupted)
+    for got, expected in zip(head + tail, uninterrupted):
+        torch.testing.assert_close(got, expected)
 
 
 # --- Sample data and errors ------------------------------------------------------------------------------------------
