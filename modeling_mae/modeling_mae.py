@@ -253,7 +253,8 @@ def eager_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scaling) v on `(B, heads, N, head_dim)`; returns `(B, N, heads, head_dim)`
     and the weights, the layout of transformers' attention interface."""
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, N, N)
+    # Scaling q (N x head_dim) rather than the scores (N x N) saves a pass over the largest tensor, both ways.
+    weights = torch.matmul(query * scaling, key.transpose(2, 3))  # (B, heads, N, N)
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -418,7 +419,7 @@ class MAEDecoder(nn.Module):
         tokens = torch.cat([tokens[:, :1], patches], dim=1)  # (B, 1 + L, D_dec)
         tokens = tokens + resize_position_table(self.position_embeddings, self.config.grid_size, grid_size)
         tokens, _, _ = self.transformer(tokens)
-        return self.pred(self.norm(tokens))[:, 1:]  # drop CLS: (B, L, p * q * C)
+        return self.pred(self.norm(tokens[:, 1:]))  # CLS dropped before the head, not after: (B, L, p * q * C)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""The benchmark runs end to end at a toy size, and its fast paths compute what the plain ones do.
+
+(Our model against transformers' ViTMAE on converted weights and eager against SDPA attention are guarded in
+test_conversion.py and test_modeling.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import pathlib
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_mae import MAEConfig, MAEForPreTraining
+from modeling_mae.conversion import convert_transformers_state_dict
+from modeling_mae.fast_decode import FastPretrainTransform, dct_reduction, sample_crop
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def _load_benchmark():
+    path = pathlib.Path(__file__).resolve().parents[1] / "run_scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_benchmark()
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, quality=95) if fmt == "JPEG" else Image.fromarray(array).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Smooth content, so a reduced-size decode and a full decode + resize agree closely."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 32, width // 32, 3), dtype=np.uint8))
+    return np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC))
+
+
+def _reference(image: Image.Image, seed: int, size: int) -> torch.Tensor:
+    """The plain path with the crop and flip that `FastPretrainTransform(seed=seed)` draws: crop, resize, normalise."""
+    rng = random.Random(seed)
+    left, top, width, height = sample_crop(*image.size, (0.2, 1.0), rng=rng)
+    crop = image.convert("RGB").crop((left, top, left + width, top + height))
+    crop = crop.resize((size, size), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255
+    return (pixels - MEAN) / STD
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the benchmark sets its own count
+
+
+def test_benchmark_runs_and_writes_json_and_markdown(tmp_path, keep_threads) -> None:
+    results = benchmark.main([
+        "--device", "cpu", "--sizes", "tiny-32px", "--attn", "sdpa", "--threads", "1", "--batch_size", "2",
+        "--iterations", "1", "--warmup", "0", "--jpeg_sizes", "64x48", "--data_images", "2", "--data_rounds", "1",
+        "--output_dir", str(tmp_path),
+    ])
+    assert results["errors"] == []
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    train, asymmetric, data = saved["train"][0], saved["asymmetric"][0], saved["data"][0]
+    assert {"transformers", "ours"} <= set(train["variants"]) and train["speedup"]["ours"]["of_medians"] > 0
+    assert asymmetric["flops_ratio_step"] > 1 and asymmetric["speedup_encoder"]["paired_median"] > 0
+    assert data["speedup"]["plain PIL + torchvision"] == pytest.approx(1.0)
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| tiny-32px | sdpa | 2 |" in table and "## Data path" in table
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_timed_training_steps_compute_the_same_loss_and_gradients(attn: str) -> None:
+    """The benchmark compares equal work: on the same weights, images and mask, our training step and transformers'
+    give the same loss and the same gradients (their q/k/v gradients are the rows of our fused qkv's)."""
+    from transformers import ViTMAEForPreTraining
+
+    config = MAEConfig.from_preset("tiny-32px", num_hidden_layers=2)
+    reference = ViTMAEForPreTraining._from_config(benchmark.vitmae_config(config), attn_implementation=attn).train()
+    ours = MAEForPreTraining._from_config(config, attn_implementation=attn).train()
+    ours.load_state_dict(convert_transformers_state_dict(reference.state_dict()))
+    pixel_values, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    expected, actual = reference(pixel_values, noise=noise).loss, ours(pixel_values, noise=noise).loss
+    expected.backward()
+    actual.backward()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    reference_grads = {k: p.grad for k, p in reference.named_parameters() if p.grad is not None}
+    our_grads = convert_transformers_state_dict(reference_grads)
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, our_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_flops_count_the_visible_encoder_and_the_full_decoder() -> None:
+    config = MAEConfig.from_preset("large")
+    visible, all_patches = benchmark.pretraining_flops(config, 1), benchmark.pretraining_flops(config, 1, False)
+    assert visible == pytest.approx(3 * 41.5e9, rel=0.01)  # ViT-L/16 + 8-block decoder, 49 of 196 patches kept
+    assert 3.0 < all_patches / visible < 3.5  # the paper's 3.3x FLOPs (Table 2c)
+
+
+def test_mask_token_baseline_without_masking_is_the_plain_encoder() -> None:
+    """The asymmetric comparison's baseline shares the model's modules: with nothing masked it is the encoder."""
+    config = MAEConfig.from_preset("tiny-32px", mask_ratio=0.0)
+    model = MAEForPreTraining(config).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    latent, mask = benchmark.encode_all_patches(model, torch.nn.Parameter(torch.randn(1, 1, 192)), pixel_values)
+    assert mask.sum() == 0
+    torch.testing.assert_close(latent, model.mae(pixel_values).last_hidden_state)
+    loss = benchmark.mask_token_loss(model, torch.nn.Parameter(torch.zeros(1, 1, 192)), pixel_values)
+    assert torch.isfinite(loss)
+
+
+def test_sample_crop_draws_torchvision_crops() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, width, height = sample_crop(500, 375, (0.2, 1.0), rng=rng)
+        assert 0 <= left <= 500 - width and 0 <= top <= 375 - height
+        assert 0.2 * 500 * 375 * 0.9 <= width * height <= 500 * 375
+        assert 3 / 4 * 0.95 <= width / height <= 4 / 3 * 1.05
+
+
+def test_dct_reduction_keeps_at_least_the_output_resolution() -> None:
+    assert dct_reduction((433, 375), (224, 224)) == 1  # ImageNet-size crops are never reduced
+    assert dct_reduction((900, 700), (224, 224)) == 2
+    assert dct_reduction((1800, 1792), (224, 224)) == 8
+
+
+def test_fast_path_equals_crop_resize_normalise_at_full_resolution() -> None:
+    data = _encoded(_photo(320, 240), "PNG")  # lossless, never reduced: only the fused crop+resize differs
+    actual = FastPretrainTransform(64, seed=3)(data)
+    expected = _reference(Image.open(io.BytesIO(data)), seed=3, size=64)
+    assert actual.shape == (3, 64, 64) and actual.is_contiguous()
+    torch.testing.assert_close(FastPretrainTransform(64)(data, rng=random.Random(3)), actual)  # per-image generator
+    inner = (slice(None), slice(2, -2), slice(2, -2))  # the box resize reads true neighbours at the crop's border
+    torch.testing.assert_close(actual[inner], expected[inner], atol=0.02, rtol=0)
+
+
+def test_reduced_size_jpeg_decode_stays_close_to_the_full_decode() -> None:
+    data = _encoded(_photo(2048, 1536), "JPEG")
+    seed = next(s for s in range(100) if dct_reduction(sample_crop(2048, 1536, (0.2, 1.0), rng=random.Random(s))[2:],
+                                                       (224, 224)) > 1)
+    actual = FastPretrainTransform(224, seed=seed)(data)
+    expected = _reference(Image.open(io.BytesIO(data)), seed=seed, size=224)
+    assert (actual - expected).abs().mean() < 0.03  # ~1.5 grey levels: DCT scaling vs a bicubic downscale
