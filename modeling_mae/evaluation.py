@@ -1,0 +1,328 @@
+"""Downstream evaluation of MAE encoders: the paper's three protocols and their shared pieces.
+
+- Features: `extract_features` runs the frozen encoder once over a split (no masking) and gathers the
+  features of every process, so each process holds the whole split in the same order.
+- k-NN: `knn_scores`, the weighted vote of Wu et al. (2018) / DINO (cosine, k=20, T=0.07).
+- Linear probing: `LinearProbeHead` (`BatchNorm1d(affine=False)` + linear, the paper's appendix A.2) and `LARS`
+  (the official `util/lars.py`).
+- Fine-tuning: layer-wise learning-rate decay (`layer_id_for`, `lr_scale`, `layer_decay_lr_scale_fn`, plugged into
+  `training.build_optimizer`), `resize_model_resolution` and `smooth_one_hot`.
+- Metrics: `TopKAccuracy` counts correct predictions per process and sums the counts over processes. The loaders of
+  `modeling_mae.data` give each process a disjoint share of the split without padding, so there is no duplicated
+  tail sample to drop and the sum is exact (the offline-safe replacement for `evaluate.load("accuracy")`).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from .configuration_mae import MAEConfig, load_config, parse_overrides
+from .data import DataArguments, ImageStreamLoader, build_dataloader
+from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, resize_position_table
+from .training import LrScaleFn, write_json
+from .transforms import ImageTransform
+
+Pooling = Literal["cls", "mean"]
+POOLINGS: tuple[str, ...] = ("cls", "mean")
+TOP_KS = (1, 5)
+# Parameters of the classifier the official fine-tuning never decays (timm's `no_weight_decay`).
+FINETUNE_NO_WEIGHT_DECAY = ("cls_token", "position_embeddings")
+RESULTS_FILE = "all_results.json"
+_ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+
+def load_encoder(
+    model_name_or_path: str | None, model_config: str | None, config_overrides: str | None = None
+) -> MAEModel:
+    """The encoder of a saved MAE model (pretraining or classifier folder, Hub id), or a random init of a config.
+
+    A random init is what the "from scratch" baselines use: seed before calling for reproducible weights.
+    """
+    if model_name_or_path:
+        return MAEModel.from_pretrained(model_name_or_path, **parse_overrides(config_overrides))
+    if model_config is None:
+        raise ValueError("pass --model_name_or_path (pretrained weights) or --model_config (random init)")
+    return MAEModel(load_config(model_config, config_overrides))
+
+
+def load_pretraining_model(source: str) -> MAEForPreTraining:
+    """A model with its decoder: one of ours (folder or Hub id), or an official `.pth` / transformers ViTMAE
+    checkpoint, converted on the fly."""
+    from .conversion import convert_checkpoint  # conversion imports transformers' ViT: only when needed
+
+    if not os.path.isfile(source):  # a folder or Hub id: ours loads as is, a transformers ViTMAE one is converted
+        config_dict, _ = MAEConfig.get_config_dict(source)
+        if config_dict.get("model_type") == MAEConfig.model_type:
+            return MAEForPreTraining.from_pretrained(source)
+    model = convert_checkpoint(source)
+    if not isinstance(model, MAEForPreTraining):
+        raise ValueError(f"{source} holds no decoder: reconstructions need a pretraining checkpoint")
+    return model
+
+
+def resize_model_resolution(model: MAEForImageClassification | MAEModel, image_size: Sequence[int]) -> None:
+    """Fine-tune at another resolution: the position table is resized bicubically (the official
+    `interpolate_pos_embed`) and the config updated, so the saved model works at the new size."""
+    config = model.config
+    new_size = (int(image_size[0]), int(image_size[1]))
+    if new_size == tuple(config.image_size):
+        return
+    embeddings = (model.mae if isinstance(model, MAEForImageClassification) else model).embeddings
+    old_grid = config.grid_size
+    config.image_size = new_size
+    table = resize_position_table(embeddings.position_embeddings.data, old_grid, config.grid_size)
+    embeddings.position_embeddings = nn.Parameter(table, requires_grad=embeddings.position_embeddings.requires_grad)
+
+
+# -------------------------------------------------------------------------------------------------------- features
+
+
+def pool_features(last_hidden_state: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """`(B, 1 + L, D)` -> `(B, D)`: the CLS token (the paper's linear probe) or the mean of the patch tokens."""
+    if pooling == "cls":
+        return last_hidden_state[:, 0]
+    if pooling == "mean":
+        return last_hidden_state[:, 1:].mean(dim=1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def gather_variable_length(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` of every process along dim 0, in process order, when the lengths differ.
+
+    `accelerator.gather` needs equal shapes: pad to the longest, gather, then cut each process's padding away.
+    """
+    if accelerator.num_processes == 1:
+        return tensor
+    length = torch.tensor([tensor.shape[0]], device=tensor.device)
+    lengths = accelerator.gather(length).tolist()
+    padded = accelerator.pad_across_processes(tensor, dim=0)
+    gathered = accelerator.gather(padded)
+    longest = padded.shape[0]
+    return torch.cat([gathered[rank * longest : rank * longest + size] for rank, size in enumerate(lengths)])
+
+
+@torch.no_grad()
+def extract_local_features(
+    encoder: MAEModel, batches: Iterable[dict[str, torch.Tensor]], pooling: Pooling, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features `(N, D)` (float32) and labels `(N,)` of this process's batches, encoder in eval mode."""
+    encoder.eval()
+    features: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    for batch in batches:
+        hidden = encoder(batch["pixel_values"].to(device)).last_hidden_state
+        features.append(pool_features(hidden, pooling).float())
+        labels.append(batch["labels"].to(device))
+    if not features:
+        empty = torch.empty(0, encoder.config.hidden_size, device=device)
+        return empty, torch.empty(0, dtype=torch.long, device=device)
+    return torch.cat(features), torch.cat(labels)
+
+
+def extract_features(
+    accelerator: Accelerator, encoder: MAEModel, batches: Iterable[dict[str, torch.Tensor]], pooling: Pooling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of the whole split (every process's share), the same on every process."""
+    features, labels = extract_local_features(encoder, batches, pooling, accelerator.device)
+    return gather_variable_length(accelerator, features), gather_variable_length(accelerator, labels)
+
+
+# --------------------------------------------------------------------------------------------------------- metrics
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = TOP_KS) -> torch.Tensor:
+    """Number of samples whose label is among the top-k scores, for each k (k is capped by the class count)."""
+    largest = min(max(ks), scores.shape[-1])
+    top = scores.topk(largest, dim=-1).indices  # (B, largest)
+    hits = top == labels.unsqueeze(-1)
+    return torch.stack([hits[:, : min(k, largest)].any(dim=-1).sum() for k in ks]).to(torch.float64)
+
+
+class TopKAccuracy:
+    """Top-1/top-5 accuracy accumulated over batches and summed over processes (exact: no sample is counted twice)."""
+
+    def __init__(self, ks: Sequence[int] = TOP_KS) -> None:
+        self.ks = tuple(ks)
+        self.correct = torch.zeros(len(self.ks), dtype=torch.float64)
+        self.count = 0
+        self.num_classes: int | None = None
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct += topk_correct(scores.detach(), labels, self.ks).cpu()
+        self.count += labels.shape[0]
+        self.num_classes = scores.shape[-1]
+
+    def compute(self, accelerator: Accelerator, prefix: str = "eval_") -> dict[str, float | int]:
+        """`{prefix}accuracy` (top-1) and `{prefix}top{k}_accuracy` in [0, 1] (only for k below the number of
+        classes), and `{prefix}samples`; a collective: call it on every process."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        totals = torch.cat([self.correct, count]).to(accelerator.device)
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals, reduction="sum")
+        *correct, count = totals.tolist()
+        metrics: dict[str, float | int] = {}
+        for k, hits in zip(self.ks, correct):
+            if k > 1 and self.num_classes is not None and k >= self.num_classes:
+                continue  # always right: top-5 of 3 classes says nothing
+            name = f"{prefix}accuracy" if k == 1 else f"{prefix}top{k}_accuracy"
+            metrics[name] = hits / count if count else 0.0
+        metrics[f"{prefix}samples"] = int(count)
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------------------------ k-NN
+
+
+def knn_scores(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Class scores `(Q, C)` of a weighted k-NN: each of the k most cosine-similar bank samples votes for its class
+    with weight `exp(similarity / temperature)` (Wu et al., 2018; DINO's `knn_classifier`).
+
+    Queries are processed in chunks so the `(chunk, N)` similarity matrix stays small.
+    """
+    bank = F.normalize(bank.float(), dim=-1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, queries.shape[0], chunk_size):
+        query = F.normalize(queries[start : start + chunk_size].float(), dim=-1)
+        similarity, index = (query @ bank.T).topk(k, dim=-1)  # (chunk, k)
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(query.shape[0], num_classes, device=query.device, dtype=weights.dtype)
+        scores.append(votes.scatter_add_(1, bank_labels[index], weights))
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=queries.device)
+
+
+# ---------------------------------------------------------------------------------------------- linear probing
+
+
+class LinearProbeHead(nn.Sequential):
+    """The paper's linear probe: `BatchNorm1d(affine=False)` (it normalises features whose scale differs a lot between
+    models, and folds into the linear layer at inference) + a linear classifier initialised with std 0.01."""
+
+    def __init__(self, feature_dim: int, num_classes: int) -> None:
+        super().__init__(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), nn.Linear(feature_dim, num_classes))
+        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017), as in the official MAE linear probing: SGD with momentum where the update of every
+    matrix is rescaled by `trust_coefficient * |w| / |g + wd * w|`; biases and norms are plain SGD."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                update = parameter.grad
+                if parameter.ndim > 1:
+                    update = update.add(parameter, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(parameter), torch.norm(update)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(
+                        (param_norm > 0) & (update_norm > 0), group["trust_coefficient"] * param_norm / update_norm, one
+                    )
+                    update = update.mul(trust)
+                state = self.state[parameter]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(parameter)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(group["momentum"]).add_(update)
+                parameter.add_(buffer, alpha=-group["lr"])
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tuning
+
+
+def layer_id_for(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise lr decay (BEiT / official MAE `param_groups_lrd`): the CLS token, position
+    table and patch embedding are layer 0, block i is layer i + 1, everything after the blocks (norms, head) is
+    `num_layers + 1`."""
+    match = _ENCODER_LAYER.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    if "embeddings." in name:
+        return 0
+    return num_layers + 1
+
+
+def lr_scale(name: str, num_layers: int, layer_decay: float) -> float:
+    """`layer_decay ** (num_layers + 1 - layer_id)`: the head keeps the full lr, each block below gets
+    `layer_decay` times the lr of the block above it."""
+    return layer_decay ** (num_layers + 1 - layer_id_for(name, num_layers))
+
+
+def layer_decay_lr_scale_fn(num_layers: int, layer_decay: float) -> LrScaleFn:
+    """`lr_scale` in the form `training.build_optimizer(lr_scale_fn=...)` takes."""
+    return lambda name, _parameter: lr_scale(name, num_layers, layer_decay)
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Soft targets `(B, C)` with label smoothing (used when MixUp/CutMix is off, so the loss stays the same kind)."""
+    return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
+
+
+# ------------------------------------------------------------------------------------------------ script plumbing
+
+
+def split_loader(
+    accelerator: Accelerator,
+    data_args: DataArguments,
+    split: str,
+    transform: ImageTransform,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+) -> ImageStreamLoader:
+    """This process's share of `split` ("train" or "validation"); evaluation loaders keep every sample once."""
+    return build_dataloader(
+        data_args, split, transform, batch_size, train=train, seed=seed,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+    )
+
+
+def class_names_of(loader: ImageStreamLoader, labels: torch.Tensor) -> list[str]:
+    """The dataset's class names, else `"0"`, `"1"`, ... up to the largest label seen."""
+    if loader.class_names is not None:
+        return list(loader.class_names)
+    return [str(index) for index in range(int(labels.max().item()) + 1 if labels.numel() else 0)]
+
+
+def save_results(accelerator: Accelerator, output_dir: str | os.PathLike[str], metrics: dict[str, Any]) -> None:
+    """`output_dir/all_results.json` (main process), like the other scripts."""
+    if accelerator.is_main_process:
+        pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(pathlib.Path(output_dir) / RESULTS_FILE, metrics)
+    accelerator.wait_for_everyone()

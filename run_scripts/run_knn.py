@@ -1,0 +1,85 @@
+"""Weighted k-NN evaluation of a frozen MAE encoder (cosine similarity, k=20, temperature 0.07).
+
+    accelerate launch run_scripts/run_knn.py --model_name_or_path outputs/mae-pretrain   # the embedded sample
+    accelerate launch run_scripts/run_knn.py --model_config tiny-32px                    # random-init baseline
+
+Features of the train split are computed once (batched, no augmentation), gathered from every process, and each
+process classifies its share of the validation split; accuracies are summed over processes. Results:
+`output_dir/all_results.json` with `eval_accuracy` and `eval_top5_accuracy` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from modeling_mae.arguments import ModelArguments, parse_arguments
+from modeling_mae.data import DataArguments, eval_transform
+from modeling_mae.evaluation import (
+    POOLINGS,
+    TopKAccuracy,
+    class_names_of,
+    extract_features,
+    extract_local_features,
+    knn_scores,
+    load_encoder,
+    save_results,
+    split_loader,
+)
+from modeling_mae.training import build_accelerator
+
+@dataclass
+class KnnArguments:
+    """The k-NN protocol and where its results go."""
+
+    k: int = field(default=20, metadata={"help": "Neighbours that vote."})
+    temperature: float = field(default=0.07, metadata={"help": "Votes weigh exp(cosine similarity / temperature)."})
+    pooling: str = field(
+        default="mean",
+        metadata={"help": "Feature: 'mean' of the patch tokens (MAE never trains its CLS token directly) or 'cls'.",
+                  "choices": list(POOLINGS)},
+    )
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per forward pass."})
+    output_dir: str = field(default="outputs/mae-knn", metadata={"help": "Where all_results.json is written."})
+    seed: int = field(default=0, metadata={"help": "Seeds the random init when --model_config is used."})
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the k-NN evaluation; returns the metrics written to `output_dir/all_results.json`."""
+    model_args, data_args, knn_args = parse_arguments((ModelArguments, DataArguments, KnnArguments), argv)
+    accelerator = build_accelerator(1, knn_args.output_dir)
+    start = time.perf_counter()
+    set_seed(knn_args.seed)  # the same random init on every process
+    encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
+    encoder.to(accelerator.device)
+    transform = eval_transform(encoder.config.image_size)
+    batch_size = knn_args.per_device_eval_batch_size
+    train_loader = split_loader(accelerator, data_args, "train", transform, batch_size, train=False)
+    bank, bank_labels = extract_features(accelerator, encoder, train_loader, knn_args.pooling)
+    val_loader = split_loader(accelerator, data_args, "validation", transform, batch_size, train=False)
+    queries, labels = extract_local_features(encoder, val_loader, knn_args.pooling, accelerator.device)
+    num_classes = len(class_names_of(train_loader, bank_labels))
+    accuracy = TopKAccuracy()
+    accuracy.update(knn_scores(queries, bank, bank_labels, num_classes, knn_args.k, knn_args.temperature), labels)
+    metrics: dict[str, Any] = {
+        **accuracy.compute(accelerator),
+        "train_samples": int(bank.shape[0]),
+        "k": knn_args.k,
+        "temperature": knn_args.temperature,
+        "pooling": knn_args.pooling,
+        "model": model_args.model_name_or_path or f"random init of {model_args.model_config} (seed {knn_args.seed})",
+        "num_processes": accelerator.num_processes,
+        "eval_runtime": time.perf_counter() - start,
+    }
+    save_results(accelerator, knn_args.output_dir, metrics)
+    accelerator.print(f"k-NN ({knn_args.k} neighbours): {metrics}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

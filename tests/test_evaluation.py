@@ -1,0 +1,284 @@
+"""Downstream evaluation: k-NN, linear probing, fine-tuning and reconstruction figures, on tiny offline data."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from conftest import tiny_config
+from data_fixtures import image_bytes, make_parquet_shards
+from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
+from modeling_mae.evaluation import (
+    FINETUNE_NO_WEIGHT_DECAY,
+    LARS,
+    LinearProbeHead,
+    TopKAccuracy,
+    gather_variable_length,
+    knn_scores,
+    layer_decay_lr_scale_fn,
+    layer_id_for,
+    lr_scale,
+    pool_features,
+    resize_model_resolution,
+    topk_correct,
+)
+from modeling_mae.training import build_optimizer
+from run_scripts.evidence import EvidenceArguments, render_table
+from run_scripts.run_finetune import main as finetune_main
+from run_scripts.run_knn import main as knn_main
+from run_scripts.run_linear_probe import main as linear_probe_main
+from run_scripts.visualize import main as visualize_main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A random-init encoder of the tiny test shape, for the scripts' --model_config baselines.
+TINY_OVERRIDES = ("image_size=16,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+                  "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")
+NUM_TRAIN, NUM_VALIDATION = 45, 21  # odd sizes: not divisible by 2 processes x batch
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("images")
+    make_parquet_shards(folder, NUM_TRAIN, num_shards=3, split="train")
+    make_parquet_shards(folder, NUM_VALIDATION, num_shards=1, split="validation")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    MAEForPreTraining(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+def read_results(folder: pathlib.Path) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ library pieces
+
+
+def test_layer_ids_follow_the_official_layer_decay() -> None:
+    model = MAEForImageClassification(tiny_config(num_labels=3))
+    num_layers = model.config.num_hidden_layers
+    ids = {name: layer_id_for(name, num_layers) for name, _ in model.named_parameters()}
+    assert ids["mae.embeddings.cls_token"] == ids["mae.embeddings.position_embeddings"] == 0
+    assert ids["mae.embeddings.patch_embeddings.projection.weight"] == 0
+    assert ids["mae.encoder.layers.0.attention.qkv.weight"] == 1
+    assert ids[f"mae.encoder.layers.{num_layers - 1}.mlp.fc2.bias"] == num_layers
+    assert ids["fc_norm.weight"] == ids["classifier.weight"] == num_layers + 1
+    assert lr_scale("classifier.weight", num_layers, 0.65) == 1.0
+    assert lr_scale("mae.embeddings.cls_token", num_layers, 0.65) == pytest.approx(0.65 ** (num_layers + 1))
+
+
+def test_optimizer_groups_get_layer_decayed_lr_and_no_decay_on_tokens() -> None:
+    model = MAEForImageClassification(tiny_config(num_labels=3))
+    model.mae.embeddings.position_embeddings.requires_grad_(True)  # fine-tuned, as in the official code
+    optimizer = build_optimizer(model, 1.0, 0.05, lr_scale_fn=layer_decay_lr_scale_fn(2, 0.5),
+                                no_weight_decay=FINETUNE_NO_WEIGHT_DECAY)
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    position = group_of[id(model.mae.embeddings.position_embeddings)]
+    assert position["lr"] == pytest.approx(0.125) and position["weight_decay"] == 0.0
+    assert group_of[id(model.mae.embeddings.cls_token)]["weight_decay"] == 0.0
+    assert group_of[id(model.mae.encoder.layers[1].attention.qkv.weight)]["lr"] == pytest.approx(0.5)
+    head = group_of[id(model.classifier.weight)]
+    assert head["lr"] == 1.0 and head["weight_decay"] == 0.05
+
+
+def test_weighted_knn_votes_with_exponential_similarity() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    bank_labels = torch.tensor([0, 1, 1])
+    scores = knn_scores(torch.tensor([[1.0, 0.05]]), bank, bank_labels, num_classes=2, k=2, temperature=0.07)
+    normalize = torch.nn.functional.normalize
+    similarity = normalize(torch.tensor([[1.0, 0.05]]), dim=-1) @ normalize(bank, dim=-1).T
+    expected = torch.tensor([[similarity[0, 0].div(0.07).exp(), similarity[0, 1].div(0.07).exp()]])
+    torch.testing.assert_close(scores, expected)
+    assert knn_scores(torch.zeros(3, 2), bank, bank_labels, 2, k=50, chunk_size=2).shape == (3, 2)  # k > bank size
+
+
+def test_topk_accuracy_counts_and_skips_trivial_top5() -> None:
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_correct(scores, torch.tensor([1, 2]), ks=(1, 2)).tolist() == [1.0, 1.0]
+    metric = TopKAccuracy()
+    metric.update(scores, torch.tensor([1, 2]))
+    assert metric.compute(Accelerator(cpu=True)) == {"eval_accuracy": 0.5, "eval_samples": 2}
+    ten_classes = TopKAccuracy()
+    ten_classes.update(torch.arange(10.0).flip(0).repeat(4, 1), torch.tensor([0, 4, 5, 9]))  # ranks classes 0, 1, ...
+    metrics = ten_classes.compute(Accelerator(cpu=True))
+    assert metrics["eval_accuracy"] == 0.25 and metrics["eval_top5_accuracy"] == 0.5
+
+
+def test_gather_and_pooling_on_one_process() -> None:
+    tensor = torch.arange(6.0).reshape(3, 2)
+    assert gather_variable_length(Accelerator(cpu=True), tensor) is tensor
+    hidden = torch.arange(12.0).reshape(1, 3, 4)
+    torch.testing.assert_close(pool_features(hidden, "cls"), hidden[:, 0])
+    torch.testing.assert_close(pool_features(hidden, "mean"), hidden[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="pooling"):
+        pool_features(hidden, "max")
+
+
+def test_lars_scales_matrix_updates_by_the_trust_ratio() -> None:
+    weight = torch.nn.Parameter(torch.full((2, 2), 2.0))
+    bias = torch.nn.Parameter(torch.ones(2))
+    weight.grad, bias.grad = torch.full((2, 2), 0.5), torch.full((2,), 0.5)
+    LARS([weight, bias], lr=1.0, trust_coefficient=0.001).step()
+    # trust = 0.001 * |w| / |g| = 0.001 * 4 / 1: the matrix moves by 0.004 * 0.5, the bias by the plain gradient.
+    torch.testing.assert_close(weight.detach(), torch.full((2, 2), 2.0 - 0.002))
+    torch.testing.assert_close(bias.detach(), torch.full((2,), 0.5))
+
+
+def test_linear_probe_head_is_batchnorm_without_affine_then_linear() -> None:
+    head = LinearProbeHead(8, 3)
+    assert not head[0].affine and head[1].weight.std() < 0.05
+    assert head(torch.randn(4, 8)).shape == (4, 3)
+
+
+def test_resize_model_resolution_keeps_a_loadable_classifier(tmp_path: pathlib.Path) -> None:
+    model = MAEForImageClassification(tiny_config(num_labels=3)).eval()
+    resize_model_resolution(model, (24, 24))
+    assert model.config.image_size == (24, 24) and model.mae.embeddings.position_embeddings.shape[1] == 1 + 36
+    logits = model(torch.randn(2, 3, 24, 24)).logits
+    model.save_pretrained(tmp_path)
+    reloaded = MAEForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(torch.randn(2, 3, 24, 24)).logits.shape, logits.shape)
+
+
+# ---------------------------------------------------------------------------------------------------- the scripts
+
+
+def test_knn_script_from_pretrained_and_random_init(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    common = ["--dataset_name", str(dataset), "--per_device_eval_batch_size", "4", "--k", "5"]
+    metrics = knn_main([*common, "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "mae")])
+    assert metrics["eval_samples"] == NUM_VALIDATION and metrics["train_samples"] == NUM_TRAIN
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and read_results(tmp_path / "mae") == pytest.approx(metrics)
+    scratch = knn_main([*common, "--model_config", "tiny", "--config_overrides", TINY_OVERRIDES,
+                        "--output_dir", str(tmp_path / "random"), "--pooling", "cls"])
+    assert scratch["model"].startswith("random init")
+
+
+def test_knn_accuracy_is_the_same_with_two_processes(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # 45 train / 21 validation images in batches of 4 on 2 processes: uneven shares, partial last batches.
+    flags = ["--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--per_device_eval_batch_size", "4",
+             "--k", "5"]
+    single = knn_main([*flags, "--output_dir", str(tmp_path / "one")])
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "run_scripts" / "run_knn.py"), *flags,
+         "--output_dir", str(tmp_path / "two")],
+        check=True, env=env, cwd=REPO, capture_output=True, timeout=180,
+    )
+    double = read_results(tmp_path / "two")
+    assert double["num_processes"] == 2
+    assert double["eval_samples"] == NUM_VALIDATION and double["train_samples"] == NUM_TRAIN
+    assert double["eval_accuracy"] == pytest.approx(single["eval_accuracy"])
+
+
+@pytest.mark.parametrize("cached", ["true", "false"])
+def test_linear_probe_script(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, cached: str
+) -> None:
+    metrics = linear_probe_main([
+        "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
+        "--per_device_train_batch_size", "8", "--num_train_epochs", "3", "--warmup_epochs", "1", "--cached_features", cached,
+    ])
+    assert metrics["eval_samples"] == NUM_VALIDATION and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["train_steps"] == 3 * (NUM_TRAIN // 8)  # whole batches only, both ways
+    assert (tmp_path / "linear_head.safetensors").is_file()
+    assert read_results(tmp_path)["cached_features"] == (cached == "true")
+
+
+def test_linear_probe_leaves_the_encoder_untouched(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    before = {name: tensor.clone() for name, tensor in MAEModel.from_pretrained(pretrained).state_dict().items()}
+    linear_probe_main(["--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir",
+                       str(tmp_path), "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+                       "--warmup_epochs", "0", "--optimizer", "sgd"])
+    after = MAEModel.from_pretrained(pretrained).state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_finetune_script_saves_a_loadable_classifier(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    metrics = finetune_main([
+        "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
+        "--image_size", "24", "--layer_decay", "0.65",
+    ])
+    assert metrics["eval_samples"] == NUM_VALIDATION and metrics["train_epochs"] == 2 and len(metrics["history"]) == 2
+    model = MAEForImageClassification.from_pretrained(tmp_path).eval()
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "fish"} and model.config.image_size == (24, 24)
+    assert model.config.drop_path_rate == 0.1 and model.config.use_mean_pooling
+    assert model(torch.randn(1, 3, 24, 24)).logits.shape == (1, 3)
+    # The encoder started from the pretrained weights: a few tiny steps moved them a little, a new init would not match.
+    pretrained_qkv = MAEModel.from_pretrained(pretrained).encoder.layers[0].attention.qkv.weight
+    assert torch.allclose(model.mae.encoder.layers[0].attention.qkv.weight, pretrained_qkv, atol=1e-2)
+    assert (tmp_path / "README.md").is_file() and "eval_accuracy" in read_results(tmp_path)
+
+
+def test_finetune_script_from_scratch_without_mixing(dataset: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    metrics = finetune_main([
+        "--dataset_name", str(dataset), "--model_config", "tiny", "--config_overrides", TINY_OVERRIDES,
+        "--output_dir", str(tmp_path), "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+        "--mixup", "0", "--cutmix", "0", "--global_pool", "false",
+    ])
+    assert metrics["model"].startswith("random init") and metrics["train_steps"] == NUM_TRAIN // 8
+    assert not MAEForImageClassification.from_pretrained(tmp_path).config.use_mean_pooling
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_visualize_script_from_a_split_and_from_files(
+    dataset: pathlib.Path, tmp_path: pathlib.Path, norm_pix_loss: bool
+) -> None:
+    model_dir = tmp_path / "model"
+    MAEForPreTraining(tiny_config(norm_pix_loss=norm_pix_loss)).save_pretrained(model_dir)
+    figure = visualize_main(["--model_name_or_path", str(model_dir), "--dataset_name", str(dataset), "--num_images", "3",
+                             "--output", str(tmp_path / "split.png")])
+    with Image.open(figure) as image:
+        assert image.height > image.width / 3 * 2  # 3 rows of 3 tiles
+    (tmp_path / "a.png").write_bytes(image_bytes(7))
+    files = visualize_main(["--model_name_or_path", str(model_dir), "--images", str(tmp_path / "a.png"),
+                            "--mask_ratio", "0.5", "--output", str(tmp_path / "files.png")])
+    with Image.open(files) as image:
+        assert image.width > 2.5 * image.height  # 1 row of 3 tiles
+
+
+def test_evidence_table_reports_gains_and_the_ablation() -> None:
+    main_results = {f"{protocol}_{init}": {"eval_accuracy": accuracy}
+                    for protocol in ("knn", "linprobe", "linprobe-mean", "finetune", "finetune-lr", "finetune-nomix",
+                                     "finetune-long") for init, accuracy in (("random", 0.5), ("mae", 0.75))}
+    ablation = {0.75: {"eval_accuracy": 0.7, "pretrain_loss": 0.5}, 0.9: {"eval_accuracy": 0.6, "pretrain_loss": 0.6}}
+    table = render_table(main_results, ablation, EvidenceArguments())
+    assert "| 50.0 | 75.0 | +25.0 |" in table and "| linear probe top-1 % | 70.0 | 60.0 |" in table
+
+
+def test_visualize_script_converts_a_transformers_vitmae_checkpoint(
+    dataset: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32,
+        norm_pix_loss=True,
+    )
+    ViTMAEForPreTraining(config).save_pretrained(tmp_path / "vitmae")
+    figure = visualize_main(["--model_name_or_path", str(tmp_path / "vitmae"), "--dataset_name", str(dataset),
+                             "--num_images", "2", "--output", str(tmp_path / "vitmae.png")])
+    assert figure.is_file()
