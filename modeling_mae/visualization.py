@@ -1,7 +1,10 @@
-"""The paper's Figure 2 for a training run: one row per image, masked input | reconstruction | original.
+"""The paper's Figure 2 for a training run: one row per image,
+masked input | reconstruction | reconstruction + visible | original.
 
-As in the paper, the reconstruction is the raw decoder output on every patch (visible patches are not pasted back),
-mapped back to pixels with each patch's own mean/std when the model regresses normalised pixels (`norm_pix_loss`).
+As in the paper, the reconstruction is the raw decoder output on every patch, mapped back to pixels with each
+patch's own mean/std when the model regresses normalised pixels (`norm_pix_loss`). No loss is computed on the
+visible patches, so their raw output is poor; the third column pastes the visible patches back, as the official
+demo notebook does.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ MIN_TILE_SIDE = 96  # small images (the 32x32 sample) are enlarged so they can b
 @torch.no_grad()
 def reconstruct(
     model: nn.Module, unwrapped: nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked input, reconstruction), both `(B, C, H, W)` in the input's normalised space.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked input, reconstruction, pixel mask (1 = removed)), each `(B, C, H, W)`, the images in the input's
+    normalised space.
 
     `model` is the (possibly DDP/DeepSpeed-wrapped) model that runs the forward pass: with ZeRO-3 or DDP buffers the
     forward is a collective, so every process must call this. `unwrapped` provides the pure tensor helpers.
@@ -39,7 +43,7 @@ def reconstruct(
     pixel_mask = unwrapped.unpatchify(
         output.mask.float().unsqueeze(-1).expand(-1, -1, patch_values), tuple(pixel_values.shape[-2:])
     )
-    return pixel_values * (1 - pixel_mask), reconstruction
+    return pixel_values * (1 - pixel_mask), reconstruction, pixel_mask
 
 
 def to_uint8_images(images: torch.Tensor, image_mean: Sequence[float], image_std: Sequence[float]) -> np.ndarray:
@@ -72,10 +76,12 @@ def reconstruction_figure(
     image_std: Sequence[float],
     noise: torch.Tensor | None = None,
 ) -> Image.Image:
-    """Figure 2: a row per image of `pixel_values`: masked input | reconstruction | original."""
-    masked, reconstruction = reconstruct(model, unwrapped, pixel_values, noise)
+    """Figure 2: a row per image of `pixel_values`: masked | reconstruction | reconstruction + visible | original."""
+    masked, reconstruction, pixel_mask = reconstruct(model, unwrapped, pixel_values, noise)
+    pasted = masked + reconstruction * pixel_mask
     columns = [
-        to_uint8_images(images, image_mean, image_std) for images in (masked, reconstruction, pixel_values.float())
+        to_uint8_images(images, image_mean, image_std)
+        for images in (masked, reconstruction, pasted, pixel_values.float())
     ]
     return grid_image([list(row) for row in zip(*columns, strict=False)])
 

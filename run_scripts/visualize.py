@@ -1,4 +1,5 @@
-"""Figure 2 of the paper for any images or dataset split: one row per image, masked input | reconstruction | original.
+"""Figure 2 of the paper for any images or dataset split: one row per image,
+masked input | reconstruction | reconstruction + visible | original.
 
     python run_scripts/visualize.py --model_name_or_path outputs/mae-pretrain                  # validation split
     python run_scripts/visualize.py --model_name_or_path mae_visualize_vit_large.pth --images a.jpg b.png
