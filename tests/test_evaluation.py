@@ -15,6 +15,8 @@ from PIL import Image
 
 from conftest import tiny_config
 from data_fixtures import image_bytes, make_parquet_shards
+from test_training import FakeHfApi
+from transformers import AutoModelForImageClassification
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
@@ -240,6 +242,27 @@ def test_finetune_script_from_scratch_without_mixing(dataset: pathlib.Path, tmp_
     ])
     assert metrics["model"].startswith("random init") and metrics["train_steps"] == NUM_TRAIN // 8
     assert not MAEForImageClassification.from_pretrained(tmp_path).config.use_mean_pooling
+
+
+def test_finetune_push_to_hub_offline(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, hf_home
+) -> None:
+    FakeHfApi.remote, FakeHfApi.calls = tmp_path / "remote", []
+    FakeHfApi.remote.mkdir()
+    monkeypatch.setattr("modeling_mae.hub.HfApi", FakeHfApi)
+    finetune_main([
+        "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "run"),
+        "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--push_to_hub", "--hub_model_id",
+        "someone/tiny-mae-classifier",
+    ])
+    assert FakeHfApi.calls[0]["call"] == "create_repo" and FakeHfApi.calls[0]["repo_id"] == "someone/tiny-mae-classifier"
+    assert [call["call"] for call in FakeHfApi.calls].count("upload_folder") >= 1
+    uploaded = {path.name for path in FakeHfApi.remote.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_mae.py", "configuration_mae.py",
+            "preprocessor_config.json", "README.md", "all_results.json"} <= uploaded
+    # What reached the Hub loads as remote code and classifies with the data set's label names.
+    classifier = AutoModelForImageClassification.from_pretrained(FakeHfApi.remote, trust_remote_code=True)
+    assert classifier.config.id2label == {0: "cat", 1: "dog", 2: "fish"}
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
