@@ -23,6 +23,7 @@ import itertools
 import logging
 import math
 import pathlib
+import random
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -116,7 +117,9 @@ class DataArguments:
         default=None, metadata={"help": "Evaluate on a fixed subset of N samples (the first ones of the shards)."}
     )
     fast_decode: bool = field(
-        default=True, metadata={"help": "Decode large JPEGs at reduced size (PIL draft) when the crop allows it."}
+        default=True, metadata={"help": "Decode large JPEGs at reduced size (PIL draft) when the crop allows it; for "
+                                        "pretraining, decode and augment in one step, the scale chosen per sampled "
+                                        "crop."}
     )
     max_bad_image_fraction: float = field(
         default=0.5, metadata={"help": "Stop with an error when more than this fraction of the images read are "
@@ -313,7 +316,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
     The batch keys starting with "_" carry the bookkeeping to the main process: the (virtual) worker index, how many
     records this worker has consumed in the epoch, and the keys of the records that could not be decoded. With no
     ``transform`` (decoding on a device), batches hold the still encoded images ("encoded") and their keys ("_keys")
-    instead of "pixel_values".
+    instead of "pixel_values". With ``from_bytes`` (the transform fused with decoding), it replaces decode + transform.
     """
 
     def __init__(
@@ -331,6 +334,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         min_decode_side: int | None,
         max_bad_image_fraction: float,
         seed: int = 0,
+        from_bytes: Callable[[bytes, random.Random], torch.Tensor] | None = None,
     ) -> None:
         self.source = source
         self.seed = seed
@@ -342,6 +346,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         self.process_index = process_index
         self.num_processes = num_processes
         self.min_decode_side = min_decode_side
+        self.from_bytes = from_bytes
         self.max_bad_image_fraction = max_bad_image_fraction
         # [epoch, worker rotation, start position of each worker]; in shared memory so that persistent workers see
         # the values the main process sets before every epoch.
@@ -380,12 +385,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         for record in records:
             position += 1
             key = _record_key(record, self.columns.image, position)
-            image = self._read(record, key)
+            image = self._read(record, key, self._augmentation_seed(epoch, worker, position))
             tally.count([key] if image is None else [])
             if image is None:
                 bad_keys.append(key)
                 continue
-            images.append(image if self.transform is None else self._augment(image, epoch, worker, position))
+            images.append(image)
             keys.append(key)
             if self.columns.label is not None:
                 labels.append(int(record[self.columns.label]))
@@ -397,21 +402,30 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         if images or bad_keys:  # the last partial batch, or only the bad keys so that every skip gets counted
             yield self._batch(images, labels, keys, bad_keys, worker, position)
 
-    def _augment(self, image: Image.Image, epoch: int, worker: int, position: int) -> torch.Tensor:
-        """The transform, with random draws seeded by the record's place in the stream: a resumed run crops and
-        flips exactly as an uninterrupted one, whatever the worker processes' RNG states."""
+    def _augmentation_seed(self, epoch: int, worker: int, position: int) -> int:
+        """Seeds the record's random crop and flip from its place in the stream: a resumed run crops and flips exactly
+        as an uninterrupted one, whatever the worker processes' RNG states."""
+        return hash((self.seed, epoch, self.process_index, worker, position)) & (2**63 - 1)
+
+    def _augment(self, image: Image.Image, seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG (the main process's, without workers) alone
-            torch.manual_seed(hash((self.seed, epoch, self.process_index, worker, position)) & (2**63 - 1))
+            torch.manual_seed(seed)
             return self.transform(image)
 
-    def _read(self, record: dict[str, Any], key: str) -> Image.Image | bytes | None:
-        """The record's image, decoded, or still encoded when the loader decodes on a device; None if unreadable."""
+    def _read(self, record: dict[str, Any], key: str, seed: int) -> torch.Tensor | bytes | None:
+        """The record's image, augmented, or still encoded when the loader decodes on a device; None if unreadable."""
         try:
             value = record[self.columns.image]
-            return _record_bytes(value) if self.transform is None else _record_image(value, self.min_decode_side)
+            if self.transform is None:
+                return _record_bytes(value)
+            if self.from_bytes is not None:
+                # Decoding and augmentation are one step here, so any failure in it means a bad file.
+                return self.from_bytes(_record_bytes(value), random.Random(seed))
+            image = _record_image(value, self.min_decode_side)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file": skip it, never stop the run
             logger.debug("Cannot decode %s: %r", key, error)
             return None
+        return self._augment(image, seed)
 
     def _batch(
         self, images: list[Any], labels: list[int], keys: list[str], bad_keys: list[str], worker: int, position: int
@@ -662,9 +676,11 @@ def build_dataloader(
     """The loader of ``split`` ("train" or "validation") for process ``process_index`` of ``num_processes``.
 
     ``train`` shuffles (buffer + seed + epoch) and, by default, drops the last incomplete batch. With
-    ``args.decode_on`` a device and a transform that has a ``device_augment`` (the pretraining one), batches are decoded
-    and augmented on that device and come out there. Raises ValueError for an unknown dataset, a missing split or
-    column (listing what exists), an empty folder, or a ``decode_on`` that is no usable device.
+    ``args.fast_decode`` and a transform that has a ``from_bytes`` (the pretraining one), the workers decode and augment
+    each image in one step from its encoded bytes. With ``args.decode_on`` a device and a transform that has a
+    ``device_augment`` (the pretraining one), batches are decoded and augmented on that device and come out there.
+    Raises ValueError for an unknown dataset, a missing split or column (listing what exists), an empty folder, or a
+    ``decode_on`` that is no usable device.
     """
     builder = load_source(args)
     split_name = _pick_split(split, args, available_splits(builder))
@@ -699,6 +715,7 @@ def build_dataloader(
         min_decode_side=getattr(transform, "min_source_side", None) if args.fast_decode else None,
         max_bad_image_fraction=args.max_bad_image_fraction,
         seed=seed,
+        from_bytes=getattr(transform, "from_bytes", None) if args.fast_decode else None,
     )
     return ImageStreamLoader(
         worker_stream,

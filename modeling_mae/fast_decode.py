@@ -5,7 +5,7 @@ with three savings:
 - the crop is drawn from the header's size *before* decoding, so a JPEG is decoded at the smallest DCT scale
   (1/2, 1/4, 1/8, PIL `draft`) at which *this* crop still has >= the output's pixels (a worst-case bound such as
   `transforms.decode_image(min_side=...)` must assume the smallest crop, which on ImageNet-size images rules out
-  any reduction);
+  any reduction); other formats are decoded whole;
 - crop + bicubic resize is one PIL call (`resize(box=...)`), without the intermediate crop copy;
 - uint8 -> normalised float is one fused op instead of torchvision's ToImage/ToDtype/Normalize chain.
 """
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from .transforms import to_rgb
 
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes natively
 
@@ -61,17 +63,6 @@ def dct_reduction(crop_size: tuple[int, int], output_size: tuple[int, int]) -> i
     return 1
 
 
-def decode_image(data: bytes, target_size: int | Sequence[int], scale_min: float) -> Image.Image:
-    """RGB image decoded at the smallest DCT scale at which RandomResizedCrop's smallest possible crop
-    (area `scale_min`, aspect 3/4) still has `target_size` pixels: the crop-independent bound."""
-    height, width = (target_size, target_size) if isinstance(target_size, int) else target_size
-    image = Image.open(io.BytesIO(data))
-    min_side = math.ceil(max(height, width) / math.sqrt(scale_min * 3 / 4))
-    if image.format == "JPEG":
-        image.draft("RGB", (min_side, min_side))
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
 class FastPretrainTransform:
     """JPEG/PNG/... bytes -> `(3, H, W)` float tensor: RandomResizedCrop (bicubic) + horizontal flip + normalise."""
 
@@ -105,8 +96,7 @@ class FastPretrainTransform:
             if factor > 1:
                 image.draft(image.mode, (full_width // factor, full_height // factor))
         image.load()  # a truncated file fails here, as in `transforms.decode_image`
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)  # CMYK, grayscale, palette, RGBA, 16-bit: the conversions of the PIL path
         sx, sy = image.size[0] / full_width, image.size[1] / full_height  # the DCT scale actually used
         box = (left * sx, top * sy, (left + crop_width) * sx, (top + crop_height) * sy)
         crop = image.resize((self.width, self.height), Image.Resampling.BICUBIC, box=box)

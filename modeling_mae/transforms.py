@@ -1,9 +1,11 @@
 """Image decoding and the paper's augmentations, built on torchvision.transforms.v2.
 
-Three decode paths, so the speed of each can be measured on its own:
-- plain: ``decode_image(data)``, full-size PIL decode;
-- fast: ``decode_image(data, min_side=transform.min_source_side)``, JPEGs decoded at a reduced size (PIL ``draft``,
-  i.e. libjpeg DCT scaling) when the crop cannot use the full resolution anyway;
+Decode paths, so the speed of each can be measured on its own:
+- plain: ``decode_image(data)``, full-size PIL decode, then the transform;
+- fast, pretraining: ``ImageTransform.from_bytes`` (``fast_decode.FastPretrainTransform``) decodes and augments in one
+  step, a JPEG at the smallest DCT scale (PIL ``draft``) that the sampled crop allows;
+- fast, other transforms: ``decode_image(data, min_side=transform.min_source_side)``, JPEGs decoded at a reduced size
+  when no crop can use the full resolution anyway;
 - device: ``decode_images_on_device`` (nvjpeg when ``device`` is a GPU) + ``augment_on_device``; a transform that has
   such a batch-wise version carries it as ``ImageTransform.device_augment`` (the pretraining one does).
 """
@@ -63,11 +65,14 @@ class ImageTransform:
     ``min_source_side``: the short side below which decoding at a reduced size would lose detail in the output crop.
     ``device_augment``: the same recipe for a list of decoded uint8 tensors (3, H, W) wherever they are (e.g. the GPU)
     -> normalised batch; None when the recipe has no such version (only pretraining has one).
+    ``from_bytes``: the same recipe fused with decoding, encoded bytes -> normalised tensor, drawing the crop and flip
+    from the given generator; None when the recipe has no such version (only pretraining has one).
     """
 
     pipeline: v2.Compose
     min_source_side: int
     device_augment: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
+    from_bytes: Callable[[bytes, random.Random | None], torch.Tensor] | None = None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.pipeline(to_rgb(image))
@@ -98,10 +103,13 @@ def pretrain_transform(
     image_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> ImageTransform:
     """MAE pretraining: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip + normalise."""
+    from .fast_decode import FastPretrainTransform  # here, not at the top: fast_decode imports this module's to_rgb
+
     size = _as_size(image_size)
     pipeline = v2.Compose(_random_resized_crop(size, PRETRAIN_CROP_SCALE) + _to_normalised_tensor(mean, std))
     on_device = functools.partial(augment_on_device, image_size=size, mean=tuple(mean), std=tuple(std))
-    return ImageTransform(pipeline, _min_side_for_random_crop(size, PRETRAIN_CROP_SCALE[0]), on_device)
+    fused = FastPretrainTransform(size, scale=PRETRAIN_CROP_SCALE, mean=mean, std=std)
+    return ImageTransform(pipeline, _min_side_for_random_crop(size, PRETRAIN_CROP_SCALE[0]), on_device, fused)
 
 
 def eval_transform(

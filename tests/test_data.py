@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
 import os
 import pathlib
+import random
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from datasets.exceptions import DatasetNotFoundError
@@ -58,6 +61,26 @@ def make_source(tmp_path: pathlib.Path, form: str, num_samples: int, num_shards:
     return str(folder)
 
 
+def make_textured_source(tmp_path: pathlib.Path, num_samples: int) -> str:
+    """Two parquet shards of noise images, alternately PNG and JPEG: unlike the solid-colour fixtures, every crop and
+    flip shows in the pixels."""
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(0)
+    images = []
+    for index in range(num_samples):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buffer, "JPEG" if index % 2 else "PNG")
+        images.append({"bytes": buffer.getvalue(), "path": f"{index}.{'jpg' if index % 2 else 'png'}"})
+    dataset = Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()}))
+    (tmp_path / "data").mkdir(parents=True)
+    for shard in range(2):
+        path = tmp_path / "data" / f"train-{shard:05d}-of-00002.parquet"
+        dataset.shard(2, shard, contiguous=True).to_parquet(str(path))
+    return str(tmp_path)
+
+
 def batch_ids(batch: dict[str, torch.Tensor]) -> list[int]:
     return [encoded_id(image.mean((1, 2)) * 255) for image in batch["pixel_values"]]
 
@@ -89,8 +112,45 @@ def test_bad_bytes_raise_on_decode(kind: str) -> None:
         decode_image(image_bytes(3, kind))
 
 
+@pytest.mark.parametrize("kind", ("rgb", "jpeg") + ODD_KINDS + BAD_KINDS)
+def test_the_fused_pretraining_transform_reads_every_format_like_the_plain_one(kind: str) -> None:
+    transform = pretrain_transform((16, 12))
+    encoded = image_bytes(7, kind)
+    if kind in BAD_KINDS:
+        with pytest.raises(Exception):
+            transform.from_bytes(encoded, random.Random(0))
+        return
+    fused = transform.from_bytes(encoded, random.Random(0))
+    assert fused.shape == (3, 16, 12) and fused.dtype == torch.float32
+    # Solid colours: any crop has the image's colour, so the mode conversions (16-bit rescaled, not clipped) must agree.
+    torch.testing.assert_close(fused.mean((1, 2)), transform(decode_image(encoded)).mean((1, 2)), atol=0.02, rtol=0)
+
+
+def _ramp_statistics(crops: list[torch.Tensor]) -> torch.Tensor:
+    """Per crop of a red-horizontal / green-vertical ramp: where the crop is (mean red, green), how wide and tall it is
+    (red, green range) and whether it was flipped (red decreasing) -> (N, 5)."""
+    stacked = torch.stack(crops)
+    red, green = stacked[:, 0], stacked[:, 1]
+    width, height = red[:, :, -1].mean(1) - red[:, :, 0].mean(1), green[:, -1].mean(1) - green[:, 0].mean(1)
+    return torch.stack([red.mean((1, 2)), green.mean((1, 2)), width.abs(), height, (width < 0).float()], 1)
+
+
+def test_the_fused_pretraining_transform_draws_the_plain_crop_and_flip_distribution() -> None:
+    x, y = np.meshgrid(np.linspace(0, 255, 96), np.linspace(0, 255, 64))
+    ramp = Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8))
+    buffer = io.BytesIO()
+    ramp.save(buffer, format="PNG")
+    transform = pretrain_transform(16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    plain = _ramp_statistics([transform(ramp) for _ in range(600)])
+    fused = _ramp_statistics([transform.from_bytes(buffer.getvalue(), random.Random(seed)) for seed in range(600)])
+    # ~4 standard errors of the difference of two 600-sample means.
+    assert ((fused.mean(0) - plain.mean(0)).abs() <= 0.25 * plain.std(0)).all(), (fused.mean(0), plain.mean(0))
+    assert ((fused.std(0) - plain.std(0)).abs() <= 0.15 * plain.std(0)).all(), (fused.std(0), plain.std(0))
+
+
 def test_fast_decode_shrinks_large_jpegs_but_keeps_enough_pixels_for_the_crop() -> None:
-    transform = pretrain_transform(32)
+    transform = finetune_transform(32)  # pretraining decodes per sampled crop instead (its `from_bytes`)
     large = image_bytes(3, "jpeg", size=(1600, 1200))
     reduced = decode_image(large, min_side=transform.min_source_side)
     assert transform.min_source_side <= min(reduced.size) < 1200
@@ -211,10 +271,13 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped(
     assert list(resumed) != [] and resumed.state_dict()["epoch"] == 2  # after the resumed epoch: a full epoch again
 
 
+@pytest.mark.parametrize("fast_decode", [True, False])  # the fused decode + augmentation, and the plain transform
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_resumed_stream_draws_the_same_augmentations(tmp_path: pathlib.Path, num_workers: int) -> None:
-    source = make_source(tmp_path, "parquet", 24, num_shards=2)
-    args = DataArguments(dataset_name=source, dataloader_num_workers=num_workers, shuffle_buffer_size=8)
+def test_a_resumed_stream_draws_the_same_augmentations(
+    tmp_path: pathlib.Path, num_workers: int, fast_decode: bool
+) -> None:
+    args = DataArguments(dataset_name=make_textured_source(tmp_path, 24), dataloader_num_workers=num_workers,
+                         shuffle_buffer_size=8, fast_decode=fast_decode)
     transform = pretrain_transform((8, 8))  # random crops and flips
 
     def loader() -> data.ImageStreamLoader:
@@ -230,6 +293,34 @@ def test_a_resumed_stream_draws_the_same_augmentations(tmp_path: pathlib.Path, n
     assert len(head + tail) == len(uninterrupted)
     for got, expected in zip(head + tail, uninterrupted):
         torch.testing.assert_close(got, expected)
+
+
+def test_pretraining_with_and_without_fast_decode_yields_the_same_batches(tmp_path: pathlib.Path) -> None:
+    """The fused path (the transform's `from_bytes`) against the plain one: same records, labels, shapes and skips;
+    pixels close but not equal (another resize path and other random draws)."""
+    source = make_source(tmp_path, "parquet", 40, kinds=MIXED_KINDS | {12: "jpeg", 13: "jpeg"})
+    transform = pretrain_transform((16, 12))
+    fused_calls: list[bytes] = []
+
+    def spy(encoded: bytes, rng: random.Random) -> torch.Tensor:
+        fused_calls.append(encoded)
+        return transform.from_bytes(encoded, rng)
+
+    spied = dataclasses.replace(transform, from_bytes=spy)
+    loaders = {fast: build_dataloader(DataArguments(dataset_name=source, fast_decode=fast), "train", spied, 4,
+                                      train=False) for fast in (True, False)}
+    batches = {fast: list(loader) for fast, loader in loaders.items()}
+    assert len(fused_calls) == 40  # every record, the bad ones included, went through the fused path, and only once
+    fast, plain = batches[True], batches[False]
+    shapes = [(4, 3, 16, 12)] * 9 + [(2, 3, 16, 12)]  # 38 readable images
+    assert [b["pixel_values"].shape for b in fast] == [b["pixel_values"].shape for b in plain] == shapes
+    assert [b["labels"].tolist() for b in fast] == [b["labels"].tolist() for b in plain]
+    assert loaders[True].skipped_images() == loaders[False].skipped_images() == 2
+    fast_pixels, plain_pixels = (torch.cat([b["pixel_values"] for b in found]) for found in (fast, plain))
+    assert not torch.equal(fast_pixels, plain_pixels)
+    # Solid colours: each image's channel means survive any crop, so the two paths agree image by image.
+    torch.testing.assert_close(fast_pixels.mean((2, 3)), plain_pixels.mean((2, 3)), atol=0.03, rtol=0)
+    torch.testing.assert_close(fast_pixels.std(), plain_pixels.std(), atol=0.01, rtol=0.01)
 
 
 # --- Sample data and errors ------------------------------------------------------------------------------------------
