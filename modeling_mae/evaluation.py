@@ -6,7 +6,7 @@
 - Linear probing: `LinearProbeHead` (`BatchNorm1d(affine=False)` + linear, the paper's appendix A.2) and `LARS`
   (the official `util/lars.py`).
 - Fine-tuning: layer-wise learning-rate decay (`layer_id_for`, `lr_scale`, `layer_decay_lr_scale_fn`, plugged into
-  `training.build_optimizer`), `resize_model_resolution` and `smooth_one_hot`.
+  `training.build_optimizer`), `resize_model_resolution`.
 - Metrics: `TopKAccuracy` counts correct predictions per process and sums the counts over processes. The loaders of
   `modeling_mae.data` give each process a disjoint share of the split without padding, so there is no duplicated
   tail sample to drop and the sum is exact (the offline-safe replacement for `evaluate.load("accuracy")`).
@@ -286,11 +286,6 @@ def lr_scale(name: str, num_layers: int, layer_decay: float) -> float:
 def layer_decay_lr_scale_fn(num_layers: int, layer_decay: float) -> LrScaleFn:
     """`lr_scale` in the form `training.build_optimizer(lr_scale_fn=...)` takes."""
     return lambda name, _parameter: lr_scale(name, num_layers, layer_decay)
-
-
-def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """Soft targets `(B, C)` with label smoothing (used when MixUp/CutMix is off, so the loss stays the same kind)."""
-    return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
 
 
 # ------------------------------------------------------------------------------------------------ script plumbing

@@ -158,14 +158,21 @@ def finetune_transform(
 def mixup_cutmix(
     num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, label_smoothing: float = 0.1
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Batch-level MixUp or CutMix (one of the two per batch, 50/50) -> (pixel_values, smoothed soft targets)."""
-    choice = v2.RandomChoice(
-        [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes), v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)]
-    )
+    """Batch-level MixUp or CutMix (one of those with alpha > 0, drawn per batch, as in the paper) ->
+    (pixel_values, soft targets with label smoothing); with both alphas 0, label smoothing alone."""
+    mixers = [
+        mixer(alpha=alpha, num_classes=num_classes)
+        for mixer, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+        if alpha > 0
+    ]
+    choice = v2.RandomChoice(mixers) if mixers else None
 
     def mix(pixel_values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mixed, targets = choice(pixel_values, labels)
-        return mixed, targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+        if choice is None:
+            targets = torch.nn.functional.one_hot(labels, num_classes).float()
+        else:
+            pixel_values, targets = choice(pixel_values, labels)
+        return pixel_values, targets * (1.0 - label_smoothing) + label_smoothing / num_classes
 
     return mix
 

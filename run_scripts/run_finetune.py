@@ -44,7 +44,6 @@ from modeling_mae.evaluation import (
     layer_decay_lr_scale_fn,
     resize_model_resolution,
     save_results,
-    smooth_one_hot,
     split_loader,
 )
 from modeling_mae.hub import HubUploader, default_repo_name, export_model, render_model_card, write_model_card
@@ -85,8 +84,8 @@ class FinetuneModelArguments(ModelArguments):
 
 @dataclass
 class AugmentationArguments:
-    mixup: float = field(default=0.8, metadata={"help": "MixUp alpha (0 with --cutmix 0: no mixing)."})
-    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha."})
+    mixup: float = field(default=0.8, metadata={"help": "MixUp alpha (0: off)."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0: off; with both on, one per batch)."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the targets."})
 
 
@@ -138,15 +137,6 @@ def build_classifier(model_args: FinetuneModelArguments, class_names: list[str])
         resize_model_resolution(model, (model_args.image_size, model_args.image_size))
     model.mae.embeddings.position_embeddings.requires_grad_(model_args.train_position_embeddings)
     return model
-
-
-def build_mixer(augment: AugmentationArguments, num_classes: int) -> Mixer:
-    """MixUp/CutMix with label smoothing, or only label smoothing when both alphas are 0."""
-    if augment.mixup > 0 and augment.cutmix > 0:
-        return mixup_cutmix(num_classes, augment.mixup, augment.cutmix, augment.label_smoothing)
-    if augment.mixup > 0 or augment.cutmix > 0:
-        raise ValueError("set both --mixup and --cutmix (one of the two per batch, as in the paper), or both to 0")
-    return lambda pixels, labels: (pixels, smooth_one_hot(labels, num_classes, augment.label_smoothing))
 
 
 def resolve_class_names(loader: ImageStreamLoader, num_labels: int | None) -> list[str]:
@@ -257,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     class_names = resolve_class_names(train_loader, args.model.num_labels)
     model = build_classifier(args.model, class_names)
     set_seed(run.seed, device_specific=True)  # then different augmentations per process
-    mixer = build_mixer(args.augment, len(class_names))
+    mixer = mixup_cutmix(len(class_names), args.augment.mixup, args.augment.cutmix, args.augment.label_smoothing)
 
     plan = plan_training(len(train_loader), optim.gradient_accumulation_steps, optim.num_train_epochs,
                          optim.max_train_steps, optim.warmup_epochs, optim.warmup_steps)

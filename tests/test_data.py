@@ -163,6 +163,15 @@ def test_mixup_cutmix_gives_smoothed_soft_targets() -> None:
     assert torch.allclose(targets.sum(1), torch.ones(4)) and targets.min() >= 0.1 / 5 - 1e-6
 
 
+@pytest.mark.parametrize(("mixup_alpha", "cutmix_alpha"), [(0.8, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_mixup_or_cutmix_alone_and_smoothing_alone(mixup_alpha: float, cutmix_alpha: float) -> None:
+    pixels = torch.randn(4, 3, 8, 8)
+    mixed, targets = mixup_cutmix(5, mixup_alpha, cutmix_alpha, label_smoothing=0.1)(pixels, torch.tensor([0, 1, 2, 3]))
+    assert torch.allclose(targets.sum(1), torch.ones(4)) and targets.min() >= 0.1 / 5 - 1e-6
+    if mixup_alpha == cutmix_alpha == 0:
+        assert torch.equal(mixed, pixels) and torch.allclose(targets[0], torch.tensor([0.92, 0.02, 0.02, 0.02, 0.02]))
+
+
 # --- Sources and bad files -------------------------------------------------------------------------------------------
 
 
