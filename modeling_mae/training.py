@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ LR_REFERENCE_BATCH = 256  # the paper scales its base learning rate per 256 imag
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 PROCESS_STATE_NAME = "process_state_{}.json"
+TRAIN_LOADER_STATE = "train_loader"  # the process_state key of the training data-stream position
 
 # Learning-rate multiplier of a parameter from its name, e.g. layer-wise decay when fine-tuning.
 LrScaleFn = Callable[[str, nn.Parameter], float]
@@ -225,11 +226,12 @@ def move_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, 
 
 
 def configure_logging(accelerator: Accelerator, *loggers: logging.Logger) -> None:
-    """INFO from the main process only, so that N processes do not print everything N times."""
+    """INFO from the main process only, so that N processes do not print everything N times; the library's own
+    loggers (`modeling_mae.*`) always included."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING
     )
-    for each in loggers:
+    for each in (logging.getLogger("modeling_mae"), *loggers):
         each.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
 
 
@@ -456,6 +458,32 @@ def load_checkpoint(
     if not process_file.is_file():
         raise FileNotFoundError(f"{process_file} missing: resume with the same number of processes as the checkpoint")
     return trainer_state, json.loads(process_file.read_text())
+
+
+class ResumableLoader(Protocol):
+    """What a resume needs of `data.ImageStreamLoader` (typed structurally: this module does not import data)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def resume_training(
+    accelerator: Accelerator,
+    resume_from_checkpoint: str | None,
+    output_dir: str | os.PathLike[str],
+    train_loader: ResumableLoader,
+) -> tuple[pathlib.Path, dict[str, Any]] | None:
+    """Restore `--resume_from_checkpoint` (weights, optimizer, registered scheduler, RNG, the loader's stream position).
+
+    Returns (checkpoint, trainer_state), or None to start from scratch ("latest" with no checkpoint yet included).
+    """
+    path = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
+    if path is None:
+        if resume_from_checkpoint:
+            logger.info("no checkpoint in %s yet: starting from scratch", output_dir)
+        return None
+    trainer_state, process_state = load_checkpoint(accelerator, path)
+    train_loader.load_state_dict(process_state[TRAIN_LOADER_STATE])
+    return path, trainer_state
 
 
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:

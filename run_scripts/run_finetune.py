@@ -16,11 +16,12 @@ card, `all_results.json` (`eval_accuracy`, `eval_top5_accuracy`) and, with `--pu
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +49,8 @@ from modeling_mae.evaluation import (
 )
 from modeling_mae.hub import HubUploader, default_repo_name, export_model, render_model_card, write_model_card
 from modeling_mae.training import (
+    TRAIN_LOADER_STATE,
+    TrainingPlan,
     build_accelerator,
     build_optimizer,
     build_scheduler,
@@ -55,7 +58,10 @@ from modeling_mae.training import (
     iterate_in_lockstep,
     move_to_device,
     plan_training,
+    resume_training,
+    save_checkpoint,
     scaled_learning_rate,
+    seeded_generator,
 )
 
 DEFAULT_MODEL_CONFIG = "tiny-32px"
@@ -164,37 +170,115 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: ImageStre
     return accuracy.compute(accelerator)
 
 
-def train_one_epoch(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: ImageStreamLoader,
-    mixer: Mixer,
-    micro_batches: int,
-    max_grad_norm: float | None,
-) -> tuple[float, int]:
-    """At most `micro_batches` micro-batches (whole optimizer steps); returns (mean loss, optimizer steps)."""
+@dataclass
+class FinetuneProgress:
+    """Where the run stands: the trainer state of every checkpoint."""
+
+    completed_steps: int = 0  # optimizer steps
+    epoch: int = 0
+    epoch_micro_batches: int = 0  # consumed in the current epoch, on each process
+    epoch_loss_sum: float = 0.0  # of this process's micro-batch losses in the current epoch
+    history: list[dict[str, float | int]] = field(default_factory=list)  # one entry per finished epoch
+
+
+@dataclass
+class Loop:
+    """What the training loop works on."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: ImageStreamLoader
+    mixer: Mixer
+    plan: TrainingPlan
+    args: Arguments
+
+    def epoch_budget(self, progress: FinetuneProgress) -> int:
+        """Micro-batches left in this epoch: whole optimizer steps, never past the run's last step."""
+        accumulation = self.args.optim.gradient_accumulation_steps
+        per_epoch = (self.plan.steps_per_epoch or 0) * accumulation
+        remaining_steps = self.plan.total_steps - progress.completed_steps
+        return max(0, min(per_epoch - progress.epoch_micro_batches, remaining_steps * accumulation))
+
+
+def seed_micro_batch(loop: Loop, progress: FinetuneProgress) -> None:
+    # MixUp/CutMix and drop path draw from the global RNG, which other code (data loader iterators, evaluation) also
+    # consumes: seeding it from the micro-batch's place in the run makes a resumed run draw what an uninterrupted one
+    # draws (the per-image augmentations are already seeded from the stream position by the loader).
+    run, accelerator = loop.args.run, loop.accelerator
+    generator = seeded_generator(run.seed, accelerator.process_index, progress.epoch, progress.epoch_micro_batches)
+    torch.manual_seed(generator.initial_seed())
+
+
+def train_one_epoch(loop: Loop, progress: FinetuneProgress) -> None:
+    """Train on the rest of the current epoch (whole optimizer steps), checkpointing every --checkpointing_steps."""
+    accelerator, model, optim = loop.accelerator, loop.model, loop.args.optim
+    interval = loop.args.run.checkpoint_interval()
     model.train()
-    losses: list[float] = []
-    steps = 0
-    for index, batch in enumerate(loader):
-        if index >= micro_batches:
-            break
+    # islice, not a break: pulling one batch too many would move the saved stream position past the epoch's end.
+    for batch in itertools.islice(loop.train_loader, loop.epoch_budget(progress)):
+        seed_micro_batch(loop, progress)
         batch = move_to_device(batch, accelerator.device)
         with accelerator.accumulate(model):
-            pixel_values, targets = mixer(batch["pixel_values"], batch["labels"])
+            pixel_values, targets = loop.mixer(batch["pixel_values"], batch["labels"])
             loss = model(pixel_values, labels=targets).loss
             accelerator.backward(loss)
-            if accelerator.sync_gradients and max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+            if accelerator.sync_gradients and optim.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+            loop.optimizer.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+        progress.epoch_loss_sum += loss.item()
+        progress.epoch_micro_batches += 1
         if accelerator.sync_gradients:
-            scheduler.step()
-            steps += 1
-    return sum(losses) / max(len(losses), 1), steps
+            loop.scheduler.step()
+            progress.completed_steps += 1
+            if interval and progress.completed_steps % interval == 0:
+                checkpoint(loop, progress)
+
+
+def finish_epoch(loop: Loop, progress: FinetuneProgress, eval_loader: ImageStreamLoader) -> None:
+    """Evaluate, log and start the next epoch (checkpointing it with --checkpointing_steps epoch)."""
+    train_loss = progress.epoch_loss_sum / max(progress.epoch_micro_batches, 1)
+    metrics = {"epoch": progress.epoch + 1, "train_loss": train_loss, **evaluate(loop.accelerator, loop.model,
+                                                                                 eval_loader)}
+    progress.history.append(metrics)
+    loop.accelerator.log({f"finetune/{key}": value for key, value in metrics.items()}, step=progress.completed_steps)
+    loop.accelerator.print(f"epoch {progress.epoch + 1}: {metrics}")
+    progress.epoch, progress.epoch_micro_batches, progress.epoch_loss_sum = progress.epoch + 1, 0, 0.0
+    if loop.args.run.checkpoint_every_epoch():
+        checkpoint(loop, progress)
+
+
+def checkpoint(loop: Loop, progress: FinetuneProgress) -> None:
+    run = loop.args.run
+    path = save_checkpoint(loop.accelerator, run.output_dir, progress.completed_steps, asdict(progress),
+                           {TRAIN_LOADER_STATE: loop.train_loader.state_dict()}, run.checkpoints_total_limit)
+    loop.accelerator.print(f"step {progress.completed_steps}: saved {path}")
+
+
+def resume(loop: Loop) -> FinetuneProgress:
+    resumed = resume_training(loop.accelerator, loop.args.run.resume_from_checkpoint, loop.args.run.output_dir,
+                              loop.train_loader)
+    if resumed is None:
+        return FinetuneProgress()
+    path, trainer_state = resumed
+    progress = FinetuneProgress(**trainer_state)
+    loop.accelerator.print(f"resumed from {path}: step {progress.completed_steps}, epoch {progress.epoch}")
+    return progress
+
+
+def train(loop: Loop, eval_loader: ImageStreamLoader) -> FinetuneProgress:
+    progress = resume(loop)
+    bar = tqdm(total=loop.plan.num_epochs, initial=progress.epoch, desc="fine-tuning",
+               disable=not loop.accelerator.is_local_main_process)
+    while progress.epoch < loop.plan.num_epochs:
+        loop.train_loader.set_epoch(progress.epoch)  # keeps a stream position loaded for this epoch
+        train_one_epoch(loop, progress)
+        finish_epoch(loop, progress, eval_loader)
+        bar.update(1)
+    bar.close()
+    return progress
 
 
 # ----------------------------------------------------------------------------------------------------------------- main
@@ -260,31 +344,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         no_weight_decay=FINETUNE_NO_WEIGHT_DECAY,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Not prepared (Accelerate would step it once per process), but saved and restored with the checkpoints.
     scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, learning_rate, optim.min_lr)
+    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         pathlib.Path(run.output_dir).mkdir(parents=True, exist_ok=True)
         save_resolved_config(arguments_to_dict(args.model, args.data, args.augment, optim, run),
                              pathlib.Path(run.output_dir) / RUN_CONFIG_FILE)
 
     accelerator.init_trackers(run.tracker_project_name)  # a no-op without --with_tracking
-    completed_steps, history = 0, []
-    micro_batches_per_epoch = (plan.steps_per_epoch or 0) * optim.gradient_accumulation_steps
-    for epoch in tqdm(range(plan.num_epochs), desc="fine-tuning", disable=not accelerator.is_local_main_process):
-        train_loader.set_epoch(epoch)
-        budget = min(micro_batches_per_epoch, (plan.total_steps - completed_steps) * optim.gradient_accumulation_steps)
-        train_loss, steps = train_one_epoch(accelerator, model, optimizer, scheduler, train_loader, mixer, budget,
-                                            optim.max_grad_norm)
-        completed_steps += steps
-        epoch_metrics = {"epoch": epoch + 1, "train_loss": train_loss, **evaluate(accelerator, model, eval_loader)}
-        history.append(epoch_metrics)
-        accelerator.log({f"finetune/{key}": value for key, value in epoch_metrics.items()}, step=completed_steps)
-        accelerator.print(f"epoch {epoch + 1}: {epoch_metrics}")
+    progress = train(Loop(accelerator, model, optimizer, scheduler, train_loader, mixer, plan, args), eval_loader)
+    history = progress.history
 
     metrics: dict[str, Any] = {
         **{key: value for key, value in history[-1].items() if key.startswith("eval_")},
         "best_eval_accuracy": max(entry["eval_accuracy"] for entry in history),
         "train_loss": history[-1]["train_loss"],
-        "train_steps": completed_steps,
+        "train_steps": progress.completed_steps,
         "train_epochs": len(history),
         "learning_rate": learning_rate,
         "effective_batch_size": batch,

@@ -51,6 +51,7 @@ from modeling_mae.hub import (
     write_model_card,
 )
 from modeling_mae.training import (
+    TRAIN_LOADER_STATE,
     LossWindow,
     NonFiniteLossError,
     NonFiniteLossGuard,
@@ -64,11 +65,10 @@ from modeling_mae.training import (
     effective_batch_size,
     fill_deepspeed_config,
     iterate_in_lockstep,
-    load_checkpoint,
     loss_is_finite_everywhere,
     move_to_device,
     plan_training,
-    resolve_resume_checkpoint,
+    resume_training,
     save_checkpoint,
     scaled_learning_rate,
     seeded_generator,
@@ -490,7 +490,7 @@ def checkpoint(trainer: Trainer, progress: TrainingProgress, losses: LossWindow)
         trainer.output_dir,
         progress.completed_steps,
         asdict(progress),
-        {"train_loader": trainer.train_loader.state_dict()},
+        {TRAIN_LOADER_STATE: trainer.train_loader.state_dict()},
         trainer.args.run.checkpoints_total_limit,
     )
     logger.info("step %d: saved %s", progress.completed_steps, path)
@@ -606,13 +606,12 @@ def export(trainer: Trainer, progress: TrainingProgress, final: bool, metrics: d
 
 
 def resume(trainer: Trainer) -> TrainingProgress:
-    path = resolve_resume_checkpoint(trainer.args.run.resume_from_checkpoint, trainer.output_dir)
-    if path is None:
-        if trainer.args.run.resume_from_checkpoint:
-            logger.info("no checkpoint in %s yet: starting from scratch", trainer.output_dir)
+    resumed = resume_training(
+        trainer.accelerator, trainer.args.run.resume_from_checkpoint, trainer.output_dir, trainer.train_loader
+    )
+    if resumed is None:
         return TrainingProgress()
-    trainer_state, process_state = load_checkpoint(trainer.accelerator, path)
-    trainer.train_loader.load_state_dict(process_state["train_loader"])
+    path, trainer_state = resumed
     progress = TrainingProgress(**trainer_state)
     logger.info("resumed from %s: step %d, epoch %d", path, progress.completed_steps, progress.epoch)
     return progress

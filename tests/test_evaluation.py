@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from data_fixtures import image_bytes, make_parquet_shards
-from test_training import FakeHfApi
+from test_training import FakeHfApi, assert_same_weights, weights
 from transformers import AutoModelForImageClassification
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
 from modeling_mae.evaluation import (
@@ -32,7 +33,7 @@ from modeling_mae.evaluation import (
     resize_model_resolution,
     topk_correct,
 )
-from modeling_mae.training import build_optimizer
+from modeling_mae.training import build_optimizer, list_checkpoints
 from run_scripts.evidence import EvidenceArguments, render_table
 from run_scripts.run_finetune import main as finetune_main
 from run_scripts.run_knn import main as knn_main
@@ -305,3 +306,27 @@ def test_visualize_script_converts_a_transformers_vitmae_checkpoint(
     figure = visualize_main(["--model_name_or_path", str(tmp_path / "vitmae"), "--dataset_name", str(dataset),
                              "--num_images", "2", "--output", str(tmp_path / "vitmae.png")])
     assert figure.is_file()
+
+
+def test_finetune_checkpoint_and_resume_latest_continue_exactly(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # 5 steps per epoch, 6 in all: step_2 is mid-epoch, the resumed run crosses an epoch end. MixUp/CutMix and drop
+    # path stay on: their randomness is seeded from the micro-batch's place in the run.
+    def run(output: pathlib.Path, *extra: str) -> dict:
+        return finetune_main([
+            "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(output),
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--max_train_steps", "6",
+            "--checkpointing_steps", "2", *extra,
+        ])
+
+    straight = run(tmp_path / "straight")
+    assert [p.name for p in list_checkpoints(tmp_path / "straight")] == ["step_2", "step_4", "step_6"]
+    # An interrupted run: only its step_2 checkpoint exists when it is started again with "latest".
+    shutil.copytree(tmp_path / "straight" / "step_2", tmp_path / "resumed" / "step_2")
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1")
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step_6"]
+    assert resumed["train_steps"] == straight["train_steps"] == 6 and resumed["train_epochs"] == 2
+    assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+    # The per-epoch train loss is restored mid-epoch too.
+    assert resumed["history"] == [pytest.approx(epoch) for epoch in straight["history"]]
