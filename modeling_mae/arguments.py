@@ -21,6 +21,8 @@ import yaml
 from transformers import HfArgumentParser
 
 CONFIG_FLAG = "--config"
+DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample
+RUN_CONFIG_FILE = "run_config.yaml"  # the resolved configuration, saved with each run
 SECRET_FIELDS = ("hub_token",)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from modeling_mae.arguments import parse_arguments
+from modeling_mae.arguments import DEFAULT_MODEL_CONFIG, parse_arguments
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 RESULTS_FILE = "all_results.json"
@@ -35,7 +35,7 @@ STAGE_TIME_FILE = "stage_time.json"
 @dataclass
 class EvidenceArguments:
     output_dir: str = field(default="outputs/evidence", metadata={"help": "Every stage's folder, table and figure."})
-    model_config: str = field(default="tiny-32px", metadata={"help": "The ViT pretrained and compared."})
+    model_config: str = field(default=DEFAULT_MODEL_CONFIG, metadata={"help": "The ViT pretrained and compared."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage (weights, masks, data order)."})
     pretrain_epochs: float = field(default=8, metadata={"help": "Pretraining of the main comparison."})
     ablation_epochs: float = field(default=1, metadata={"help": "Pretraining of each masking-ratio ablation run."})

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from modeling_mae import MAEForImageClassification, load_config, parse_overrides
 from modeling_mae.arguments import (
+    DEFAULT_MODEL_CONFIG,
+    RUN_CONFIG_FILE,
     ModelArguments,
     OptimizationArguments,
     RunArguments,
@@ -64,8 +66,6 @@ from modeling_mae.training import (
     seeded_generator,
 )
 
-DEFAULT_MODEL_CONFIG = "tiny-32px"
-RUN_CONFIG_FILE = "run_config.yaml"
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

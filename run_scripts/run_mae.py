@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from modeling_mae import MAEConfig, MAEForPreTraining, build_image_processor, load_config, parse_overrides
 from modeling_mae.arguments import (
+    DEFAULT_MODEL_CONFIG,
+    RUN_CONFIG_FILE,
     OptimizationArguments,
     PretrainModelArguments,
     RunArguments,
@@ -79,11 +81,9 @@ from modeling_mae.visualization import log_figure, reconstruction_figure
 
 logger = logging.getLogger("run_mae")
 
-DEFAULT_MODEL_CONFIG = "tiny-32px"
 FIGURE_FILE = "reconstruction.png"
 FIGURE_IMAGES = 8
 RESULTS_FILE = "all_results.json"
-RUN_CONFIG_FILE = "run_config.yaml"
 
 
 @dataclass

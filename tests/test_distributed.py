@@ -17,8 +17,8 @@ from test_training import (
     RUN_MAE,
     assert_loadable,
     assert_same_weights,
-    make_data,
-    make_model_config,
+    data_dir,  # noqa: F401,F811 - module fixtures shared with test_training
+    model_config,  # noqa: F401,F811
     run_args,
     run_main,
     weights,
@@ -61,16 +61,6 @@ def launch(launch_flags: list[str], script_flags: list[str], env: dict[str, str]
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-5000:]
     assert "2 process(es)" in completed.stderr
     return completed
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return make_data(tmp_path_factory.mktemp("data"), num_train=64, num_validation=16)
-
-
-@pytest.fixture(scope="module")
-def model_config(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return make_model_config(tmp_path_factory.mktemp("model"))
 
 
 def test_two_ddp_processes_match_one_process_with_the_same_global_batch(data_dir, model_config, tmp_path) -> None:
