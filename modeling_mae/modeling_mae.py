@@ -1,10 +1,12 @@
 """Masked Autoencoders Are Scalable Vision Learners (He et al., 2021), as transformers models.
 
 The algorithm, in the official implementation's steps (facebookresearch/mae, `models_mae.py`):
-`patchify` the image, embed every patch and add a fixed 2D sin-cos position, `random_masking` keeps
-25% of them, `forward_encoder` runs the ViT on the visible patches only (no mask tokens: this is
-what makes pretraining ~3x cheaper), `forward_decoder` puts learned mask tokens back in place and
-predicts every patch's pixels, and `forward_loss` is the MSE on the masked patches.
+`patchify` the image, `random_masking` keeps 25% of the patches, which alone are embedded (with a
+fixed 2D sin-cos position), `forward_encoder` runs the ViT on the visible patches only (no mask
+tokens: this is what makes pretraining ~3x cheaper), `forward_decoder` puts learned mask tokens back
+in place and predicts the patches' pixels, and `forward_loss` is the MSE on the masked patches.
+Training asks for the masked patches' predictions only (`logits_to_keep="masked"`), so that the
+decoder's last block and head skip the visible ones; the official code computes and discards them.
 
 Shapes: B batch, C channels, H x W image, p x q patch, L = (H / p) * (W / q) patches,
 L_vis visible patches, D encoder width, D_dec decoder width.
@@ -98,7 +100,8 @@ class MAEForPreTrainingOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`): MSE on the masked patches (on all patches when
             `mask_ratio=0`), against per-patch normalised pixels when `config.norm_pix_loss`.
         logits (`torch.FloatTensor` of shape `(B, L, p * q * C)`): predicted pixels of every patch,
-            in `patchify` order.
+            in `patchify` order; `(B, L - L_vis, p * q * C)`, the masked patches only in ascending
+            order, with `logits_to_keep="masked"`.
         mask (`torch.FloatTensor` of shape `(B, L)`): 1 for removed patches, 0 for kept ones.
         ids_restore (`torch.LongTensor` of shape `(B, L)`): inverse of the shuffle.
         hidden_states, attentions: of the encoder, as in [`MAEModelOutput`].
@@ -154,35 +157,77 @@ def resize_position_table(
     return torch.cat([cls_row, patch_rows], dim=1)
 
 
-def random_masking(
-    sequence: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+def masking_indices(
+    batch_size: int, seq_len: int, mask_ratio: float, noise: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by sorting noise: the patches with the smallest noise are kept.
 
     Args:
-        sequence: `(B, L, D)` patch tokens.
-        mask_ratio: fraction of patches to remove.
+        mask_ratio: fraction of the `seq_len` patches to remove.
         noise: `(B, L)` in [0, 1); pass it for reproducible masks, otherwise drawn uniformly.
 
     Returns:
-        kept `(B, L_vis, D)`, mask `(B, L)` (1 = removed) and ids_restore `(B, L)`.
+        ids_keep `(B, L_vis)` (the kept patches, in shuffled order), mask `(B, L)` (1 = removed, float)
+        and ids_restore `(B, L)` (the inverse of the shuffle).
     """
-    batch_size, seq_len, dim = sequence.shape
     len_keep = int(seq_len * (1 - mask_ratio))
     if noise is None:
-        noise = torch.rand(batch_size, seq_len, device=sequence.device)
+        noise = torch.rand(batch_size, seq_len, device=device)
     elif noise.shape != (batch_size, seq_len):
         raise ValueError(f"noise must have shape {(batch_size, seq_len)}, got {tuple(noise.shape)}")
 
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    kept = torch.gather(sequence, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, L_vis, D)
-
-    mask = torch.ones(batch_size, seq_len, device=sequence.device, dtype=sequence.dtype)
+    mask = torch.ones(batch_size, seq_len, device=noise.device)
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)  # back to the original patch order
-    return kept, mask, ids_restore
+    return ids_shuffle[:, :len_keep], mask, ids_restore
+
+
+def gather_tokens(sequence: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`(B, N, D)` tokens, `(B, K)` indices -> `(B, K, D)`."""
+    return torch.gather(sequence, 1, index.unsqueeze(-1).expand(-1, -1, sequence.shape[-1]))
+
+
+def random_masking(
+    sequence: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`masking_indices` applied to `(B, L, D)` tokens: kept `(B, L_vis, D)`, mask `(B, L)`, ids_restore `(B, L)`."""
+    batch_size, seq_len, _ = sequence.shape
+    ids_keep, mask, ids_restore = masking_indices(batch_size, seq_len, mask_ratio, noise, sequence.device)
+    return gather_tokens(sequence, ids_keep), mask.to(sequence.dtype), ids_restore
+
+
+def loss_patch_index(mask: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """The patches the loss is taken on, ascending: the `num_masked` removed ones of each sample `(B, K)`, or all
+    `(B, L)` when none was removed (`mask_ratio=0`). Sorting the mask keeps the GPU free of a host sync."""
+    batch_size, seq_len = mask.shape
+    if num_masked == 0:
+        return torch.arange(seq_len, device=mask.device).expand(batch_size, -1)
+    return mask.argsort(dim=1, descending=True, stable=True)[:, :num_masked]
+
+
+def patch_grid(pixel_values: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """`(B, C, H, W)` -> a view `(B, H/p, W/q, p, q, C)` (no copy): patch (i, j) is `[:, i, j]`."""
+    batch_size, channels, height, width = pixel_values.shape
+    patch_height, patch_width = patch_size
+    grid = pixel_values.view(batch_size, channels, height // patch_height, patch_height, width // patch_width, patch_width)
+    return grid.permute(0, 2, 4, 3, 5, 1)
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """`(B, C, H, W)` -> `(B, L, p * q * C)`, each patch flattened row by row, channels last."""
+    grid = patch_grid(pixel_values, patch_size)  # (B, H/p, W/q, p, q, C)
+    return grid.reshape(grid.shape[0], grid.shape[1] * grid.shape[2], -1)
+
+
+def gather_patches(pixel_values: torch.Tensor, patch_size: tuple[int, int], index: torch.Tensor) -> torch.Tensor:
+    """`patchify(pixel_values)` of the patches `index` `(B, K)` only, without copying the others: `(B, K, p * q * C)`."""
+    grid = patch_grid(pixel_values, patch_size)  # (B, H/p, W/q, p, q, C)
+    grid_width = grid.shape[2]
+    batch = torch.arange(grid.shape[0], device=index.device).unsqueeze(1)  # (B, 1), broadcast against (B, K)
+    return grid[batch, index // grid_width, index % grid_width].flatten(2)  # (B, K, p, q, C) -> (B, K, p * q * C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +245,8 @@ class MAEPatchEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def grid_size(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> tuple[int, int]:
+        """The `(H/p, W/q)` patch grid of `(B, C, H, W)` images, after checking that the model takes them."""
         _, channels, height, width = pixel_values.shape
         if channels != self.config.num_channels:
             raise ValueError(f"expected {self.config.num_channels} channels, got {channels}")
@@ -209,10 +255,21 @@ class MAEPatchEmbeddings(nn.Module):
                 f"input image size ({height}x{width}) doesn't match the model ({self.config.image_size[0]}x"
                 f"{self.config.image_size[1]}); pass interpolate_pos_encoding=True to use another resolution"
             )
-        if height % self.config.patch_size[0] or width % self.config.patch_size[1]:
+        patch_height, patch_width = self.config.patch_size
+        if height % patch_height or width % patch_width:
             raise ValueError(f"image size ({height}x{width}) must be a multiple of patch_size {self.config.patch_size}")
+        return height // patch_height, width // patch_width
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        self.grid_size(pixel_values, interpolate_pos_encoding)
         # (B, C, H, W) -> (B, D, H/p, W/q) -> (B, L, D)
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        """The same projection as a matmul on patchified pixels, `(B, K, p * q * C)` -> `(B, K, D)`: what the
+        encoder uses when it embeds only the visible patches (a quarter of the work of the convolution)."""
+        weight = self.projection.weight.permute(0, 2, 3, 1).flatten(1)  # (D, C, p, q) -> (D, p * q * C), patchify's order
+        return F.linear(patches, weight, self.projection.bias)
 
 
 class MAEEmbeddings(nn.Module):
@@ -227,13 +284,18 @@ class MAEEmbeddings(nn.Module):
             torch.zeros(1, config.num_patches + 1, config.hidden_size), requires_grad=False
         )
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """`(B, C, H, W)` -> patch tokens with positions `(B, L, D)`; the CLS token comes after masking."""
-        patch_size = self.config.patch_size
-        grid = (pixel_values.shape[-2] // patch_size[0], pixel_values.shape[-1] // patch_size[1])
-        embeddings = self.patch_embeddings(pixel_values, interpolate_pos_encoding)
-        table = resize_position_table(self.position_embeddings, self.config.grid_size, grid)
-        return embeddings + table[:, 1:]
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, keep_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(B, C, H, W)` -> patch tokens with positions `(B, L, D)`, or with `keep_index` `(B, K)` only those
+        patches' `(B, K, D)`, the others never embedded. The CLS token comes after masking."""
+        grid = self.patch_embeddings.grid_size(pixel_values, interpolate_pos_encoding)
+        positions = resize_position_table(self.position_embeddings, self.config.grid_size, grid)[:, 1:]  # (1, L, D)
+        if keep_index is None:
+            return self.patch_embeddings(pixel_values, interpolate_pos_encoding) + positions
+        patches = gather_patches(pixel_values, self.config.patch_size, keep_index)  # (B, K, p * q * C)
+        positions = gather_tokens(positions.expand(keep_index.shape[0], -1, -1), keep_index)  # (B, K, D)
+        return self.patch_embeddings.project(patches) + positions
 
     def prepend_cls_token(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         """`(B, L_vis, D)` -> `(B, 1 + L_vis, D)`."""
@@ -276,11 +338,18 @@ class MAEAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, query_index: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(B, N, D)` -> `(B, N, D)`; with `query_index` `(B, K)` only those tokens' outputs `(B, K, D)`
+        (they still attend to all N)."""
         batch_size, seq_len, width = hidden_states.shape
-        # (B, N, 3 * D) -> (B, N, 3, heads, head_dim) -> 3 x (B, heads, N, head_dim)
+        # (B, N, 3 * D) -> (B, N, 3, heads, head_dim) -> 3 x (B, heads, N, head_dim). Split before transposing: the
+        # backward then stacks the three gradients straight into qkv's layout, one copy instead of two.
         qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        query, key, value = (projection.transpose(1, 2) for projection in qkv.unbind(2))
+        if query_index is not None:  # (B, heads, N, head_dim) -> (B, heads, K, head_dim)
+            query = torch.gather(query, 2, query_index[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -294,8 +363,8 @@ class MAEAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        # (B, N, heads, head_dim) -> (B, N, D)
-        return self.proj(attn_output.reshape(batch_size, seq_len, width)), attn_weights
+        # (B, N or K, heads, head_dim) -> (B, N or K, D)
+        return self.proj(attn_output.reshape(batch_size, query.shape[2], width)), attn_weights
 
 
 class MAEMLP(nn.Module):
@@ -341,8 +410,13 @@ class MAELayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(self.norm1(hidden_states), **kwargs)
+    def forward(
+        self, hidden_states: torch.Tensor, query_index: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(B, N, D)` -> `(B, N, D)`, or only the tokens `query_index` `(B, K)`: `(B, K, D)`."""
+        attn_output, attn_weights = self.attention(self.norm1(hidden_states), query_index, **kwargs)
+        if query_index is not None:
+            hidden_states = gather_tokens(hidden_states, query_index)  # the residual of the kept tokens
         hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
         hidden_states = hidden_states + self.drop_path(self.dropout(self.mlp(self.norm2(hidden_states))))
         return hidden_states, attn_weights
@@ -371,14 +445,22 @@ class MAETransformer(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """`(B, N, D)` -> `(B, N, D)`; with `output_index` `(B, K)` the last layer computes only those tokens'
+        outputs, `(B, K, D)`: the others would feed nothing."""
         all_hidden_states: tuple[torch.Tensor, ...] = ()
         all_attentions: tuple[torch.Tensor, ...] = ()
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for depth, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights = layer(hidden_states, output_attentions=output_attentions)
+            query_index = output_index if depth == last else None
+            hidden_states, attn_weights = layer(hidden_states, query_index, output_attentions=output_attentions)
             if output_attentions:
                 all_attentions += (attn_weights,)
         if output_hidden_states:
@@ -408,8 +490,15 @@ class MAEDecoder(nn.Module):
         patch_height, patch_width = config.patch_size
         self.pred = nn.Linear(width, patch_height * patch_width * config.num_channels)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        """`(B, 1 + L_vis, D)` encoder output -> `(B, L, p * q * C)` predicted pixels."""
+    def forward(
+        self,
+        latent: torch.Tensor,
+        ids_restore: torch.Tensor,
+        grid_size: tuple[int, int],
+        patch_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`(B, 1 + L_vis, D)` encoder output -> `(B, L, p * q * C)` predicted pixels, or those of the patches
+        `patch_index` `(B, K)` only, `(B, K, p * q * C)`: the last block, norm and head then skip the others."""
         tokens = self.decoder_embed(latent)  # (B, 1 + L_vis, D_dec)
         batch_size, num_tokens, width = tokens.shape
         num_patches = ids_restore.shape[1]
@@ -418,8 +507,11 @@ class MAEDecoder(nn.Module):
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, width))  # unshuffle
         tokens = torch.cat([tokens[:, :1], patches], dim=1)  # (B, 1 + L, D_dec)
         tokens = tokens + resize_position_table(self.position_embeddings, self.config.grid_size, grid_size)
-        tokens, _, _ = self.transformer(tokens)
-        return self.pred(self.norm(tokens[:, 1:]))  # CLS dropped before the head, not after: (B, L, p * q * C)
+        if patch_index is None:
+            tokens, _, _ = self.transformer(tokens)
+            return self.pred(self.norm(tokens[:, 1:]))  # CLS dropped before the head, not after: (B, L, p * q * C)
+        tokens, _, _ = self.transformer(tokens, output_index=patch_index + 1)  # + 1: CLS first; (B, K, D_dec)
+        return self.pred(self.norm(tokens))  # (B, K, p * q * C)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,11 +612,16 @@ class MAEModel(MAEPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        tokens = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, L, D)
-        mask = ids_restore = None
+        ids_keep = mask = ids_restore = None
         if noise is not None or mask_ratio is not None:
+            grid_height, grid_width = self.embeddings.patch_embeddings.grid_size(pixel_values, interpolate_pos_encoding)
             ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-            tokens, mask, ids_restore = random_masking(tokens, ratio, noise)  # (B, L_vis, D)
+            ids_keep, mask, ids_restore = masking_indices(
+                pixel_values.shape[0], grid_height * grid_width, ratio, noise, pixel_values.device
+            )
+            mask = mask.to(pixel_values.dtype)
+        # Masking comes first, so that only the kept patches are embedded: (B, L_vis, D), or (B, L, D) without masking.
+        tokens = self.embeddings(pixel_values, interpolate_pos_encoding, ids_keep)
         tokens = self.embeddings.prepend_cls_token(tokens)  # (B, 1 + L_vis, D)
         hidden_states, all_hidden_states, attentions = self.encoder(tokens, output_hidden_states, output_attentions)
         sequence_output = self.layernorm(hidden_states)
@@ -555,12 +652,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, C, H, W)` -> `(B, L, p * q * C)`, each patch flattened row by row, channels last."""
-        batch_size, channels, height, width = pixel_values.shape
-        patch_height, patch_width = self.config.patch_size
-        grid_height, grid_width = height // patch_height, width // patch_width
-        patches = pixel_values.reshape(batch_size, channels, grid_height, patch_height, grid_width, patch_width)
-        patches = torch.einsum("nchpwq->nhwpqc", patches)  # (B, H/p, W/q, p, q, C)
-        return patches.reshape(batch_size, grid_height * grid_width, patch_height * patch_width * channels)
+        return patchify(pixel_values, self.config.patch_size)
 
     def unpatchify(self, patches: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
         """`(B, L, p * q * C)` -> `(B, C, H, W)`; `image_size` defaults to the config's."""
@@ -574,25 +666,25 @@ class MAEForPreTraining(MAEPreTrainedModel):
         images = torch.einsum("nhwpqc->nchpwq", patches)  # (B, C, H/p, p, W/q, q)
         return images.reshape(batch_size, -1, height, width)
 
-    def normalize_targets(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Patchified targets `(B, L, p * q * C)` and their per-patch mean and std `(B, L, 1)`;
-        the targets are normalised with them when `config.norm_pix_loss`."""
-        target = self.patchify(pixel_values)
+    def normalize_patches(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Target patches `(B, K, p * q * C)` and their per-patch mean and std `(B, K, 1)`; the targets
+        are normalised with them when `config.norm_pix_loss`."""
         if not self.config.norm_pix_loss:
-            return target, torch.zeros_like(target[..., :1]), torch.ones_like(target[..., :1])
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
-        return (target - mean) / std, mean, std
+            return patches, torch.zeros_like(patches[..., :1]), torch.ones_like(patches[..., :1])
+        var, mean = torch.var_mean(patches, dim=-1, keepdim=True)  # unbiased variance, as the official code
+        std = (var + NORM_PIX_EPS) ** 0.5
+        return (patches - mean) / std, mean, std
 
-    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over the removed patches (over all patches when
-        none was removed, `mask_ratio=0`, instead of 0/0)."""
-        target, _, _ = self.normalize_targets(pixel_values)
-        loss_per_patch = (logits.float() - target.float()).pow(2).mean(dim=-1)  # (B, L)
-        num_masked = mask.sum()
-        masked_loss = (loss_per_patch * mask).sum() / num_masked.clamp(min=1)
-        # torch.where instead of an `if` keeps the GPU free of a host sync every step.
-        return torch.where(num_masked > 0, masked_loss, loss_per_patch.mean())
+    def normalize_targets(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`normalize_patches` of every patch of `(B, C, H, W)` images: `(B, L, p * q * C)`, `(B, L, 1)` twice."""
+        return self.normalize_patches(self.patchify(pixel_values))
+
+    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, patch_index: torch.Tensor) -> torch.Tensor:
+        """Mean squared error between `logits` `(B, K, p * q * C)` and the (normalised) pixels of the
+        patches `patch_index` `(B, K)` (see `loss_patch_index`). Only those patches are cut out and
+        normalised, the visible ones never."""
+        target, _, _ = self.normalize_patches(gather_patches(pixel_values, self.config.patch_size, patch_index))
+        return F.mse_loss(logits.float(), target.float())  # the mean over patches and pixels; a one-op backward
 
     def logits_to_pixels(self, logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Predictions `(B, L, p * q * C)` -> images `(B, C, H, W)` in the input's normalised space.
@@ -612,6 +704,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: str = "all",
         **kwargs: Any,
     ) -> MAEForPreTrainingOutput | tuple:
         r"""
@@ -620,7 +713,13 @@ class MAEForPreTraining(MAEPreTrainedModel):
             noise (`torch.FloatTensor` of shape `(B, L)`, *optional*): masking noise, for reproducible masks.
             mask_ratio (`float`, *optional*): overrides `config.mask_ratio` for this call.
             interpolate_pos_encoding (`bool`): accept a resolution other than `config.image_size`.
+            logits_to_keep (`str`): `"all"` (default) predicts every patch; `"masked"` only the patches the
+                loss is taken on (the removed ones; all when `mask_ratio=0`), in ascending patch order, so
+                that `logits == full_logits[mask.bool()].view(B, -1, p * q * C)`: the decoder's last block,
+                norm and head skip the visible patches. Same loss, for less work: what training uses.
         """
+        if logits_to_keep not in ("all", "masked"):
+            raise ValueError(f'logits_to_keep must be "all" or "masked", got {logits_to_keep!r}')
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         encoded = self.mae(
@@ -634,8 +733,15 @@ class MAEForPreTraining(MAEPreTrainedModel):
         )
         patch_height, patch_width = self.config.patch_size
         grid = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
-        logits = self.decoder(encoded.last_hidden_state, encoded.ids_restore, grid)  # (B, L, p * q * C)
-        loss = self.forward_loss(pixel_values.to(logits.dtype), logits, encoded.mask)
+        latent = encoded.last_hidden_state  # (B, 1 + L_vis, D)
+        patch_index = loss_patch_index(encoded.mask, num_masked=grid[0] * grid[1] + 1 - latent.shape[1])  # (B, K)
+        if logits_to_keep == "masked":
+            logits = self.decoder(latent, encoded.ids_restore, grid, patch_index)  # (B, K, p * q * C)
+            loss_logits = logits
+        else:
+            logits = self.decoder(latent, encoded.ids_restore, grid)  # (B, L, p * q * C)
+            loss_logits = gather_tokens(logits, patch_index)  # (B, K, p * q * C)
+        loss = self.forward_loss(pixel_values.to(logits.dtype), loss_logits, patch_index)
 
         output = MAEForPreTrainingOutput(
             loss=loss,
@@ -723,6 +829,10 @@ __all__ = [
     "MAEModelOutput",
     "MAEForPreTrainingOutput",
     "build_image_processor",
+    "gather_patches",
+    "loss_patch_index",
+    "masking_indices",
+    "patchify",
     "random_masking",
     "sincos_position_table",
 ]

@@ -44,7 +44,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
-from modeling_mae.modeling_mae import random_masking  # noqa: E402
+from modeling_mae.modeling_mae import gather_tokens, loss_patch_index, random_masking  # noqa: E402
 
 # Dense bf16 peak of the card (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -101,8 +101,9 @@ def mask_token_loss(model: MAEForPreTraining, mask_token: torch.Tensor, pixel_va
     decoder = model.decoder
     tokens = decoder.decoder_embed(latent) + decoder.position_embeddings  # (B, 1 + L, D_dec)
     tokens, _, _ = decoder.transformer(tokens)
-    logits = decoder.pred(decoder.norm(tokens[:, 1:]))  # (B, L, p * q * C), as MAEDecoder
-    return model.forward_loss(pixel_values.to(logits.dtype), logits, mask)
+    logits = decoder.pred(decoder.norm(tokens[:, 1:]))  # (B, L, p * q * C), as MAEDecoder without logits_to_keep
+    patch_index = loss_patch_index(mask, num_masked=int(mask[0].sum()))  # (B, L - L_vis)
+    return model.forward_loss(pixel_values.to(logits.dtype), gather_tokens(logits, patch_index), patch_index)
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -114,8 +115,9 @@ def transformer_flops(tokens: int, width: int, mlp: int, layers: int) -> float:
 
 
 def pretraining_flops(config: MAEConfig, batch_size: int, visible_only: bool = True) -> float:
-    """FLOPs of a training step (3x forward): encoder on 1 + L_vis tokens (1 + L for the mask-token baseline),
-    decoder on 1 + L; patch embedding on all patches as the model computes it."""
+    """FLOPs of the official training step (3x forward): patch embedding of all patches, encoder on 1 + L_vis tokens
+    (1 + L for the mask-token baseline), decoder and head on 1 + L. Every model's MFU is counted against this same
+    work; our training step skips some of it (visible-only embedding, masked-only last block and head)."""
     patches = config.num_patches
     patch_dim = config.patch_size[0] * config.patch_size[1] * config.num_channels
     encoder_tokens = 1 + (int(patches * (1 - config.mask_ratio)) if visible_only else patches)
@@ -258,11 +260,11 @@ def bench_train(size: str, attn: str, args: argparse.Namespace, device: torch.de
     pixel_values = torch.randn(batch_size, config.num_channels, *config.image_size, device=device)
     loss_fns: dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]] = {
         "transformers": (reference, lambda x: reference(x).loss),
-        "ours": (ours, lambda x: ours(x).loss),
+        "ours": (ours, lambda x: ours(x, logits_to_keep="masked").loss),  # as run_mae.py trains
     }
     if args.compile and size in args.compile_sizes:
         compiled = torch.compile(ours, mode=args.compile_mode)
-        loss_fns["ours+compile"] = (ours, lambda x: compiled(x).loss)
+        loss_fns["ours+compile"] = (ours, lambda x: compiled(x, logits_to_keep="masked").loss)
     steps = {name: make_train_step(fn, list(model.parameters()), pixel_values, args.autocast_dtype)
              for name, (model, fn) in loss_fns.items()}
     times = time_alternating(steps, args.iterations, args.warmup, args.steps_per_sample, device)
@@ -271,11 +273,9 @@ def bench_train(size: str, attn: str, args: argparse.Namespace, device: torch.de
     for name, (model, fn) in loss_fns.items():
         kind, mib = step_memory_mib(steps[name], fn, pixel_values, args.autocast_dtype, list(model.parameters()))
         variants[name]["memory_mib"], variants[name]["memory_kind"] = mib, kind
-    result = {"size": size, "attn": attn, "batch_size": batch_size, "dtype": args.dtype_name,
-              "compile_mode": args.compile_mode or "default", "train_step_flops": flops, "variants": variants,
-              "speedup": {name: ratio(times, "transformers", name) for name in steps if name != "transformers"}}
-    del ours, reference, steps, loss_fns
-    return result
+    return {"size": size, "attn": attn, "batch_size": batch_size, "dtype": args.dtype_name,
+            "compile_mode": args.compile_mode or "default", "train_step_flops": flops, "variants": variants,
+            "speedup": {name: ratio(times, "transformers", name) for name in steps if name != "transformers"}}
 
 
 def bench_asymmetric(size: str, args: argparse.Namespace, device: torch.device) -> Results:

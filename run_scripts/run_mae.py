@@ -349,7 +349,8 @@ def train_micro_batch(trainer: Trainer, progress: TrainingProgress, batch: dict[
     accelerator = trainer.accelerator
     pixel_values = move_to_device(batch, accelerator.device)["pixel_values"]
     with accelerator.accumulate(trainer.model):
-        loss = trainer.model(pixel_values, noise=mask_noise(trainer, progress, pixel_values.shape[0])).loss
+        noise = mask_noise(trainer, progress, pixel_values.shape[0])
+        loss = trainer.model(pixel_values, noise=noise, logits_to_keep="masked").loss  # the loss's patches only
         finite = loop.guard.update(loss_is_finite_everywhere(accelerator, loss))
         if finite:
             accelerator.backward(loss)
@@ -434,7 +435,8 @@ def validation_loss(trainer: Trainer) -> float | None:
     for batch, is_real in iterate_in_lockstep(accelerator, trainer.eval_loader):
         pixel_values = batch["pixel_values"]
         noise = torch.rand(pixel_values.shape[0], trainer.config.num_patches, generator=generator)
-        loss = trainer.model(pixel_values.to(accelerator.device), noise=noise.to(accelerator.device)).loss
+        pixel_values, noise = pixel_values.to(accelerator.device), noise.to(accelerator.device)
+        loss = trainer.model(pixel_values, noise=noise, logits_to_keep="masked").loss
         if is_real:
             totals += torch.stack(
                 [

@@ -175,6 +175,50 @@ def test_mask_ratio_zero_gives_a_finite_loss_over_all_patches() -> None:
     torch.testing.assert_close(out.loss, expected)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_masked_logits_give_the_full_forwards_predictions_loss_and_gradients(attn: str, norm_pix_loss: bool) -> None:
+    """Training's `logits_to_keep="masked"` (visible patches never embedded; the decoder's last block, norm and head
+    skip them) computes exactly what the full forward computes on the masked patches."""
+    config = tiny_config(norm_pix_loss=norm_pix_loss, image_size=(16, 24), patch_size=(4, 8))  # 4 x 3 patches
+    model = MAEForPreTraining._from_config(config, attn_implementation=attn).train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    pixel_values, noise = torch.randn(3, 3, 16, 24), torch.rand(3, 12)
+    full = model(pixel_values, noise=noise)
+    masked = model(pixel_values, noise=noise, logits_to_keep="masked")
+    assert masked.logits.shape == (3, 9, 96)  # 9 of the 12 patches masked, in ascending order:
+    torch.testing.assert_close(masked.logits, full.logits[full.mask.bool()].view(3, 9, 96))
+    torch.testing.assert_close(masked.loss, full.loss)
+    torch.testing.assert_close(masked.mask, full.mask)
+    for name, expected, actual in zip(
+        [n for n, p in model.named_parameters() if p.requires_grad],
+        torch.autograd.grad(full.loss, parameters),
+        torch.autograd.grad(masked.loss, parameters),
+        strict=True,
+    ):
+        assert actual.abs().sum() > 0, name
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_masked_logits_without_masking_are_all_logits() -> None:
+    model = MAEForPreTraining(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    full, masked = model(pixel_values, mask_ratio=0.0), model(pixel_values, mask_ratio=0.0, logits_to_keep="masked")
+    torch.testing.assert_close(masked.logits, full.logits)
+    torch.testing.assert_close(masked.loss, full.loss)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(pixel_values, logits_to_keep="visible")
+
+
+def test_embedding_only_the_kept_patches_equals_embedding_all_then_keeping() -> None:
+    """The encoder embeds only the visible patches (a matmul on their pixels): the convolution's result on them."""
+    embeddings = MAEModel(tiny_config(image_size=(16, 24), patch_size=(4, 8))).embeddings
+    pixel_values, keep = torch.randn(2, 3, 16, 24), torch.rand(2, 12).argsort(dim=1)[:, :5]
+    every_patch = embeddings(pixel_values)  # (2, 12, 32), through the convolution
+    expected = torch.gather(every_patch, 1, keep.unsqueeze(-1).expand(-1, -1, 32))
+    torch.testing.assert_close(embeddings(pixel_values, keep_index=keep), expected)
+
+
 def test_patchify_unpatchify_round_trip_non_square() -> None:
     model = MAEForPreTraining(tiny_config(image_size=(16, 24), patch_size=(4, 8)))
     pixel_values = torch.randn(2, 3, 16, 24)
