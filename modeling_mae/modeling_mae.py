@@ -683,6 +683,9 @@ class MAEForPreTraining(MAEPreTrainedModel):
         """Mean squared error between `logits` `(B, K, p * q * C)` and the (normalised) pixels of the
         patches `patch_index` `(B, K)` (see `loss_patch_index`). Only those patches are cut out and
         normalised, the visible ones never."""
+        if patch_index.is_floating_point():  # the official forward_loss(imgs, pred, mask) took the float mask
+            raise TypeError("forward_loss takes the loss's patch indices (see `loss_patch_index(mask, num_masked)`), "
+                            "not the mask")
         target, _, _ = self.normalize_patches(gather_patches(pixel_values, self.config.patch_size, patch_index))
         return F.mse_loss(logits.float(), target.float())  # the mean over patches and pixels; a one-op backward
 

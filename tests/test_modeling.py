@@ -208,6 +208,8 @@ def test_masked_logits_without_masking_are_all_logits() -> None:
     torch.testing.assert_close(masked.loss, full.loss)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(pixel_values, logits_to_keep="visible")
+    with pytest.raises(TypeError, match="not the mask"):  # the official signature took the mask
+        model.forward_loss(pixel_values, full.logits, full.mask)
 
 
 def test_embedding_only_the_kept_patches_equals_embedding_all_then_keeping() -> None:
