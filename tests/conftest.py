@@ -7,8 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pathlib
+
 import pytest
 import torch
+from data_fixtures import make_parquet_shards
 
 from modeling_mae import MAEConfig
 
@@ -26,6 +29,24 @@ def tiny_config(**overrides) -> MAEConfig:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Parquet shards of solid-colour images, 64 train and 16 validation (one shard each: processes split it
+    sample by sample); one per test module."""
+    directory = tmp_path_factory.mktemp("data")
+    make_parquet_shards(directory, 64, num_shards=1)
+    make_parquet_shards(directory, 16, num_shards=1, split="validation")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A saved `tiny_config()`: its config.json, for `--model_config`."""
+    directory = tmp_path_factory.mktemp("model")
+    tiny_config().save_pretrained(directory)
+    return directory / "config.json"
 
 
 @pytest.fixture

@@ -17,8 +17,6 @@ from test_training import (
     RUN_MAE,
     assert_loadable,
     assert_same_weights,
-    data_dir,  # noqa: F401,F811 - module fixtures shared with test_training
-    model_config,  # noqa: F401,F811
     run_args,
     run_main,
     weights,

@@ -22,7 +22,6 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config
-from data_fixtures import make_parquet_shards
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForPreTraining
@@ -79,19 +78,6 @@ run_mae = _load_run_mae()
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def make_data(directory: pathlib.Path, num_train: int = 64, num_validation: int = 0) -> pathlib.Path:
-    """Parquet shards of solid-colour images (one shard: processes split it sample by sample)."""
-    make_parquet_shards(directory, num_train, num_shards=1)
-    if num_validation:
-        make_parquet_shards(directory, num_validation, num_shards=1, split="validation")
-    return directory
-
-
-def make_model_config(directory: pathlib.Path, **overrides: Any) -> pathlib.Path:
-    tiny_config(**overrides).save_pretrained(directory)
-    return directory / "config.json"
-
-
 def run_args(data: pathlib.Path, model_config: pathlib.Path, output_dir: pathlib.Path, *extra: str) -> list[str]:
     """Flags of a tiny run: 16x16 images, 2 layers of 32, batch 8, 6 steps."""
     return [
@@ -145,16 +131,6 @@ def assert_loadable(folder: pathlib.Path, reference: dict[str, torch.Tensor]) ->
     assert_same_weights({name: value for name, value in model.state_dict().items() if name in reference}, reference)
     encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
     assert type(encoder).__name__ == "MAEModel"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return make_data(tmp_path_factory.mktemp("data"), num_train=64, num_validation=16)
-
-
-@pytest.fixture(scope="module")
-def model_config(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return make_model_config(tmp_path_factory.mktemp("model"))
 
 
 # ----------------------------------------------------------------------------------------------- recipe building blocks
