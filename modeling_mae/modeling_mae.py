@@ -212,7 +212,8 @@ def patch_grid(pixel_values: torch.Tensor, patch_size: tuple[int, int]) -> torch
     """`(B, C, H, W)` -> a view `(B, H/p, W/q, p, q, C)` (no copy): patch (i, j) is `[:, i, j]`."""
     batch_size, channels, height, width = pixel_values.shape
     patch_height, patch_width = patch_size
-    grid = pixel_values.view(batch_size, channels, height // patch_height, patch_height, width // patch_width, patch_width)
+    grid_height, grid_width = height // patch_height, width // patch_width
+    grid = pixel_values.view(batch_size, channels, grid_height, patch_height, grid_width, patch_width)
     return grid.permute(0, 2, 4, 3, 5, 1)
 
 
@@ -223,7 +224,7 @@ def patchify(pixel_values: torch.Tensor, patch_size: tuple[int, int]) -> torch.T
 
 
 def gather_patches(pixel_values: torch.Tensor, patch_size: tuple[int, int], index: torch.Tensor) -> torch.Tensor:
-    """`patchify(pixel_values)` of the patches `index` `(B, K)` only, without copying the others: `(B, K, p * q * C)`."""
+    """`patchify(pixel_values)` of the patches `index` `(B, K)` only, the others not copied: `(B, K, p * q * C)`."""
     grid = patch_grid(pixel_values, patch_size)  # (B, H/p, W/q, p, q, C)
     grid_width = grid.shape[2]
     batch = torch.arange(grid.shape[0], device=index.device).unsqueeze(1)  # (B, 1), broadcast against (B, K)
@@ -268,7 +269,7 @@ class MAEPatchEmbeddings(nn.Module):
     def project(self, patches: torch.Tensor) -> torch.Tensor:
         """The same projection as a matmul on patchified pixels, `(B, K, p * q * C)` -> `(B, K, D)`: what the
         encoder uses when it embeds only the visible patches (a quarter of the work of the convolution)."""
-        weight = self.projection.weight.permute(0, 2, 3, 1).flatten(1)  # (D, C, p, q) -> (D, p * q * C), patchify's order
+        weight = self.projection.weight.permute(0, 2, 3, 1).flatten(1)  # (D, C, p, q) -> (D, p * q * C): patchify's
         return F.linear(patches, weight, self.projection.bias)
 
 

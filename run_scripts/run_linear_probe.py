@@ -17,9 +17,11 @@ at the end. Results: `output_dir/all_results.json` (`eval_accuracy`, `eval_top5_
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +48,13 @@ from modeling_mae.evaluation import (
     save_results,
     split_loader,
 )
-from modeling_mae.training import build_accelerator, build_scheduler, plan_training, scaled_learning_rate
+from modeling_mae.training import (
+    build_accelerator,
+    build_scheduler,
+    effective_batch_size,
+    plan_training,
+    scaled_learning_rate,
+)
 
 HEAD_FILE = "linear_head.safetensors"
 OPTIMIZERS = ("lars", "sgd")
@@ -69,9 +77,14 @@ class LinearProbeArguments:
     # embedded sample, random init: LARS 38.5% vs SGD 73.5% top-1), so LARS is kept for the paper's 16384 batch.
     optimizer: str = field(default="sgd", metadata={"help": "'sgd' (momentum 0.9) or 'lars' (the paper, for its "
                                                             "16384-image batches).", "choices": list(OPTIMIZERS)})
-    per_device_train_batch_size: int = field(default=256, metadata={"help": "Samples per process per step."})
+    per_device_train_batch_size: int = field(default=256, metadata={"help": "Samples per process per micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step (the official accum_iter): the paper's "
+                                     "16384-image batch on fewer devices. The head's BatchNorm normalises each "
+                                     "micro-batch, as in the official code."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Images per forward pass when encoding."})
-    base_learning_rate: float = field(default=0.1, metadata={"help": "lr = base_learning_rate * batch / 256."})
+    base_learning_rate: float = field(default=0.1, metadata={"help": "lr = base_learning_rate * effective batch / "
+                                                                         "256 (micro-batch x accumulation x processes)."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the linear layer."})
     num_train_epochs: int = field(default=90, metadata={"help": "Epochs over the train split."})
     warmup_epochs: int = field(default=10, metadata={"help": "Linear warmup, then half-cycle cosine to 0."})
@@ -116,17 +129,20 @@ def train_head(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     epochs: Iterator[Batches],
 ) -> float:
-    """Cross-entropy training of the head; returns the mean loss of the last epoch."""
+    """Cross-entropy training of the head, one optimizer step per `gradient_accumulation_steps` micro-batches (each
+    epoch holds a whole number of steps); returns the mean micro-batch loss of the last epoch."""
     last_epoch_loss = float("nan")
     for batches in epochs:
         head.train()
         losses = []
         for features, labels in batches:
-            loss = F.cross_entropy(head(features), labels)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with accelerator.accumulate(head):  # the prepared optimizer steps (and zeroes) on the last micro-batch only
+                loss = F.cross_entropy(head(features), labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                scheduler.step()
             losses.append(loss.item())
         last_epoch_loss = sum(losses) / max(len(losses), 1)
     return last_epoch_loss
@@ -135,7 +151,7 @@ def train_head(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train and score the linear probe; returns the metrics written to `output_dir/all_results.json`."""
     model_args, data_args, probe = parse_arguments((ModelArguments, DataArguments, LinearProbeArguments), argv)
-    accelerator = build_accelerator(1, probe.output_dir)
+    accelerator = build_accelerator(probe.gradient_accumulation_steps, probe.output_dir)
     start = time.perf_counter()
     set_seed(probe.seed)  # the same random init and head on every process
     encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
@@ -149,20 +165,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if probe.cached_features:
         train_loader = split_loader(accelerator, data_args, "train", eval_transform(size), eval_batch_size, train=False)
         features, labels = extract_features(accelerator, encoder, train_loader, probe.pooling)
-        steps_per_epoch = features.shape[0] // (batch_size * accelerator.num_processes)
-        epochs = (cached_batches(accelerator, features, labels, batch_size, epoch, probe.seed)
-                  for epoch in range(probe.num_train_epochs))
+        batches_per_epoch = features.shape[0] // (batch_size * accelerator.num_processes)
+        epoch_batches: Callable[[int], Batches] = functools.partial(
+            cached_batches, accelerator, features, labels, batch_size, seed=probe.seed
+        )
     else:
         train_loader = split_loader(accelerator, data_args, "train", pretrain_transform(size), batch_size, train=True,
                                     seed=probe.seed)
         labels = val_labels  # class names need labels only when the dataset has no ClassLabel feature
-        steps_per_epoch = len(train_loader)
-        epochs = (streamed_batches(encoder, train_loader, probe.pooling, epoch, accelerator.device)
-                  for epoch in range(probe.num_train_epochs))
+        batches_per_epoch = len(train_loader)
+        epoch_batches = functools.partial(streamed_batches, encoder, train_loader, probe.pooling, device=accelerator.device)
     num_classes = len(class_names_of(train_loader, labels))
 
-    plan = plan_training(steps_per_epoch, 1, probe.num_train_epochs, warmup_epochs=probe.warmup_epochs)
-    learning_rate = scaled_learning_rate(probe.base_learning_rate, batch_size * accelerator.num_processes)
+    accumulation = probe.gradient_accumulation_steps
+    plan = plan_training(batches_per_epoch, accumulation, probe.num_train_epochs, warmup_epochs=probe.warmup_epochs)
+    micro_batches = plan.steps_per_epoch * accumulation  # a trailing partial accumulation is dropped
+    epochs = (itertools.islice(epoch_batches(epoch), micro_batches) for epoch in range(probe.num_train_epochs))
+    learning_rate = scaled_learning_rate(
+        probe.base_learning_rate, effective_batch_size(batch_size, accumulation, accelerator.num_processes)
+    )
     head = LinearProbeHead(encoder.config.hidden_size, num_classes).to(accelerator.device)
     optimizer = make_optimizer(head, probe, learning_rate)
     head, optimizer = accelerator.prepare(head, optimizer)
@@ -178,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_loss": train_loss,
         "train_steps": plan.total_steps,
         "learning_rate": learning_rate,
+        "gradient_accumulation_steps": accumulation,
         "pooling": probe.pooling,
         "cached_features": probe.cached_features,
         "optimizer": probe.optimizer,

@@ -33,11 +33,12 @@ from modeling_mae.evaluation import (
     resize_model_resolution,
     topk_correct,
 )
-from modeling_mae.training import build_optimizer, list_checkpoints
+from modeling_mae.training import build_accelerator, build_optimizer, build_scheduler, list_checkpoints
 from run_scripts.evidence import EvidenceArguments, render_table
 from run_scripts.run_finetune import main as finetune_main
 from run_scripts.run_knn import main as knn_main
 from run_scripts.run_linear_probe import main as linear_probe_main
+from run_scripts.run_linear_probe import train_head
 from run_scripts.visualize import main as visualize_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -203,6 +204,40 @@ def test_linear_probe_script(
     assert metrics["train_steps"] == 3 * (NUM_TRAIN // 8)  # whole batches only, both ways
     assert (tmp_path / "linear_head.safetensors").is_file()
     assert read_results(tmp_path)["cached_features"] == (cached == "true")
+
+
+def test_linear_probe_accumulation_steps_like_the_whole_batch(tmp_path: pathlib.Path) -> None:
+    """4 samples x 2 accumulated micro-batches make the optimizer step of one batch of 8: same weights, same schedule
+    (a plain linear head: the probe's BatchNorm normalises each micro-batch, as in the official code)."""
+    features, labels = torch.randn(16, 6), torch.arange(16) % 3
+
+    def train(batch_size: int, accumulation: int) -> tuple[torch.Tensor, int]:
+        accelerator = build_accelerator(accumulation, tmp_path)
+        torch.manual_seed(0)
+        head = torch.nn.Linear(6, 3)
+        head, optimizer = accelerator.prepare(head, torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9))
+        scheduler = build_scheduler(optimizer, 0, 2, 0.5)
+        epoch = [(features[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, 16, batch_size)]
+        train_head(accelerator, head, optimizer, scheduler, iter([iter(epoch)]))
+        return accelerator.unwrap_model(head).weight.detach().clone(), scheduler.last_epoch
+
+    (whole, whole_steps), (accumulated, accumulated_steps) = train(8, 1), train(4, 2)
+    assert whole_steps == accumulated_steps == 2
+    torch.testing.assert_close(accumulated, whole)
+
+
+def test_linear_probe_script_with_accumulation(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Batch 4 x 2 micro-batches: the optimizer steps and learning rate of batch 8."""
+    common = ["--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--num_train_epochs", "3",
+              "--warmup_epochs", "1"]
+    whole = linear_probe_main([*common, "--output_dir", str(tmp_path / "whole"), "--per_device_train_batch_size", "8"])
+    accumulated = linear_probe_main([*common, "--output_dir", str(tmp_path / "accumulated"),
+                                     "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"])
+    assert accumulated["train_steps"] == whole["train_steps"] == 3 * (NUM_TRAIN // 8)
+    assert accumulated["learning_rate"] == pytest.approx(whole["learning_rate"])
+    assert accumulated["gradient_accumulation_steps"] == 2 and 0.0 <= accumulated["eval_accuracy"] <= 1.0
 
 
 def test_linear_probe_leaves_the_encoder_untouched(
