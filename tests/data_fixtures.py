@@ -9,11 +9,15 @@ valid ones too: ``"cmyk"``, ``"gray"``, ``"rgba"``, ``"palette"``, ``"gray16"`` 
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import pathlib
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 CLASS_NAMES = ("cat", "dog", "fish")
@@ -30,6 +34,26 @@ def encoded_id(rgb_mean: Sequence[float]) -> int:
     """Inverse of ``id_colour`` from the mean RGB value (0-255) of an image."""
     r, g, b = (min(15, max(0, int(round((float(value) - 8) / 16)))) for value in rgb_mean)
     return r + 16 * g + 256 * b
+
+
+def batch_ids(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The ids of a batch of id-coloured images (normalised with mean 0 / std 1, any crop or flip)."""
+    return [encoded_id(image.mean((1, 2)) * 255) for image in batch["pixel_values"]]
+
+
+def read_with_a_restart(make_loader: Callable[[], Any], stop_after: int) -> tuple[list[list[int]], list[list[int]], Any]:
+    """A stream loader's batch ids read whole, and read again with a restart: `stop_after` batches, then its state
+    through JSON (as a checkpoint stores it) into a fresh loader, which reads the rest. Returns the two lists of
+    batch ids and the resumed loader."""
+    whole = [batch_ids(batch) for batch in make_loader()]
+    interrupted = make_loader()
+    head: Iterable[dict[str, torch.Tensor]] = itertools.islice(interrupted, stop_after)
+    restarted = [batch_ids(batch) for batch in head]
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(state["epoch"])  # what the training loop does when the resumed epoch starts
+    return whole, restarted + [batch_ids(batch) for batch in resumed], resumed
 
 
 def image_bytes(sample_id: int, kind: str = "rgb", size: tuple[int, int] = (24, 20)) -> bytes:

@@ -26,11 +26,12 @@ from data_fixtures import (
     BAD_KINDS,
     CLASS_NAMES,
     ODD_KINDS,
-    encoded_id,
+    batch_ids,
     image_bytes,
     make_imagefolder,
     make_parquet_shards,
     make_webdataset,
+    read_with_a_restart,
 )
 from modeling_mae.data import (
     DataArguments,
@@ -79,10 +80,6 @@ def make_textured_source(tmp_path: pathlib.Path, num_samples: int) -> str:
         path = tmp_path / "data" / f"train-{shard:05d}-of-00002.parquet"
         dataset.shard(2, shard, contiguous=True).to_parquet(str(path))
     return str(tmp_path)
-
-
-def batch_ids(batch: dict[str, torch.Tensor]) -> list[int]:
-    return [encoded_id(image.mean((1, 2)) * 255) for image in batch["pixel_values"]]
 
 
 def epoch_ids(loader: data.ImageStreamLoader) -> list[int]:
@@ -263,19 +260,8 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped(
         stream.set_epoch(2)
         return stream
 
-    uninterrupted = [batch_ids(batch) for batch in loader()]
-    interrupted = loader()
-    head = []
-    for batch in interrupted:
-        head.append(batch_ids(batch))
-        if len(head) == stop_after:
-            break
-    state = json.loads(json.dumps(interrupted.state_dict()))
-    resumed = loader()
-    resumed.load_state_dict(state)
-    resumed.set_epoch(2)
-    tail = [batch_ids(batch) for batch in resumed]
-    assert head + tail == uninterrupted
+    uninterrupted, restarted, resumed = read_with_a_restart(loader, stop_after)
+    assert restarted == uninterrupted
     assert resumed.skipped_images() == 2
     assert list(resumed) != [] and resumed.state_dict()["epoch"] == 2  # after the resumed epoch: a full epoch again
 

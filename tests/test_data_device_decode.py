@@ -7,7 +7,6 @@ only nvjpeg itself needs a GPU.
 from __future__ import annotations
 
 import gc
-import json
 import pathlib
 import weakref
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 import modeling_mae.data as data
-from data_fixtures import encoded_id, image_bytes, make_parquet_shards
+from data_fixtures import batch_ids, image_bytes, make_parquet_shards, read_with_a_restart
 from modeling_mae.data import (
     DataArguments,
     build_dataloader,
@@ -38,10 +37,6 @@ def make_source(
     kinds = {i: "jpeg" for i in range(num_samples)} | (kinds or {})
     make_parquet_shards(tmp_path, num_samples, num_shards=num_shards, kinds=kinds)
     return str(tmp_path)
-
-
-def batch_ids(batch: dict[str, torch.Tensor]) -> list[int]:
-    return [encoded_id(image.mean((1, 2)) * 255) for image in batch["pixel_values"]]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -108,19 +103,8 @@ def test_a_resumed_device_stream_continues_exactly_where_it_stopped(
         stream.set_epoch(2)
         return stream
 
-    uninterrupted = [batch_ids(batch) for batch in loader()]
-    interrupted = loader()
-    head = []
-    for batch in interrupted:
-        head.append(batch_ids(batch))
-        if len(head) == stop_after:
-            break
-    state = json.loads(json.dumps(interrupted.state_dict()))
-    resumed = loader()
-    resumed.load_state_dict(state)
-    resumed.set_epoch(2)
-    tail = [batch_ids(batch) for batch in resumed]
-    assert head + tail == uninterrupted
+    uninterrupted, restarted, resumed = read_with_a_restart(loader, stop_after)
+    assert restarted == uninterrupted
     assert resumed.skipped_images() == 2
 
 
