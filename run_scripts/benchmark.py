@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -54,6 +55,9 @@ GPU_BATCH_SIZE = {"huge": 128}
 GPU_DEFAULT_BATCH_SIZE = 256
 # The mask-token baseline keeps 4x the encoder activations: ViT-H at 128 would not fit an 80 GB card.
 GPU_ASYMMETRIC_BATCH_SIZE = {"huge": 64}
+# Kinds of GPU kernels in a profile, by a pattern of the kernel's name; first match wins, the rest is "other".
+KERNEL_KINDS = (("matmul", r"gemm|gemv|xmma|nvjet|cutlass|wgmma"), ("attention", r"flash|fmha|attention"),
+                ("optimizer", r"adam"), ("compiled element-wise", r"^triton"))
 Results = dict[str, Any]
 Step = Callable[[], None]
 
@@ -220,6 +224,34 @@ def step_memory_mib(step: Step, loss_fn: Callable[[torch.Tensor], torch.Tensor],
     return "saved activations", sum(saved.values()) / 2**20
 
 
+def kernel_time_shares(events: Any) -> dict[str, float]:
+    """Share of the GPU kernel time per kind of kernel (KERNEL_KINDS), from a profile's `key_averages()`."""
+    shares = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["other"], 0.0)
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
+            shares[kind] += event.self_device_time_total
+    total = sum(shares.values()) or 1.0
+    return {kind: time / total for kind, time in shares.items()}
+
+
+def profile_step(step: Step, device: torch.device, steps: int = 3) -> tuple[str, dict[str, float]]:
+    """Where a step's time goes, over `steps` steps: a table of the ops (CPU) or kernels (GPU) by self time and, on a
+    GPU, the share of kernel time per kind of kernel."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    events = profiler.key_averages()
+    shares = kernel_time_shares(events) if device.type == "cuda" else {}
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    summary = "".join(f"{kind}: {share:.1%}\n" for kind, share in shares.items())
+    return summary + events.table(sort_by=sort_by, row_limit=30), shares
+
+
 def summarise(times: dict[str, dict[str, list[float]]], batch_size: int, flops: dict[str, float],
               peak: float | None) -> Results:
     variants = {}
@@ -273,6 +305,9 @@ def bench_train(size: str, attn: str, args: argparse.Namespace, device: torch.de
     for name, (model, fn) in loss_fns.items():
         kind, mib = step_memory_mib(steps[name], fn, pixel_values, args.autocast_dtype, list(model.parameters()))
         variants[name]["memory_mib"], variants[name]["memory_kind"] = mib, kind
+        if args.profile:
+            table, variants[name]["kernel_time_shares"] = profile_step(steps[name], device)
+            (pathlib.Path(args.output_dir) / f"profile_{size}_{attn}_{name}.txt").write_text(table)
     return {"size": size, "attn": attn, "batch_size": batch_size, "dtype": args.dtype_name,
             "compile_mode": args.compile_mode or "default", "train_step_flops": flops, "variants": variants,
             "speedup": {name: ratio(times, "transformers", name) for name in steps if name != "transformers"}}
@@ -420,6 +455,15 @@ def markdown(results: Results) -> str:
                 + f"{v['transformers']['memory_mib']:.0f} / {v['ours']['memory_mib']:.0f} "
                   f"({v['ours']['memory_kind']}) | {mfu} |")
         lines.append("")
+    shares = [(r, name, v["kernel_time_shares"]) for r in results["train"] for name, v in r["variants"].items()
+              if v.get("kernel_time_shares")]
+    if shares:
+        kinds = list(shares[0][2])
+        lines += ["## Where the GPU time goes: share of kernel time per kind of kernel (`--profile`)", "",
+                  "| model | attention | variant | " + " | ".join(kinds) + " |", "|---" * (3 + len(kinds)) + "|"]
+        lines += [f"| {r['size']} | {r['attn']} | {name} | " + " | ".join(f"{share[k]:.1%}" for k in kinds) + " |"
+                  for r, name, share in shares]
+        lines.append("")
     if results["asymmetric"]:
         lines += ["## Asymmetric design: encoder on visible patches only vs on all patches with mask tokens", "",
                   "| model | batch | step img/s, mask tokens / visible only | step speedup | FLOPs ratio | "
@@ -470,6 +514,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time our model under torch.compile (default: on GPU only)")
     parser.add_argument("--compile_sizes", default="large", help="sizes to compile (compilation takes a minute each)")
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each timed training step: profile_<size>_<attn>_<model>.txt in --output_dir")
     parser.add_argument("--jpeg_sizes", default="500x375,1600x1200")
     parser.add_argument("--data_images", type=int, default=32)
     parser.add_argument("--data_rounds", type=int, default=4)
@@ -512,6 +558,7 @@ def main(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
     device = torch.device(args.device)
     output_dir = pathlib.Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     else:

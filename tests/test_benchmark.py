@@ -11,6 +11,7 @@ import io
 import json
 import pathlib
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_benchmark_runs_and_writes_json_and_markdown(tmp_path, keep_threads) -> 
     results = benchmark.main([
         "--device", "cpu", "--sizes", "tiny-32px", "--attn", "sdpa", "--threads", "1", "--batch_size", "2",
         "--iterations", "1", "--warmup", "0", "--jpeg_sizes", "64x48", "--data_images", "2", "--data_rounds", "1",
-        "--output_dir", str(tmp_path),
+        "--profile", "--output_dir", str(tmp_path),
     ])
     assert results["errors"] == []
     saved = json.loads((tmp_path / "benchmark.json").read_text())
@@ -82,6 +83,7 @@ def test_benchmark_runs_and_writes_json_and_markdown(tmp_path, keep_threads) -> 
     assert data["speedup"]["plain PIL + torchvision"] == pytest.approx(1.0)
     table = (tmp_path / "benchmark.md").read_text()
     assert "| tiny-32px | sdpa | 2 |" in table and "## Data path" in table
+    assert "aten::" in (tmp_path / "profile_tiny-32px_sdpa_ours.txt").read_text()  # the ops of our step, by time
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -158,3 +160,17 @@ def test_reduced_size_jpeg_decode_stays_close_to_the_full_decode() -> None:
     actual = FastPretrainTransform(224, seed=seed)(data)
     expected = _reference(Image.open(io.BytesIO(data)), seed=seed, size=224)
     assert (actual - expected).abs().mean() < 0.03  # ~1.5 grey levels: DCT scaling vs a bicubic downscale
+
+
+def test_kernel_time_shares_sort_gpu_kernels_by_kind() -> None:
+    def event(key: str, microseconds: float, device_type=torch.autograd.DeviceType.CUDA) -> SimpleNamespace:
+        return SimpleNamespace(key=key, self_device_time_total=microseconds, device_type=device_type)
+
+    shares = benchmark.kernel_time_shares([
+        event("sm90_xmma_gemm_bf16bf16_bf16f32", 50), event("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 10),
+        event("void pytorch_flash::flash_fwd_kernel<...>", 20), event("triton_per_fused_native_layer_norm_0", 10),
+        event("void at::native::(anonymous namespace)::fused_adam_kernel", 5), event("elementwise_kernel", 5),
+        event("aten::mm", 1000, device_type=torch.autograd.DeviceType.CPU),  # a CPU op: not a kernel
+    ])
+    assert shares == pytest.approx({"matmul": 0.6, "attention": 0.2, "optimizer": 0.05,
+                                    "compiled element-wise": 0.1, "other": 0.05})
