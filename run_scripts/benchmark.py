@@ -17,6 +17,7 @@ Writes `benchmark.json` and `benchmark.md` to `--output_dir` (default `outputs/b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import io
 import json
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -56,8 +58,12 @@ GPU_DEFAULT_BATCH_SIZE = 256
 # The mask-token baseline keeps 4x the encoder activations: ViT-H at 128 would not fit an 80 GB card.
 GPU_ASYMMETRIC_BATCH_SIZE = {"huge": 64}
 # Kinds of GPU kernels in a profile, by a pattern of the kernel's name; first match wins, the rest is "other".
-KERNEL_KINDS = (("matmul", r"gemm|gemv|xmma|nvjet|cutlass|wgmma"), ("attention", r"flash|fmha|attention"),
+# Attention comes first: cuDNN's attention kernels carry "wgmma" in their names too.
+KERNEL_KINDS = (("attention", r"flash|fmha|attention|sdpa"), ("matmul", r"gemm|gemv|xmma|nvjet|cutlass|wgmma"),
                 ("optimizer", r"adam"), ("compiled element-wise", r"^triton"))
+# The SDPA kernels timed by the attention section.
+ATTENTION_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH)
 Results = dict[str, Any]
 Step = Callable[[], None]
 
@@ -353,6 +359,58 @@ def bench_asymmetric(size: str, args: argparse.Namespace, device: torch.device) 
     }
 
 
+def attention_shapes(config: MAEConfig, batch_size: int) -> dict[str, tuple[int, int, int, int]]:
+    """(batch, heads, tokens, head dim) of the encoder's attention (1 + visible patches) and the decoder's (1 + L)."""
+    visible = int(config.num_patches * (1 - config.mask_ratio))
+    return {
+        "encoder": (batch_size, config.num_attention_heads, 1 + visible,
+                    config.hidden_size // config.num_attention_heads),
+        "decoder": (batch_size, config.decoder_num_attention_heads, 1 + config.num_patches,
+                    config.decoder_hidden_size // config.decoder_num_attention_heads),
+    }
+
+
+def time_attention(shape: tuple[int, int, int, int], backend: SDPBackend, dtype: torch.dtype, iterations: int,
+                   device: torch.device) -> float | None:
+    """Median seconds of one forward + backward of scaled_dot_product_attention on `backend`; None if unsupported."""
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device=device, dtype=dtype)
+
+    def step() -> None:
+        with sdpa_kernel(backend):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
+
+    try:
+        step()
+    except RuntimeError:  # "No available kernel": the backend does not take this shape, dtype or device
+        return None
+    return statistics.median(time_alternating({"attention": step}, iterations, 2, 5, device)["attention"]["wall"])
+
+
+def bench_attention(size: str, args: argparse.Namespace, device: torch.device) -> Results:
+    """The attention kernels alone at the model's shapes: which SDPA backend is fastest for MAE's short sequences."""
+    config = MAEConfig.from_preset(size)
+    dtype = args.autocast_dtype or torch.float32
+    results: Results = {"size": size, "dtype": str(dtype), "backends": {}}
+    for part, shape in attention_shapes(config, batch_size_for(size, args)).items():
+        flops = 3 * 4 * shape[0] * shape[1] * shape[2] ** 2 * shape[3]  # QK^T and AV, backward = 2 x forward
+        seconds = {backend.name: time_attention(shape, backend, dtype, args.iterations, device)
+                   for backend in ATTENTION_BACKENDS}
+        results["backends"][part] = {"shape": shape, "ms": {b: t * 1e3 for b, t in seconds.items() if t},
+                                     "tflops_per_s": {b: flops / t / 1e12 for b, t in seconds.items() if t}}
+    return results
+
+
+def sdpa_priority(names: list[str] | None) -> contextlib.AbstractContextManager:
+    """SDPA backends tried in this order (e.g. `flash_attention,efficient_attention`); torch's own order if None."""
+    if not names:
+        return contextlib.nullcontext()
+    known = {backend.name.lower(): backend for backend in ATTENTION_BACKENDS}
+    if unknown := set(names) - set(known):
+        raise ValueError(f"unknown SDPA backends {sorted(unknown)}: choose from {sorted(known)}")
+    return sdpa_kernel([known[name] for name in names], set_priority=True)
+
+
 def synthetic_jpegs(count: int, width: int, height: int, seed: int = 0) -> list[bytes]:
     """Photo-like JPEGs (smooth structure + sensor-like noise, quality 90: ~100 kB at 500x375, ImageNet's average)."""
     rng = np.random.default_rng(seed)
@@ -435,7 +493,8 @@ def markdown(results: Results) -> str:
     cpu = meta["device_name"].startswith("CPU")
     lines = [f"# MAE benchmark: {meta['device_name']}", "",
              f"{meta['date']}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['dtype']}; "
-             f"threads {meta['threads']}; load average at start {meta['loadavg']}.", ""]
+             f"threads {meta['threads']}; SDPA backends: {meta['sdpa_backends']}; "
+             f"load average at start {meta['loadavg']}.", ""]
     if results["train"]:
         lines += ["## Training step (forward + backward + fused AdamW), ours vs transformers' ViTMAE", "",
                   "| model | attention | batch | transformers img/s | ours img/s | speedup | "
@@ -463,6 +522,17 @@ def markdown(results: Results) -> str:
                   "| model | attention | variant | " + " | ".join(kinds) + " |", "|---" * (3 + len(kinds)) + "|"]
         lines += [f"| {r['size']} | {r['attn']} | {name} | " + " | ".join(f"{share[k]:.1%}" for k in kinds) + " |"
                   for r, name, share in shares]
+        lines.append("")
+    if results["attention"]:
+        lines += ["## Attention kernels alone: forward + backward at the model's shapes (ms; TFLOP/s)", "",
+                  "| model | part | (batch, heads, tokens, head dim) | "
+                  + " | ".join(b.name.lower() for b in ATTENTION_BACKENDS) + " |",
+                  "|---" * (3 + len(ATTENTION_BACKENDS)) + "|"]
+        for r in results["attention"]:
+            for part, b in r["backends"].items():
+                cells = [f"{b['ms'][n]:.2f}; {b['tflops_per_s'][n]:.3g}" if n in b["ms"] else "-"
+                         for n in (backend.name for backend in ATTENTION_BACKENDS)]
+                lines.append(f"| {r['size']} | {part} | {tuple(b['shape'])} | " + " | ".join(cells) + " |")
         lines.append("")
     if results["asymmetric"]:
         lines += ["## Asymmetric design: encoder on visible patches only vs on all patches with mask tokens", "",
@@ -501,7 +571,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", help="presets, comma-separated (default: tiny,small on CPU, base,large,huge on GPU)")
-    parser.add_argument("--sections", default="train,asymmetric,data")
+    parser.add_argument("--sections", default="train,attention,asymmetric,data")
+    parser.add_argument("--sdpa_backends", help="SDPA kernels in order of preference for the whole run, e.g. "
+                        "flash_attention,efficient_attention,cudnn_attention,math (default: torch's order)")
     parser.add_argument("--attn", help="attention backends, comma-separated (default: eager,sdpa on CPU, sdpa on GPU)")
     parser.add_argument("--batch_size", type=int, help="default: 16 on CPU; on GPU 256, 128 for huge")
     parser.add_argument("--asymmetric_batch_size", type=int,
@@ -524,6 +596,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gpu = args.device.startswith("cuda")
     args.sizes = (args.sizes or ("base,large,huge" if gpu else "tiny,small")).split(",")
     args.sections = args.sections.split(",")
+    args.sdpa_backends = args.sdpa_backends.split(",") if args.sdpa_backends else None
     args.attn = (args.attn or ("sdpa" if gpu else "eager,sdpa")).split(",")
     args.iterations = args.iterations or (10 if gpu else 6)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
@@ -572,16 +645,21 @@ def main(argv: list[str] | None = None) -> Results:
             f"CPU {platform.processor() or platform.machine()}, {args.threads} threads",
             "torch": torch.__version__, "transformers": transformers.__version__, "dtype": args.dtype_name,
             "threads": torch.get_num_threads(), "loadavg": [round(v, 2) for v in os.getloadavg()],
-            "peak_bf16_flops": peak_flops(device), "argv": sys.argv[1:] if argv is None else argv,
+            "peak_bf16_flops": peak_flops(device), "sdpa_backends": ",".join(args.sdpa_backends or ["torch's order"]),
+            "argv": sys.argv[1:] if argv is None else argv,
         },
-        "train": [], "asymmetric": [], "data": [], "errors": [],
+        "train": [], "attention": [], "asymmetric": [], "data": [], "errors": [],
     }
-    for size in args.sizes:  # size by size, so that a run cut short keeps whole sizes, the first named first
-        for attn in args.attn if "train" in args.sections else ():
-            run_section(results, "train", lambda: bench_train(size, attn, args, device), output_dir,
-                        size=size, attn=attn)
-        if "asymmetric" in args.sections:
-            run_section(results, "asymmetric", lambda: bench_asymmetric(size, args, device), output_dir, size=size)
+    with sdpa_priority(args.sdpa_backends):
+        for size in args.sizes:  # size by size, so that a run cut short keeps whole sizes, the first named first
+            for attn in args.attn if "train" in args.sections else ():
+                run_section(results, "train", lambda: bench_train(size, attn, args, device), output_dir,
+                            size=size, attn=attn)
+            if "attention" in args.sections:
+                run_section(results, "attention", lambda: bench_attention(size, args, device), output_dir, size=size)
+            if "asymmetric" in args.sections:
+                run_section(results, "asymmetric", lambda: bench_asymmetric(size, args, device), output_dir,
+                            size=size)
     if "data" in args.sections:
         run_section(results, "data", lambda: bench_data(args), output_dir)
     print(markdown(results), flush=True)
