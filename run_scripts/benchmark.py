@@ -6,12 +6,14 @@ Sections (each one guarded: a failure is recorded and the others still run; the 
   the models; median images/s, the ratio, the memory of a step and, on a GPU, the model FLOPs utilisation.
 - asymmetric: the same encoder fed the visible patches only (MAE) against fed all patches with mask tokens in
   place of the removed ones (the SimMIM/BEiT-style baseline of the paper's Table 2), whole step and encoder alone.
+- attention: the SDPA kernels (cuDNN, flash, memory-efficient, math) alone at the models' attention shapes.
 - data: decode + RandomResizedCrop + flip + normalise on one core, plain PIL + torchvision against the fast paths.
 
     python run_scripts/benchmark.py --device cpu --sizes tiny,small              # a few minutes on 2 cores
     python run_scripts/benchmark.py --device cuda --sizes base,large,huge --output_dir $OUT
 
-Writes `benchmark.json` and `benchmark.md` to `--output_dir` (default `outputs/benchmark`).
+Writes `benchmark.json` and `benchmark.md` to `--output_dir` (default `outputs/benchmark`); with `--profile`, also
+a profile of each timed training step.
 """
 
 from __future__ import annotations
@@ -234,7 +236,8 @@ def kernel_time_shares(events: Any) -> dict[str, float]:
     """Share of the GPU kernel time per kind of kernel (KERNEL_KINDS), from a profile's `key_averages()`."""
     shares = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["other"], 0.0)
     for event in events:
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # GPU-side ranges of user annotations (`Optimizer.step#AdamW.step`) span kernels already counted
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             kind = next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
             shares[kind] += event.self_device_time_total
     total = sum(shares.values()) or 1.0

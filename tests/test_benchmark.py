@@ -73,9 +73,9 @@ def test_benchmark_runs_and_writes_json_and_markdown(tmp_path, keep_threads) -> 
     results = benchmark.main([
         "--device", "cpu", "--sizes", "tiny-32px", "--attn", "sdpa", "--threads", "1", "--batch_size", "2",
         "--iterations", "1", "--warmup", "0", "--jpeg_sizes", "64x48", "--data_images", "2", "--data_rounds", "1",
-        "--profile", "--output_dir", str(tmp_path),
+        "--profile", "--sdpa_backends", "flash_attention,math", "--output_dir", str(tmp_path),
     ])
-    assert results["errors"] == []
+    assert results["errors"] == [] and results["meta"]["sdpa_backends"] == "flash_attention,math"
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     train, asymmetric, data = saved["train"][0], saved["asymmetric"][0], saved["data"][0]
     assert {"transformers", "ours"} <= set(train["variants"]) and train["speedup"]["ours"]["of_medians"] > 0
@@ -164,8 +164,10 @@ def test_reduced_size_jpeg_decode_stays_close_to_the_full_decode() -> None:
 
 
 def test_kernel_time_shares_sort_gpu_kernels_by_kind() -> None:
-    def event(key: str, microseconds: float, device_type=torch.autograd.DeviceType.CUDA) -> SimpleNamespace:
-        return SimpleNamespace(key=key, self_device_time_total=microseconds, device_type=device_type)
+    def event(key: str, microseconds: float, device_type=torch.autograd.DeviceType.CUDA,
+              is_user_annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(key=key, self_device_time_total=microseconds, device_type=device_type,
+                               is_user_annotation=is_user_annotation)
 
     shares = benchmark.kernel_time_shares([
         event("sm90_xmma_gemm_bf16bf16_bf16f32", 50), event("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 10),
@@ -173,6 +175,7 @@ def test_kernel_time_shares_sort_gpu_kernels_by_kind() -> None:
         event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_7_64x64x64", 10), event("triton_per_fused_native_layer_norm_0", 10),
         event("void at::native::(anonymous namespace)::fused_adam_kernel", 5), event("elementwise_kernel", 5),
         event("aten::mm", 1000, device_type=torch.autograd.DeviceType.CPU),  # a CPU op: not a kernel
+        event("Optimizer.step#AdamW.step", 5, is_user_annotation=True),  # spans the Adam kernel: not a kernel
     ])
     assert shares == pytest.approx({"matmul": 0.6, "attention": 0.2, "optimizer": 0.05,
                                     "compiled element-wise": 0.1, "other": 0.05})
