@@ -236,13 +236,27 @@ def gather_patches(pixel_values: torch.Tensor, patch_size: tuple[int, int], inde
 # ----------------------------------------------------------------------------------------------
 
 
+class PatchProjection(nn.Conv2d):
+    """The strided convolution that projects p x q patches to the model width. It also takes the pixels of selected
+    patches, patchified, and projects them as one matmul with the same weights: how the encoder embeds only the
+    visible patches. Both paths run in `forward`, so that hooks on this module (FSDP gathering its shards, adapters)
+    see every use of its weights."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` images -> `(B, D, H/p, W/q)`, or `(B, K, p * q * C)` patches (`patchify`'s layout) -> `(B, K, D)`."""
+        if pixels.dim() == 4:
+            return super().forward(pixels)
+        weight = self.weight.permute(0, 2, 3, 1).flatten(1)  # (D, C, p, q) -> (D, p * q * C), patchify's order
+        return F.linear(pixels, weight, self.bias)
+
+
 class MAEPatchEmbeddings(nn.Module):
-    """Non-overlapping p x q patches projected to the model width (a strided convolution)."""
+    """Non-overlapping p x q patches projected to the model width."""
 
     def __init__(self, config: MAEConfig) -> None:
         super().__init__()
         self.config = config
-        self.projection = nn.Conv2d(
+        self.projection = PatchProjection(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
 
@@ -261,16 +275,15 @@ class MAEPatchEmbeddings(nn.Module):
             raise ValueError(f"image size ({height}x{width}) must be a multiple of patch_size {self.config.patch_size}")
         return height // patch_height, width // patch_width
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, keep_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(B, C, H, W)` -> `(B, L, D)`, or with `keep_index` `(B, K)` those patches' only, `(B, K, D)`: a matmul on
+        their pixels, a quarter of the convolution's work at mask ratio 0.75."""
         self.grid_size(pixel_values, interpolate_pos_encoding)
-        # (B, C, H, W) -> (B, D, H/p, W/q) -> (B, L, D)
-        return self.projection(pixel_values).flatten(2).transpose(1, 2)
-
-    def project(self, patches: torch.Tensor) -> torch.Tensor:
-        """The same projection as a matmul on patchified pixels, `(B, K, p * q * C)` -> `(B, K, D)`: what the
-        encoder uses when it embeds only the visible patches (a quarter of the work of the convolution)."""
-        weight = self.projection.weight.permute(0, 2, 3, 1).flatten(1)  # (D, C, p, q) -> (D, p * q * C): patchify's
-        return F.linear(patches, weight, self.projection.bias)
+        if keep_index is None:
+            return self.projection(pixel_values).flatten(2).transpose(1, 2)  # (B, D, H/p, W/q) -> (B, L, D)
+        return self.projection(gather_patches(pixel_values, self.config.patch_size, keep_index))
 
 
 class MAEEmbeddings(nn.Module):
@@ -288,18 +301,13 @@ class MAEEmbeddings(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, keep_index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`(B, C, H, W)` -> patch tokens with positions `(B, L, D)`, or with `keep_index` `(B, K)` only those
-        patches' `(B, K, D)`, the others never embedded. The CLS token comes after masking."""
+        """`(B, C, H, W)` -> the CLS token and the patch tokens with their positions, `(B, 1 + L, D)`; with
+        `keep_index` `(B, K)`, only those patches, `(B, 1 + K, D)`: the others are never embedded."""
         grid = self.patch_embeddings.grid_size(pixel_values, interpolate_pos_encoding)
         positions = resize_position_table(self.position_embeddings, self.config.grid_size, grid)[:, 1:]  # (1, L, D)
-        if keep_index is None:
-            return self.patch_embeddings(pixel_values, interpolate_pos_encoding) + positions
-        patches = gather_patches(pixel_values, self.config.patch_size, keep_index)  # (B, K, p * q * C)
-        positions = gather_tokens(positions.expand(keep_index.shape[0], -1, -1), keep_index)  # (B, K, D)
-        return self.patch_embeddings.project(patches) + positions
-
-    def prepend_cls_token(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """`(B, L_vis, D)` -> `(B, 1 + L_vis, D)`."""
+        if keep_index is not None:
+            positions = gather_tokens(positions.expand(keep_index.shape[0], -1, -1), keep_index)  # (B, K, D)
+        patch_tokens = self.patch_embeddings(pixel_values, interpolate_pos_encoding, keep_index) + positions
         cls_token = (self.cls_token + self.position_embeddings[:, :1]).expand(patch_tokens.shape[0], -1, -1)
         return torch.cat([cls_token, patch_tokens], dim=1)
 
@@ -621,9 +629,8 @@ class MAEModel(MAEPreTrainedModel):
                 pixel_values.shape[0], grid_height * grid_width, ratio, noise, pixel_values.device
             )
             mask = mask.to(pixel_values.dtype)
-        # Masking comes first, so that only the kept patches are embedded: (B, L_vis, D), or (B, L, D) without masking.
+        # Masking comes first, so that only the kept patches are embedded: (B, 1 + L_vis, D), (B, 1 + L, D) unmasked.
         tokens = self.embeddings(pixel_values, interpolate_pos_encoding, ids_keep)
-        tokens = self.embeddings.prepend_cls_token(tokens)  # (B, 1 + L_vis, D)
         hidden_states, all_hidden_states, attentions = self.encoder(tokens, output_hidden_states, output_attentions)
         sequence_output = self.layernorm(hidden_states)
         pooled = sequence_output[:, 1:].mean(dim=1) if self.config.use_mean_pooling else sequence_output[:, 0]

@@ -99,11 +99,11 @@ def encode_all_patches(model: MAEForPreTraining, mask_token: torch.Tensor, pixel
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder on all L patches, removed ones replaced by `mask_token` (+ position): `(B, 1 + L, D)`, mask."""
     embeddings = model.mae.embeddings
-    tokens = embeddings(pixel_values.to(mask_token.dtype))  # (B, L, D), positions added
-    _, mask, _ = random_masking(tokens, model.config.mask_ratio)
+    tokens = embeddings(pixel_values.to(mask_token.dtype))  # (B, 1 + L, D): CLS, then patches with positions
+    _, mask, _ = random_masking(tokens[:, 1:], model.config.mask_ratio)
     masked = mask_token + embeddings.position_embeddings[:, 1:]  # the token still carries its position
-    tokens = torch.where(mask.unsqueeze(-1).bool(), masked, tokens)
-    hidden_states, _, _ = model.mae.encoder(embeddings.prepend_cls_token(tokens))
+    patch_tokens = torch.where(mask.unsqueeze(-1).bool(), masked, tokens[:, 1:])
+    hidden_states, _, _ = model.mae.encoder(torch.cat([tokens[:, :1], patch_tokens], dim=1))
     return model.mae.layernorm(hidden_states), mask
 
 

@@ -11,6 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from conftest import tiny_config
 from PIL import Image
 from transformers import (
@@ -216,9 +219,10 @@ def test_embedding_only_the_kept_patches_equals_embedding_all_then_keeping() -> 
     """The encoder embeds only the visible patches (a matmul on their pixels): the convolution's result on them."""
     embeddings = MAEModel(tiny_config(image_size=(16, 24), patch_size=(4, 8))).embeddings
     pixel_values, keep = torch.randn(2, 3, 16, 24), torch.rand(2, 12).argsort(dim=1)[:, :5]
-    every_patch = embeddings(pixel_values)  # (2, 12, 32), through the convolution
-    expected = torch.gather(every_patch, 1, keep.unsqueeze(-1).expand(-1, -1, 32))
-    torch.testing.assert_close(embeddings(pixel_values, keep_index=keep), expected)
+    every_patch = embeddings(pixel_values)  # (2, 1 + 12, 32), through the convolution
+    expected = torch.gather(every_patch[:, 1:], 1, keep.unsqueeze(-1).expand(-1, -1, 32))
+    kept = embeddings(pixel_values, keep_index=keep)  # (2, 1 + 5, 32)
+    torch.testing.assert_close(kept, torch.cat([every_patch[:, :1], expected], dim=1))
 
 
 def test_patchify_unpatchify_round_trip_non_square() -> None:
@@ -256,6 +260,52 @@ def test_gradients_reach_every_trainable_parameter(model_class) -> None:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
         else:
             assert "position_embeddings" in name, name
+
+
+def parameters_used_outside_their_modules_forward(model: torch.nn.Module, *args, **kwargs) -> set[tuple[str, str]]:
+    """(owning module, op) of every op that reads a parameter's values while its owning module's `forward` is not
+    running. Module hooks bracket each `forward`; a torch-function mode sees every op and its arguments."""
+    owners = {id(p): name.rpartition(".")[0] for name, p in model.named_parameters()}
+    module_names = {module: name for name, module in model.named_modules()}
+    running: list[str | None] = []
+    misuses: set[tuple[str, str]] = set()
+
+    class WatchParameters(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", str(func))
+            for value in tree_leaves((args, kwargs)):
+                owner = owners.get(id(value))
+                if owner is not None and owner not in running and name != "__get__":  # metadata (.dtype) is fine
+                    misuses.add((owner, name))
+            return func(*args, **kwargs)
+
+    def enter(module: torch.nn.Module, args: tuple) -> None:
+        running.append(module_names.get(module))
+
+    def leave(module: torch.nn.Module, args: tuple, output: object) -> None:  # returns None: keeps the output
+        running.pop()
+
+    before, after = register_module_forward_pre_hook(enter), register_module_forward_hook(leave)
+    try:
+        with WatchParameters():
+            model(*args, **kwargs)
+    finally:
+        before.remove()
+        after.remove()
+    return misuses
+
+
+@pytest.mark.parametrize("logits_to_keep", ["all", "masked"])
+def test_weights_are_used_only_inside_their_modules_forward(logits_to_keep: str) -> None:
+    """FSDP2 gathers a module's sharded weights in that module's forward pre-hook (Accelerate makes the patch
+    embedding, each block and the final norm separate units), and adapters hook `forward` too: a weight read outside
+    its module's forward is a sharded DTensor under FSDP ("got mixed torch.Tensor and DTensor")."""
+    pretraining = MAEForPreTraining(tiny_config()).train()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    assert parameters_used_outside_their_modules_forward(pretraining, pixel_values, logits_to_keep=logits_to_keep) == set()
+    classifier = MAEForImageClassification(tiny_config(num_labels=3)).train()
+    assert parameters_used_outside_their_modules_forward(classifier, pixel_values) == set()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
