@@ -1,5 +1,6 @@
 """`accelerate launch` with 2 CPU processes: DDP (gloo) matches one process, DeepSpeed ZeRO-2/3 train, checkpoint,
-resume and export a loadable model."""
+resume and export a loadable model. FSDP2 (which Accelerate runs on GPUs only) with torch's `fully_shard` on 2 CPU
+processes, sharded as Accelerate shards it, gives the unsharded model's gradients."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from conftest import tiny_config
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.multiprocessing import spawn
 from test_training import (
     REPO,
     RUN_MAE,
@@ -21,6 +29,8 @@ from test_training import (
     run_main,
     weights,
 )
+
+from modeling_mae import MAEForPreTraining
 
 ACCELERATE = shutil.which("accelerate", path=str(pathlib.Path(sys.executable).parent)) or "accelerate"
 LAUNCH_TIMEOUT_S = 300  # DeepSpeed's first CPU run also compiles its shared-memory collective op
@@ -98,3 +108,50 @@ def test_deepspeed_zero_trains_checkpoints_resumes_and_exports(
     assert (results["train_steps"], results["train_samples"], results["num_processes"]) == (4, 64, 2)
     assert_same_weights(weights(output), uninterrupted, atol=1e-6)
     assert_loadable(output, uninterrupted)
+
+
+def shard_like_accelerate(model: MAEForPreTraining, layer_class: str) -> None:
+    """The FSDP2 units of Accelerate 1.15's `fsdp2_prepare_model` with TRANSFORMER_BASED_WRAP: each `layer_class`
+    block, the input embeddings, the base model's final norm (kept gathered after forward), then the root."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for module in list(model.modules()):
+        if type(module).__name__ == layer_class:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model.get_input_embeddings(), mesh=mesh)
+    fully_shard(model.mae.layernorm, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+
+
+def fsdp2_gradients_match(rank: int, world_size: int, init_file: str, layer_class: str) -> None:
+    """One process of the FSDP2 check: every rank builds the same model and data, the reference gets the whole batch
+    unsharded, the sharded model this rank's part; FSDP averages the gradients over ranks, as the loss over the whole
+    batch does (every sample has the same number of masked patches)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        config = tiny_config()
+        model = MAEForPreTraining(config).train()
+        reference = MAEForPreTraining(config).train()
+        reference.load_state_dict(model.state_dict())
+        pixel_values = torch.randn(2 * world_size, 3, 16, 16)
+        noise = torch.rand(2 * world_size, config.num_patches)
+        reference(pixel_values, noise=noise, logits_to_keep="masked").loss.backward()
+        shard_like_accelerate(model, layer_class)
+        mine = slice(2 * rank, 2 * rank + 2)
+        model(pixel_values[mine], noise=noise[mine], logits_to_keep="masked").loss.backward()  # as run_mae.py trains
+        for (name, sharded), expected in zip(model.named_parameters(), reference.parameters()):
+            if expected.grad is None:
+                assert sharded.grad is None, name
+            else:
+                torch.testing.assert_close(sharded.grad.full_tensor(), expected.grad, atol=1e-6, rtol=1e-4, msg=name)
+        dist.barrier()  # neither process tears gloo down while the other still uses it (an abort otherwise)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_as_accelerate_does_gives_the_unsharded_gradients(tmp_path) -> None:
+    """FSDP2 gathers a unit's weights in its forward pre-hook: a weight read outside its module's forward stays a
+    sharded DTensor and the step fails (as the visible-only patch embedding once did on a GPU)."""
+    accelerate_config = yaml.safe_load((REPO / "configuration" / "accelerate" / "fsdp.yaml").read_text())
+    layer_class = accelerate_config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    spawn(fsdp2_gradients_match, args=(2, str(tmp_path / "init"), layer_class), nprocs=2)
