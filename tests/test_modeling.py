@@ -303,7 +303,8 @@ def test_weights_are_used_only_inside_their_modules_forward(logits_to_keep: str)
     its module's forward is a sharded DTensor under FSDP ("got mixed torch.Tensor and DTensor")."""
     pretraining = MAEForPreTraining(tiny_config()).train()
     pixel_values = torch.randn(2, 3, 16, 16)
-    assert parameters_used_outside_their_modules_forward(pretraining, pixel_values, logits_to_keep=logits_to_keep) == set()
+    misuses = parameters_used_outside_their_modules_forward(pretraining, pixel_values, logits_to_keep=logits_to_keep)
+    assert misuses == set()
     classifier = MAEForImageClassification(tiny_config(num_labels=3)).train()
     assert parameters_used_outside_their_modules_forward(classifier, pixel_values) == set()
 
