@@ -243,7 +243,8 @@ class PatchProjection(nn.Conv2d):
     see every use of its weights."""
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`(B, C, H, W)` images -> `(B, D, H/p, W/q)`, or `(B, K, p * q * C)` patches (`patchify`'s layout) -> `(B, K, D)`."""
+        """`(B, C, H, W)` images -> `(B, D, H/p, W/q)`; `(B, K, p * q * C)` patches (`patchify`'s layout) ->
+        `(B, K, D)`."""
         if pixels.dim() == 4:
             return super().forward(pixels)
         weight = self.weight.permute(0, 2, 3, 1).flatten(1)  # (D, C, p, q) -> (D, p * q * C), patchify's order
