@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from .arguments import DEFAULT_MODEL_CONFIG
 from .configuration_mae import MAEConfig, load_config, parse_overrides
 from .data import DataArguments, ImageStreamLoader, build_dataloader
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, resize_position_table
@@ -55,6 +56,11 @@ def load_encoder(
     if model_config is None:
         raise ValueError("pass --model_name_or_path (pretrained weights) or --model_config (random init)")
     return MAEModel(load_config(model_config, config_overrides))
+
+
+def describe_model(model_name_or_path: str | None, model_config: str | None, seed: int) -> str:
+    """What a run started from, for its results and model card: the weights, or the random init's config and seed."""
+    return model_name_or_path or f"random init of {model_config or DEFAULT_MODEL_CONFIG} (seed {seed})"
 
 
 def load_pretraining_model(source: str) -> MAEForPreTraining:

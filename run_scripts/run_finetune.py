@@ -44,6 +44,7 @@ from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, 
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
     TopKAccuracy,
+    describe_model,
     layer_decay_lr_scale_fn,
     resize_model_resolution,
     save_results,
@@ -288,8 +289,7 @@ def model_card(args: Arguments, model: MAEForImageClassification, metrics: dict[
     config = model.config
     sections = {
         "Recipe": {
-            "initialisation": args.model.model_name_or_path
-            or f"random ({args.model.model_config or DEFAULT_MODEL_CONFIG})",
+            "initialisation": describe_model(args.model.model_name_or_path, args.model.model_config, args.run.seed),
             "dataset": args.data.dataset_name or "the embedded Fashion-MNIST sample",
             "model": f"ViT {config.hidden_size}x{config.num_hidden_layers}, patch {config.patch_size}, "
                      f"image {config.image_size}",
@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_epochs": len(history),
         "learning_rate": learning_rate,
         "effective_batch_size": batch,
-        "model": args.model.model_name_or_path or f"random init of {args.model.model_config or DEFAULT_MODEL_CONFIG}",
+        "model": describe_model(args.model.model_name_or_path, args.model.model_config, run.seed),
         "seed": run.seed,
         "num_processes": accelerator.num_processes,
         "train_runtime": time.perf_counter() - start,

@@ -24,6 +24,7 @@ from modeling_mae.evaluation import (
     POOLINGS,
     TopKAccuracy,
     class_names_of,
+    describe_model,
     extract_features,
     extract_local_features,
     knn_scores,
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "k": knn_args.k,
         "temperature": knn_args.temperature,
         "pooling": knn_args.pooling,
-        "model": model_args.model_name_or_path or f"random init of {model_args.model_config} (seed {knn_args.seed})",
+        "model": describe_model(model_args.model_name_or_path, model_args.model_config, knn_args.seed),
         "num_processes": accelerator.num_processes,
         "eval_runtime": time.perf_counter() - start,
     }

@@ -41,6 +41,7 @@ from modeling_mae.evaluation import (
     Pooling,
     TopKAccuracy,
     class_names_of,
+    describe_model,
     extract_features,
     extract_local_features,
     load_encoder,
@@ -203,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "pooling": probe.pooling,
         "cached_features": probe.cached_features,
         "optimizer": probe.optimizer,
-        "model": model_args.model_name_or_path or f"random init of {model_args.model_config} (seed {probe.seed})",
+        "model": describe_model(model_args.model_name_or_path, model_args.model_config, probe.seed),
         "num_processes": accelerator.num_processes,
         "runtime": time.perf_counter() - start,
     }
