@@ -183,19 +183,23 @@ def decode_image_tensor(data: bytes) -> torch.Tensor:
 
 
 def decode_images_on_device(encoded: Sequence[bytes], device: str | torch.device = "cuda") -> list[torch.Tensor]:
-    """Decode to uint8 RGB tensors (3, H, W) on ``device``: JPEGs with nvjpeg on a GPU, other formats on the CPU.
+    """Decode to uint8 RGB tensors (3, H, W) on ``device``: JPEGs with torchvision (nvjpeg on a GPU), other formats
+    with PIL on the CPU.
 
     Raises when any image cannot be decoded (one bad JPEG fails the whole batched call).
     """
     device = torch.device(device)
-    is_jpeg = [data[:2] == b"\xff\xd8" for data in encoded]
+    # torchvision deprecated its decoders in 0.29 (for TorchCodec): once they are gone, PIL decodes every format here.
+    has_decoder = hasattr(torchvision.io, "decode_jpeg")
+    is_jpeg = [has_decoder and data[:2] == b"\xff\xd8" for data in encoded]
     jpegs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data, jpeg in zip(encoded, is_jpeg) if jpeg]
     if jpegs and device.type == "cuda":
         # nvjpeg writes its outputs from its own stream into blocks the caching allocator may have just recycled from
         # tensors that kernels queued on the caller's stream still read (pytorch/vision#9606): let those finish first.
         torch.cuda.current_stream(device).synchronize()
-    rgb = torchvision.io.ImageReadMode.RGB
-    decoded_jpegs = iter(torchvision.io.decode_jpeg(jpegs, mode=rgb, device=device) if jpegs else [])
+    decoded_jpegs = iter(
+        torchvision.io.decode_jpeg(jpegs, mode=torchvision.io.ImageReadMode.RGB, device=device) if jpegs else []
+    )
     # Other formats go through PIL, like in the workers: torchvision's decode_image keeps 16-bit PNGs as uint16.
     return [
         next(decoded_jpegs) if jpeg else decode_image_tensor(data).to(device) for data, jpeg in zip(encoded, is_jpeg)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_mae import MAEConfig, MAEForPreTraining
+from modeling_mae import MAEConfig, MAEForPreTraining, fast_decode
 from modeling_mae.conversion import convert_transformers_state_dict
 from modeling_mae.fast_decode import FastPretrainTransform, dct_reduction, sample_crop
 
@@ -149,10 +149,15 @@ def test_dct_reduction_keeps_at_least_the_output_resolution() -> None:
 RESIZE_ATOL = 2 / 255 / 0.224 + 1e-4
 
 
+@pytest.mark.parametrize("torchvision_decoder", [True, False])  # False: a torchvision without its deprecated decoders
 @pytest.mark.parametrize("fmt, image_size, output_size", [("PNG", (320, 240), 64), ("JPEG", (500, 375), 224)])
-def test_fast_path_equals_crop_resize_normalise_at_full_resolution(fmt, image_size, output_size) -> None:
-    """A PNG is decoded by PIL, an RGB JPEG by torchvision (a 500x375 photo is never DCT-reduced for 224 px): both
-    give the plain path's crop, resize and normalisation."""
+def test_fast_path_equals_crop_resize_normalise_at_full_resolution(
+    fmt, image_size, output_size, torchvision_decoder, monkeypatch
+) -> None:
+    """A PNG is decoded by PIL, an RGB JPEG by torchvision (a 500x375 photo is never DCT-reduced for 224 px), or by
+    PIL where torchvision has no decoder: all give the plain path's crop, resize and normalisation."""
+    if not torchvision_decoder:
+        monkeypatch.setattr(fast_decode, "decode_jpeg", None)
     data = _encoded(_photo(*image_size), fmt)
     for seed in range(4):
         actual = FastPretrainTransform(output_size, seed=seed)(data)

@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 import torch
+import torchvision
 
 import modeling_mae.data as data
 from data_fixtures import batch_ids, image_bytes, make_parquet_shards, read_with_a_restart
@@ -137,3 +138,11 @@ def test_non_jpegs_are_decoded_like_in_the_workers() -> None:
     gray16, gray, cmyk = decode_images_on_device([image_bytes(7, k) for k in ("gray16", "gray", "cmyk")], "cpu")
     assert gray16.dtype == gray.dtype == cmyk.dtype == torch.uint8 and gray16.shape == cmyk.shape == (3, 20, 24)
     assert (gray16.int() - gray.int()).abs().max() <= 1
+
+
+def test_without_torchvisions_deprecated_decoder_pil_decodes_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded = [image_bytes(i, kind) for i, kind in enumerate(("jpeg", "cmyk", "jpeg"))]
+    with_torchvision = decode_images_on_device(encoded, "cpu")
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    for expected, actual in zip(with_torchvision, decode_images_on_device(encoded, "cpu"), strict=True):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
