@@ -24,14 +24,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
-try:
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # deprecated since torchvision 0.29 (superseded by TorchCodec): PIL then decodes every image
-    decode_jpeg = None
-
-from .transforms import to_rgb
+from .transforms import has_torchvision_jpeg_decoder, to_rgb
 
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes natively
 
@@ -128,9 +124,10 @@ class FastPretrainTransform:
 
 def decode_rgb(data: bytes, image: Image.Image) -> torch.Tensor:
     """`data` (opened as `image`, header read) decoded whole to a `(3, H, W)` uint8 RGB tensor."""
-    if decode_jpeg is not None and image.format == "JPEG" and image.mode == "RGB":
+    if has_torchvision_jpeg_decoder() and image.format == "JPEG" and image.mode == "RGB":
         # libjpeg-turbo, as PIL: the same pixels, ~25% faster, straight into a tensor. Truncated files raise here.
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB)
     image.load()  # a truncated file fails here, as in `transforms.decode_image`
     image = to_rgb(image)  # CMYK, grayscale, palette, RGBA, 16-bit: the conversions of the PIL path
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view

@@ -182,6 +182,11 @@ def decode_image_tensor(data: bytes) -> torch.Tensor:
     return v2.functional.pil_to_tensor(decode_image(data))
 
 
+def has_torchvision_jpeg_decoder() -> bool:
+    """torchvision deprecated its image decoders in 0.29 (for TorchCodec): once they are gone, PIL decodes JPEGs too."""
+    return hasattr(torchvision.io, "decode_jpeg")
+
+
 def decode_images_on_device(encoded: Sequence[bytes], device: str | torch.device = "cuda") -> list[torch.Tensor]:
     """Decode to uint8 RGB tensors (3, H, W) on ``device``: JPEGs with torchvision (nvjpeg on a GPU), other formats
     with PIL on the CPU.
@@ -189,8 +194,7 @@ def decode_images_on_device(encoded: Sequence[bytes], device: str | torch.device
     Raises when any image cannot be decoded (one bad JPEG fails the whole batched call).
     """
     device = torch.device(device)
-    # torchvision deprecated its decoders in 0.29 (for TorchCodec): once they are gone, PIL decodes every format here.
-    has_decoder = hasattr(torchvision.io, "decode_jpeg")
+    has_decoder = has_torchvision_jpeg_decoder()
     is_jpeg = [has_decoder and data[:2] == b"\xff\xd8" for data in encoded]
     jpegs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data, jpeg in zip(encoded, is_jpeg) if jpeg]
     if jpegs and device.type == "cuda":
