@@ -1,10 +1,11 @@
 """Masked Autoencoders Are Scalable Vision Learners (He et al., 2021), as transformers models.
 
 The algorithm, in the official implementation's steps (facebookresearch/mae, `models_mae.py`):
-`patchify` the image, `random_masking` keeps 25% of the patches (here `masking_indices` draws them before
-embedding, so that only those are embedded, with a fixed 2D sin-cos position), `forward_encoder` runs the ViT on the visible patches only (no mask
-tokens: this is what makes pretraining ~3x cheaper), `forward_decoder` puts learned mask tokens back
-in place and predicts the patches' pixels, and `forward_loss` is the MSE on the masked patches.
+`patchify` the image, `random_masking` keeps 25% of the patches (here `masking_indices` draws them
+before embedding, so that only those are embedded, with a fixed 2D sin-cos position), `forward_encoder`
+runs the ViT on the visible patches only (no mask tokens: this is what makes pretraining ~3x cheaper),
+`forward_decoder` puts learned mask tokens back in place and predicts the patches' pixels, and
+`forward_loss` is the MSE on the masked patches.
 Training asks for the masked patches' predictions only (`logits_to_keep="masked"`), so that the
 decoder's last block and head skip the visible ones; the official code computes and discards them.
 
