@@ -10,8 +10,10 @@ or Hub id, v4 or v5 key names) into this project's format, or export one of ours
 from __future__ import annotations
 
 import argparse
+import sys
 
 from modeling_mae.conversion import convert_checkpoint, load_ours, to_transformers_vit
+from modeling_mae.errors import run_main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,4 +36,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

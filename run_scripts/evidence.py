@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modeling_mae.arguments import DEFAULT_MODEL_CONFIG, parse_arguments
+from modeling_mae.errors import run_main
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 RESULTS_FILE = "all_results.json"
@@ -220,4 +221,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

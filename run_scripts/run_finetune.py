@@ -41,6 +41,7 @@ from modeling_mae.arguments import (
     save_resolved_config,
 )
 from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, finetune_transform, mixup_cutmix
+from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
     TopKAccuracy,
@@ -66,7 +67,6 @@ from modeling_mae.training import (
     scaled_learning_rate,
     seeded_generator,
 )
-
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -385,4 +385,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 
 from modeling_mae.arguments import ModelArguments, parse_arguments
 from modeling_mae.data import DataArguments, eval_transform
+from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
     POOLINGS,
     TopKAccuracy,
@@ -33,6 +34,7 @@ from modeling_mae.evaluation import (
     split_loader,
 )
 from modeling_mae.training import build_accelerator
+
 
 @dataclass
 class KnnArguments:
@@ -83,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from modeling_mae import MAEModel
 from modeling_mae.arguments import ModelArguments, parse_arguments
 from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, pretrain_transform
+from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
     LARS,
     POOLINGS,
@@ -217,4 +218,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

@@ -44,6 +44,7 @@ from modeling_mae.data import (
     pretrain_transform,
     resolve_split_name,
 )
+from modeling_mae.errors import run_main
 from modeling_mae.hub import (
     HubUploader,
     default_repo_name,
@@ -648,4 +649,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

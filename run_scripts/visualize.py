@@ -23,6 +23,7 @@ from PIL import Image
 from modeling_mae import MAEForPreTraining, build_image_processor
 from modeling_mae.arguments import parse_arguments
 from modeling_mae.data import DataArguments, build_dataloader, eval_transform
+from modeling_mae.errors import run_main
 from modeling_mae.evaluation import load_pretraining_model
 from modeling_mae.visualization import reconstruction_figure
 
@@ -69,4 +70,4 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

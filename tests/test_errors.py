@@ -1,0 +1,44 @@
+"""`run_main`: a user's mistake is one line and exit status 2; our own bugs keep their traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from modeling_mae.errors import EXIT_USAGE, UsageError, run_main
+
+
+def test_a_usage_error_is_one_line_on_stderr_and_exit_status_2(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def main(argv):
+        raise UsageError(f"--flag {argv[0]} is wrong: use --flag 1")
+
+    assert run_main(main, ["0"]) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.err == "error: --flag 0 is wrong: use --flag 1\n"
+    assert captured.out == ""
+
+
+def test_under_several_processes_the_line_names_the_rank(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+
+    def main(argv):
+        raise UsageError("bad")
+
+    assert run_main(main, []) == EXIT_USAGE
+    assert capsys.readouterr().err == "[rank 1] error: bad\n"
+
+
+def test_other_exceptions_propagate_with_their_traceback():
+    def main(argv):
+        raise KeyError("our bug")
+
+    with pytest.raises(KeyError, match="our bug"):
+        run_main(main, [])
+
+
+def test_a_successful_main_exits_0():
+    seen = []
+    assert run_main(seen.append, ["--a", "1"]) == 0
+    assert seen == [["--a", "1"]]
