@@ -56,6 +56,13 @@ class MAEConfig(PretrainedConfig):
     Field names follow transformers' `ViTMAEConfig` wherever the concept is the same; the defaults
     are the paper's ViT-B/16 with its 512-wide, 8-block decoder.
 
+    Two differences from transformers' ViT configs, on purpose. This one is validated when it is built
+    (`validate`): a `hidden_size` the heads do not divide raises here, naming the field (transformers
+    5.24's `ViTConfig(hidden_size=30, num_attention_heads=4)` builds a model that silently projects to
+    4 heads of 7), so a `--config_overrides` typo fails before any data is read. And
+    `initializer_range` is only the std of the CLS and mask tokens: the weights get the official
+    xavier init (see `MAEPreTrainedModel._init_weights`).
+
     Args:
         image_size (`int` or `(int, int)`): input resolution (height, width).
         patch_size (`int` or `(int, int)`): patch resolution; must divide `image_size`.
@@ -67,7 +74,7 @@ class MAEConfig(PretrainedConfig):
         hidden_dropout_prob, attention_probs_dropout_prob (`float`): dropout (0 in the paper).
         drop_path_rate (`float`): stochastic depth of the encoder, increasing linearly with depth
             (fine-tuning: 0.1 ViT-B, 0.2 ViT-L, 0.3 ViT-H).
-        initializer_range (`float`): std of the CLS/mask tokens.
+        initializer_range (`float`): std of the CLS/mask tokens (not of the weights: those are xavier).
         layer_norm_eps (`float`): LayerNorm epsilon (the official models use 1e-6).
         qkv_bias (`bool`): bias of the fused query/key/value projection.
         mask_ratio (`float`): fraction of patches removed during pretraining, in [0, 1).

@@ -18,6 +18,7 @@ checkpoint as Hub remote code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mae import MAEConfig
 
@@ -79,10 +82,10 @@ class MAEModelOutput(ModelOutput):
             ones; `None` without masking.
         ids_restore (`torch.LongTensor` of shape `(B, L)`, *optional*): inverse of the shuffle,
             used by the decoder to put tokens back in place; `None` without masking.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): input of every layer plus the
-            last output, each `(B, 1 + L_vis, D)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): each `(B, heads, 1 + L_vis, 1 + L_vis)`
-            (eager attention only).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): with `output_hidden_states=True`, the
+            input of every layer plus the last layer's output (before the final norm), each `(B, 1 + L_vis, D)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): with `output_attentions=True` and eager attention
+            (the fused kernels return no weights), each layer's `(B, heads, 1 + L_vis, 1 + L_vis)`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -450,37 +453,21 @@ class MAETransformer(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        rates = torch.linspace(0, drop_path_rate, num_layers).tolist()  # deeper layers drop more
+        # Deeper layers drop more, linearly from 0 (the official `torch.linspace(0, rate, depth)`). Plain floats, not a
+        # tensor: a tensor has no values to read when the model is built on the meta device.
+        rates = [drop_path_rate * depth / max(num_layers - 1, 1) for depth in range(num_layers)]
         self.layers = nn.ModuleList(
             MAELayer(config, hidden_size, num_heads, intermediate_size, rate) for rate in rates
         )
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        output_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+    def forward(self, hidden_states: torch.Tensor, output_index: torch.Tensor | None = None) -> torch.Tensor:
         """`(B, N, D)` -> `(B, N, D)`; with `output_index` `(B, K)` the last layer computes only those tokens'
-        outputs, `(B, K, D)`: the others would feed nothing."""
-        all_hidden_states: tuple[torch.Tensor, ...] = ()
-        all_attentions: tuple[torch.Tensor, ...] = ()
+        outputs, `(B, K, D)`: the others would feed nothing. Hidden states and attention weights are recorded by hooks
+        on the layers (`MAEModel._can_record_outputs`), not collected here."""
         last = len(self.layers) - 1
         for depth, layer in enumerate(self.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            query_index = output_index if depth == last else None
-            hidden_states, attn_weights = layer(hidden_states, query_index, output_attentions=output_attentions)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return (
-            hidden_states,
-            all_hidden_states if output_hidden_states else None,
-            all_attentions if output_attentions else None,
-        )
+            hidden_states, _ = layer(hidden_states, output_index if depth == last else None)
+        return hidden_states
 
 
 class MAEDecoder(nn.Module):
@@ -519,9 +506,9 @@ class MAEDecoder(nn.Module):
         tokens = torch.cat([tokens[:, :1], patches], dim=1)  # (B, 1 + L, D_dec)
         tokens = tokens + resize_position_table(self.position_embeddings, self.config.grid_size, grid_size)
         if patch_index is None:
-            tokens, _, _ = self.transformer(tokens)
+            tokens = self.transformer(tokens)
             return self.pred(self.norm(tokens[:, 1:]))  # CLS dropped before the head, not after: (B, L, p * q * C)
-        tokens, _, _ = self.transformer(tokens, output_index=patch_index + 1)  # + 1: CLS first; (B, K, D_dec)
+        tokens = self.transformer(tokens, output_index=patch_index + 1)  # + 1: CLS first; (B, K, D_dec)
         return self.pred(self.norm(tokens))  # (B, K, p * q * C)
 
 
@@ -531,6 +518,13 @@ class MAEDecoder(nn.Module):
 
 
 class MAEPreTrainedModel(PreTrainedModel):
+    """Shared settings and the official initialisation.
+
+    Every tensor is a parameter (the frozen sin-cos tables too: they travel with checkpoints) and `_init_weights`
+    writes all of them, so a model built on the meta device (`with torch.device("meta")`, what FSDP2 and big-model
+    loading do) becomes a usable one with `model.to_empty(device=...)` then `model.init_weights()`.
+    """
+
     config_class = MAEConfig
     config: MAEConfig
     base_model_prefix = "mae"
@@ -541,10 +535,21 @@ class MAEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # Our losses are means over the batch and ignore `num_items_in_batch`; a forward with `**kwargs` would otherwise
+    # tell transformers' `Trainer` that they are normalised by it, and it would skip dividing by the gradient
+    # accumulation steps (gradients `gradient_accumulation_steps` times too large).
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The official initialisation (`MaskedAutoencoderViT.initialize_weights`)."""
+        """The official initialisation (`MaskedAutoencoderViT.initialize_weights` and the fine-tuning head's).
+
+        On purpose unlike transformers' ViT models: Linear and patch-projection weights are xavier-uniform, as in the
+        official code, not normal(0, `config.initializer_range`); `initializer_range` is only the CLS and mask tokens'
+        std (0.02 in both). The patch projection's bias keeps PyTorch's default, uniform(+-1/sqrt(C * p * q)), which
+        the official code never overwrites; it is drawn here so that a model materialised from the meta device gets it.
+        The `init` functions skip a tensor already loaded by `from_pretrained` (its `_is_hf_initialized` flag).
+        """
         if isinstance(module, MAEClassifierHead):
             init.trunc_normal_(module.weight, std=2e-5)  # the official fine-tuning's head init
             init.zeros_(module.bias)
@@ -558,7 +563,8 @@ class MAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Conv2d):  # the patch projection
             if not getattr(module.weight, "_is_hf_initialized", False):  # a view drops the flag `init` checks
                 nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))  # a Linear on flat patches
-            init.zeros_(module.bias)
+            bound = 1 / math.sqrt(math.prod(module.weight.shape[1:]))  # fan_in = C * p * q: PyTorch's default
+            init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, MAEEmbeddings):
             init.normal_(module.cls_token, std=self.config.initializer_range)
             table = sincos_position_table(self.config.hidden_size, self.config.grid_size)
@@ -581,9 +587,15 @@ class MAEModel(MAEPreTrainedModel):
 
     Without `mask_ratio`/`noise` it encodes all patches and is deterministic: a feature extractor.
     It masks only when asked.
+
+    `output_hidden_states` and `output_attentions` are recorded by transformers' output capturing
+    (`_can_record_outputs`, `capture_outputs`): hooks on the encoder's layers, as transformers' own ViT does, the same
+    API from transformers 5.17 on, remote code included. The decoder's layers are outside this model, so they are
+    never recorded.
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^fc_norm\.", r"^classifier\."]
+    _can_record_outputs = {"hidden_states": MAELayer, "attentions": OutputRecorder(MAEAttention, index=1)}
 
     def __init__(self, config: MAEConfig, add_final_layernorm: bool = True) -> None:
         super().__init__(config)
@@ -599,17 +611,15 @@ class MAEModel(MAEPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
+    @capture_outputs(tie_last_hidden_states=False)  # hidden_states[-1] is the last layer's output, before the norm
     def forward(
         self,
         pixel_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> MAEModelOutput | tuple:
+    ) -> MAEModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
@@ -617,11 +627,9 @@ class MAEModel(MAEPreTrainedModel):
                 with `mask_ratio` (or `config.mask_ratio`).
             mask_ratio (`float`, *optional*): mask this fraction of patches.
             interpolate_pos_encoding (`bool`): accept a resolution other than `config.image_size`.
+            output_hidden_states, output_attentions, return_dict (`bool`, *optional*, keyword only): as in every
+                transformers model; default to the config's.
         """
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         ids_keep = mask = ids_restore = None
         if noise is not None or mask_ratio is not None:
@@ -633,19 +641,9 @@ class MAEModel(MAEPreTrainedModel):
             mask = mask.to(pixel_values.dtype)
         # Masking comes first, so that only the kept patches are embedded: (B, 1 + L_vis, D), (B, 1 + L, D) unmasked.
         tokens = self.embeddings(pixel_values, interpolate_pos_encoding, ids_keep)
-        hidden_states, all_hidden_states, attentions = self.encoder(tokens, output_hidden_states, output_attentions)
-        sequence_output = self.layernorm(hidden_states)
+        sequence_output = self.layernorm(self.encoder(tokens))
         pooled = sequence_output[:, 1:].mean(dim=1) if self.config.use_mean_pooling else sequence_output[:, 0]
-
-        output = MAEModelOutput(
-            last_hidden_state=sequence_output,
-            pooler_output=pooled,
-            mask=mask,
-            ids_restore=ids_restore,
-            hidden_states=all_hidden_states,
-            attentions=attentions,
-        )
-        return output if return_dict else output.to_tuple()
+        return MAEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, mask=mask, ids_restore=ids_restore)
 
 
 class MAEForPreTraining(MAEPreTrainedModel):
@@ -708,18 +706,16 @@ class MAEForPreTraining(MAEPreTrainedModel):
         _, mean, std = self.normalize_targets(pixel_values)
         return self.unpatchify(logits * std + mean, tuple(pixel_values.shape[-2:]))
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: str = "all",
         **kwargs: Any,
-    ) -> MAEForPreTrainingOutput | tuple:
+    ) -> MAEForPreTrainingOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
@@ -730,19 +726,15 @@ class MAEForPreTraining(MAEPreTrainedModel):
                 loss is taken on (the removed ones; all when `mask_ratio=0`), in ascending patch order, so
                 that `logits == full_logits[mask.bool()].view(B, -1, p * q * C)`: the decoder's last block,
                 norm and head skip the visible patches. Same loss, for less work: what training uses.
+            output_hidden_states, output_attentions, return_dict (`bool`, *optional*, keyword only): as in
+                [`MAEModel`]; the hidden states and attentions are the encoder's.
         """
         if logits_to_keep not in ("all", "masked"):
             raise ValueError(f'logits_to_keep must be "all" or "masked", got {logits_to_keep!r}')
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         encoded = self.mae(
-            pixel_values,
-            noise=noise,
-            mask_ratio=ratio,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
+            pixel_values, noise=noise, mask_ratio=ratio, interpolate_pos_encoding=interpolate_pos_encoding,
+            **{**kwargs, "return_dict": True},
         )
         patch_height, patch_width = self.config.patch_size
         grid = (pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width)
@@ -755,8 +747,7 @@ class MAEForPreTraining(MAEPreTrainedModel):
             logits = self.decoder(latent, encoded.ids_restore, grid)  # (B, L, p * q * C)
             loss_logits = gather_tokens(logits, patch_index)  # (B, K, p * q * C)
         loss = self.forward_loss(pixel_values.to(logits.dtype), loss_logits, patch_index)
-
-        output = MAEForPreTrainingOutput(
+        return MAEForPreTrainingOutput(
             loss=loss,
             logits=logits,
             mask=encoded.mask,
@@ -764,12 +755,14 @@ class MAEForPreTraining(MAEPreTrainedModel):
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class MAEForImageClassification(MAEPreTrainedModel):
     """The encoder (no masking) with a linear head on the mean-pooled patch tokens + `fc_norm`
-    (`config.use_mean_pooling`, the paper's fine-tuning) or on the normalised CLS token."""
+    (`config.use_mean_pooling`, the paper's fine-tuning) or on the normalised CLS token.
+
+    The loss follows `config.problem_type`, as in every transformers classifier (see `classification_loss`).
+    """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
@@ -784,49 +777,69 @@ class MAEForImageClassification(MAEPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.mae.get_input_embeddings()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> ImageClassifierOutput | tuple:
+    ) -> ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
-            labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`,
-                *optional*): class indices, or soft targets (MixUp/CutMix, label smoothing).
+            labels (`torch.Tensor`, *optional*): by `config.problem_type`, class indices `(B,)` or soft targets
+                `(B, num_labels)` (MixUp/CutMix, label smoothing) for `"single_label_classification"`, multi-hot
+                `(B, num_labels)` for `"multi_label_classification"`, values `(B, num_labels)` (or `(B,)` when
+                `num_labels == 1`) for `"regression"`.
+            output_hidden_states, output_attentions, return_dict (`bool`, *optional*, keyword only): as in
+                [`MAEModel`].
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.mae(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **{**kwargs, "return_dict": True}
         )
         if self.fc_norm is not None:
             pooled = self.fc_norm(encoded.last_hidden_state[:, 1:].mean(dim=1))  # (B, D)
         else:
             pooled = encoded.last_hidden_state[:, 0]
         logits = self.classifier(pooled)  # (B, num_labels)
-        loss = None if labels is None else classification_loss(logits, labels)
-
-        output = ImageClassifierOutput(
+        loss = None if labels is None else classification_loss(logits, labels, self.config)
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with class indices `(B,)` or soft targets `(B, num_classes)`."""
-    logits = logits.float()
-    if labels.ndim == logits.ndim:  # soft targets, e.g. from MixUp/CutMix
-        return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits, labels)
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def infer_problem_type(num_labels: int, labels: torch.Tensor) -> str:
+    """transformers' rule for an unset `config.problem_type`: one output is a regression, integer labels are
+    single-label classes, anything else (float multi-hot labels) is multi-label."""
+    if num_labels == 1:
+        return "regression"
+    if labels.dtype in (torch.long, torch.int):
+        return "single_label_classification"
+    return "multi_label_classification"
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: MAEConfig) -> torch.Tensor:
+    """The loss of `config.problem_type`, set from the first labels when unset (transformers does the same, so that a
+    saved model records it and pipelines pick softmax or sigmoid): MSE for `"regression"`, cross-entropy for
+    `"single_label_classification"` (class indices, or soft targets `(B, num_labels)`: give MixUp/CutMix targets this
+    problem type explicitly, float labels would otherwise be taken for multi-label), BCE-with-logits for
+    `"multi_label_classification"`. Computed in float32."""
+    if config.problem_type is None:
+        config.problem_type = infer_problem_type(config.num_labels, labels)
+    logits, labels = logits.float(), labels.to(logits.device)
+    if config.problem_type == "regression":
+        return F.mse_loss(logits, labels.float().reshape(logits.shape))  # (B,) labels for a single output too
+    if config.problem_type == "single_label_classification":
+        if labels.shape == logits.shape and labels.is_floating_point():  # soft targets
+            return F.cross_entropy(logits, labels.float())
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1))
+    if config.problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    raise ValueError(f"config.problem_type must be one of {PROBLEM_TYPES}, got {config.problem_type!r}")
 
 
 MAEConfig.register_for_auto_class()

@@ -103,7 +103,7 @@ def encode_all_patches(model: MAEForPreTraining, mask_token: torch.Tensor, pixel
     _, mask, _ = random_masking(tokens[:, 1:], model.config.mask_ratio)
     masked = mask_token + embeddings.position_embeddings[:, 1:]  # the token still carries its position
     patch_tokens = torch.where(mask.unsqueeze(-1).bool(), masked, tokens[:, 1:])
-    hidden_states, _, _ = model.mae.encoder(torch.cat([tokens[:, :1], patch_tokens], dim=1))
+    hidden_states = model.mae.encoder(torch.cat([tokens[:, :1], patch_tokens], dim=1))
     return model.mae.layernorm(hidden_states), mask
 
 
@@ -112,7 +112,7 @@ def mask_token_loss(model: MAEForPreTraining, mask_token: torch.Tensor, pixel_va
     latent, mask = encode_all_patches(model, mask_token, pixel_values)
     decoder = model.decoder
     tokens = decoder.decoder_embed(latent) + decoder.position_embeddings  # (B, 1 + L, D_dec)
-    tokens, _, _ = decoder.transformer(tokens)
+    tokens = decoder.transformer(tokens)
     logits = decoder.pred(decoder.norm(tokens[:, 1:]))  # (B, L, p * q * C), as MAEDecoder without logits_to_keep
     patch_index = loss_patch_index(mask, num_masked=int(mask[0].sum()))  # (B, L - L_vis)
     return model.forward_loss(pixel_values.to(logits.dtype), gather_tokens(logits, patch_index), patch_index)

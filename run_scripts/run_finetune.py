@@ -129,8 +129,10 @@ def build_classifier(model_args: FinetuneModelArguments, class_names: list[str])
     """The classifier from pretrained weights (its decoder is dropped, the head is new) or from a random init."""
     overrides = {**parse_overrides(model_args.config_overrides), "drop_path_rate": model_args.drop_path_rate,
                  "use_mean_pooling": model_args.global_pool}
+    # Single-label, said explicitly: MixUp/CutMix targets are float, which transformers' rule takes for multi-label.
     labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
-              "label2id": {name: index for index, name in enumerate(class_names)}}
+              "label2id": {name: index for index, name in enumerate(class_names)},
+              "problem_type": "single_label_classification"}
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
         model = MAEForImageClassification.from_pretrained(

@@ -15,6 +15,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from conftest import tiny_config
+from official_mae import get_2d_sincos_pos_embed
 from PIL import Image
 from transformers import (
     AutoConfig,
@@ -33,21 +34,6 @@ from modeling_mae import (
     MAEModel,
     load_config,
 )
-
-
-def official_sincos_table(embed_dim: int, grid_size: int) -> np.ndarray:
-    """A transcription of the official `util/pos_embed.py` (numpy), CLS row included."""
-
-    def one_axis(dim: int, positions: np.ndarray) -> np.ndarray:
-        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-        omega = 1.0 / 10000**omega
-        out = np.einsum("m,d->md", positions.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    grid = np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32))  # w first
-    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
-    table = np.concatenate([one_axis(embed_dim // 2, grid[0]), one_axis(embed_dim // 2, grid[1])], axis=1)
-    return np.concatenate([np.zeros([1, embed_dim]), table], axis=0)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -98,8 +84,8 @@ def test_load_config_from_preset_file_and_overrides(tmp_path) -> None:
 def test_position_tables_are_the_official_sincos_when_built_from_config(tmp_path) -> None:
     config = tiny_config()
     model = MAEForPreTraining(config)
-    encoder_table = official_sincos_table(config.hidden_size, 4)
-    decoder_table = official_sincos_table(config.decoder_hidden_size, 4)
+    encoder_table = get_2d_sincos_pos_embed(config.hidden_size, (4, 4))
+    decoder_table = get_2d_sincos_pos_embed(config.decoder_hidden_size, (4, 4))
     torch.testing.assert_close(model.mae.embeddings.position_embeddings[0].double(), torch.from_numpy(encoder_table))
     torch.testing.assert_close(model.decoder.position_embeddings[0].double(), torch.from_numpy(decoder_table))
     assert not model.mae.embeddings.position_embeddings.requires_grad
@@ -109,18 +95,96 @@ def test_position_tables_are_the_official_sincos_when_built_from_config(tmp_path
     torch.testing.assert_close(encoder.embeddings.position_embeddings, model.mae.embeddings.position_embeddings)
 
 
+def test_non_square_position_table_is_the_official_formula_and_transformers_own() -> None:
+    """A 4 x 6 grid: the official formula on a (height, width) grid, and transformers' ViTMAE table builder with the
+    half swap its ViTMAE applies for the official layout ([sin_w | cos_w | sin_h | cos_h])."""
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    model = MAEModel(tiny_config(image_size=(16, 24), patch_size=4))
+    table = model.embeddings.position_embeddings[0].double()  # (1 + 24, 32)
+    torch.testing.assert_close(table, torch.from_numpy(get_2d_sincos_pos_embed(32, (4, 6))))
+    canonical = build_2d_sinusoidal_position_embedding(height=4, width=6, embed_dim=32, cls_token=True)
+    torch.testing.assert_close(table.float(), torch.cat([canonical[:, 16:], canonical[:, :16]], dim=1))
+
+
+def assert_official_initialisation(model: torch.nn.Module) -> None:
+    """Every parameter as the official code initialises it: xavier-uniform Linear and patch-projection weights (the
+    projection as a (D, C*p*q) Linear; qkv as one (3D, D) matrix), zero Linear biases, the projection's bias as
+    PyTorch's default uniform(+-1/sqrt(C*p*q)), LayerNorms 1 and 0, CLS/mask tokens normal(0.02), the head's
+    weight trunc_normal(2e-5), the official sin-cos tables."""
+    checked = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            assert module.weight.eq(1).all() and module.bias.eq(0).all(), name
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            weight = module.weight.flatten(1)  # (out, in)
+            if name == "classifier":
+                assert 0 < weight.std() < 1e-4 and module.bias.eq(0).all(), name  # trunc_normal(std=2e-5)
+            elif isinstance(module, torch.nn.Conv2d):
+                bias_bound = weight.shape[1] ** -0.5  # 1 / sqrt(fan_in)
+                assert 0.5 * bias_bound < module.bias.abs().max() <= bias_bound, name
+            else:
+                assert module.bias.eq(0).all(), name
+            if name != "classifier":
+                bound = (6 / sum(weight.shape)) ** 0.5
+                assert 0.8 * bound < weight.abs().max() <= bound, name
+        else:
+            continue
+        checked.update(f"{name}.{key}" for key, _ in module.named_parameters(recurse=False))
+    tokens = {name: p for name, p in model.named_parameters() if name.endswith(("cls_token", "mask_token"))}
+    for name, token in tokens.items():
+        assert 0.005 < token.std() < 0.04, name
+    tables = {name: p for name, p in model.named_parameters() if name.endswith("position_embeddings")}
+    for name, table in tables.items():
+        official = get_2d_sincos_pos_embed(table.shape[-1], model.config.grid_size)
+        torch.testing.assert_close(table[0].double(), torch.from_numpy(official), msg=name)
+    assert checked | set(tokens) | set(tables) == {name for name, _ in model.named_parameters()}
+
+
+def every_model_class(**overrides) -> list[torch.nn.Module]:
+    """The three classes, the classifier with either head (global pool + fc_norm, CLS), on a tiny config."""
+    return [
+        MAEModel(tiny_config(**overrides)),
+        MAEForPreTraining(tiny_config(**overrides)),
+        MAEForImageClassification(tiny_config(num_labels=5, **overrides)),
+        MAEForImageClassification(tiny_config(num_labels=5, use_mean_pooling=False, **overrides)),
+    ]
+
+
 def test_official_initialisation() -> None:
-    config = tiny_config(num_labels=5, use_mean_pooling=True)
-    model = MAEForPreTraining(config)
-    qkv = model.mae.encoder.layers[0].attention.qkv.weight  # (3D, D): the fused bound
-    bound = (6 / (config.hidden_size + 3 * config.hidden_size)) ** 0.5
-    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
-    conv = model.mae.embeddings.patch_embeddings.projection.weight  # xavier as a (D, C*p*q) Linear
-    assert conv.abs().max() <= (6 / (config.hidden_size + 3 * 16)) ** 0.5
-    assert 0.01 < model.mae.embeddings.cls_token.std() < 0.03
-    assert model.mae.layernorm.weight.eq(1).all() and model.mae.layernorm.bias.eq(0).all()
-    head = MAEForImageClassification(config).classifier.weight
-    assert 0 < head.std() < 1e-4  # trunc_normal(std=2e-5)
+    for model in every_model_class():
+        assert_official_initialisation(model)
+
+
+@pytest.mark.parametrize("model_class", [MAEModel, MAEForPreTraining, MAEForImageClassification])
+def test_meta_device_build_then_to_empty_and_init_weights(model_class) -> None:
+    """What FSDP2 and big-model loading do: build without memory, materialise, initialise. Every parameter is
+    written by `init_weights` (the empty memory is filled with NaN first, so one it skipped would stay NaN)."""
+    config = tiny_config(num_labels=5, num_hidden_layers=3, drop_path_rate=0.3)
+    with torch.device("meta"):
+        model = model_class(config)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    encoder = model if model_class is MAEModel else model.mae
+    rates = [layer.drop_path.rate for layer in encoder.encoder.layers]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 3).tolist())  # the official schedule
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    model.init_weights()
+    assert_official_initialisation(model)
+    assert not encoder.embeddings.position_embeddings.requires_grad
+    outputs = model.eval()(torch.randn(2, 3, 16, 16))
+    assert all(torch.isfinite(value).all() for value in outputs.values())
+
+
+def test_every_tensor_is_a_parameter_or_a_buffer() -> None:
+    """`to_empty` and device moves see only registered tensors: a plain tensor attribute would stay on the meta
+    device (or the CPU) and break the model there."""
+    for model in every_model_class():
+        for name, module in model.named_modules():
+            plain = [key for key, value in vars(module).items() if isinstance(value, torch.Tensor)]
+            assert plain == [], f"{name or type(model).__name__}: {plain}"
 
 
 def test_pretraining_shapes_and_visible_only_encoder() -> None:
