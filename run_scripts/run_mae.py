@@ -155,7 +155,9 @@ def build_model(args: Arguments, config: MAEConfig) -> MAEForPreTraining:
     else:
         model = MAEForPreTraining._from_config(config, **attention)
     if args.optim.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # The name of newer transformers (5.24 here), which warns on the old one (gone in v6); 5.17 has only the old.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if args.optim.torch_compile:
         model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
     return model
