@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 from conftest import tiny_config
 from official_mae import get_2d_sincos_pos_embed
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -34,6 +36,7 @@ from modeling_mae import (
     MAEModel,
     load_config,
 )
+from modeling_mae.modeling_mae import MAEAttention, MAELayer
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -373,16 +376,66 @@ def test_weights_are_used_only_inside_their_modules_forward(logits_to_keep: str)
     assert parameters_used_outside_their_modules_forward(classifier, pixel_values) == set()
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+def checkpointed_training_step(checkpointing: bool) -> tuple[list[str], list[str], int, dict[str, torch.Tensor]]:
+    """One training step of a fresh model: the blocks run in the forward, those run again in the backward, the bytes
+    autograd saved for the backward, the gradients. A block's run is seen at its first op (`norm1`): the backward
+    recomputes the block's `forward` inside the checkpoint, where hooks on the block itself do not fire."""
+    torch.manual_seed(0)
     model = MAEForPreTraining(tiny_config()).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    runs: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, MAELayer):
+            module.norm1.register_forward_pre_hook(lambda *_, name=name: runs.append(name))
+    saved_bytes: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved_bytes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
     pixel_values, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
-    model(pixel_values, noise=noise).loss.backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    model.activation_checkpointing_enable()
-    model(pixel_values, noise=noise, logits_to_keep="masked").loss.backward()  # as training runs it
-    for name, grad in expected.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(pixel_values, noise=noise, logits_to_keep="masked").loss  # as training runs it
+    forward_runs = list(runs)
+    loss.backward()
+    gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return forward_runs, runs[len(forward_runs):], sum(saved_bytes), gradients
+
+
+def test_gradient_checkpointing_recomputes_every_block_saves_less_and_gives_the_same_gradients() -> None:
+    forward, recomputed_without, saved_without, expected = checkpointed_training_step(checkpointing=False)
+    _, recomputed, saved, gradients = checkpointed_training_step(checkpointing=True)
+    assert forward == ["mae.encoder.layers.0", "mae.encoder.layers.1", "decoder.transformer.layers.0"]
+    assert recomputed_without == [] and recomputed == forward[::-1]  # each block again, last first
+    assert saved < saved_without / 3  # only the blocks' inputs are kept for the backward
+    assert gradients.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(gradients[name], gradient, msg=name)
+
+
+def test_run_mae_gradient_checkpointing_recomputes_through_the_current_api(data_dir, model_config, tmp_path) -> None:
+    """`run_mae.py --gradient_checkpointing` checkpoints every block (each runs twice per training step: forward,
+    then again in the backward) through transformers' current API, with no deprecation warning."""
+    from test_training import run_args, run_main
+
+    training_runs: list[str] = []
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, MAEAttention) and module.training and torch.is_grad_enabled():
+            training_runs.append(type(module).__name__)
+
+    hook = register_module_forward_pre_hook(count)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = run_main(run_args(data_dir, model_config, tmp_path, "--max_train_steps", "2",
+                                        "--gradient_checkpointing"))
+    finally:
+        hook.remove()
+    blocks = 2 + 1  # tiny_config: 2 encoder blocks, 1 decoder block
+    assert results["train_steps"] == 2 and len(training_runs) == 2 * blocks * 2
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
 
 
 def test_eager_and_sdpa_attention_agree() -> None:
@@ -411,14 +464,211 @@ def test_drop_path_is_stochastic_in_training_only() -> None:
     torch.testing.assert_close(model(pixel_values).logits, model(pixel_values).logits)
 
 
-def test_classifier_soft_and_hard_labels() -> None:
-    model = MAEForImageClassification(tiny_config(num_labels=3)).eval()
-    pixel_values = torch.randn(2, 3, 16, 16)
-    hard = model(pixel_values, labels=torch.tensor([0, 2])).loss
-    soft = model(pixel_values, labels=torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()).loss
-    torch.testing.assert_close(hard, soft)
+def test_classifier_heads() -> None:
     cls_model = MAEForImageClassification(tiny_config(num_labels=3, use_mean_pooling=False))
     assert cls_model.fc_norm is None and isinstance(cls_model.mae.layernorm, torch.nn.LayerNorm)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+MIXED_TARGETS = torch.tensor([[0.8, 0.2, 0.0], [0.1, 0.1, 0.8], [0.0, 1.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+MULTI_HOT = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+PROBLEMS = {  # problem_type, num_labels, labels of 4 images, the loss computed here with torch's own functions
+    "regression, one output": ("regression", 1, torch.randn(4), lambda x, y: torch.nn.MSELoss()(x.squeeze(-1), y)),
+    "regression, three outputs": ("regression", 3, torch.randn(4, 3), torch.nn.MSELoss()),
+    "single label": ("single_label_classification", 3, torch.tensor([0, 2, 1, 2]), torch.nn.CrossEntropyLoss()),
+    "single label, MixUp targets": ("single_label_classification", 3, MIXED_TARGETS, soft_cross_entropy),
+    "multi label": ("multi_label_classification", 3, MULTI_HOT, torch.nn.BCEWithLogitsLoss()),
+}
+INFERRED = ["regression, one output", "single label", "multi label"]  # unset: what transformers' rule picks
+
+
+@pytest.mark.parametrize("case", PROBLEMS)
+def test_each_problem_type_computes_torchs_loss(case: str) -> None:
+    problem_type, num_labels, labels, reference = PROBLEMS[case]
+    model = MAEForImageClassification(tiny_config(num_labels=num_labels, problem_type=problem_type)).eval()
+    out = model(torch.randn(4, 3, 16, 16), labels=labels)
+    torch.testing.assert_close(out.loss, reference(out.logits, labels))
+
+
+@pytest.mark.parametrize("case", INFERRED)
+def test_unset_problem_type_is_inferred_from_num_labels_and_label_dtype_and_recorded(case: str, tmp_path) -> None:
+    """As in transformers: one output is a regression, integer labels single-label, float labels multi-label. The
+    type is written into the config, so a saved model keeps it (pipelines pick softmax or sigmoid by it)."""
+    problem_type, num_labels, labels, reference = PROBLEMS[case]
+    model = MAEForImageClassification(tiny_config(num_labels=num_labels)).eval()
+    assert model.config.problem_type is None
+    out = model(torch.randn(4, 3, 16, 16), labels=labels)
+    torch.testing.assert_close(out.loss, reference(out.logits, labels))
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).problem_type == problem_type
+
+
+def test_finetuning_classifier_takes_mixup_targets_as_single_label() -> None:
+    """run_finetune's MixUp/CutMix targets are float: its classifier says single-label, so they get cross-entropy,
+    not the multi-label BCE that transformers' rule would infer."""
+    from run_scripts.run_finetune import FinetuneModelArguments, build_classifier
+
+    model = build_classifier(FinetuneModelArguments(model_config="tiny-32px"), ["cat", "dog", "fox"]).eval()
+    out = model(torch.randn(4, 3, 32, 32), labels=MIXED_TARGETS)
+    torch.testing.assert_close(out.loss, soft_cross_entropy(out.logits, MIXED_TARGETS))
+
+
+def test_trainer_with_gradient_accumulation_makes_the_full_batch_update(tmp_path) -> None:
+    """transformers' `Trainer` reads a forward with `**kwargs` as a loss normalised by `num_items_in_batch` and then
+    skips dividing by the accumulation steps: our mean losses must say they are not (`accepts_loss_kwargs`).
+    One SGD step on 4 images: a batch of 4 and 2 accumulated batches of 2 move the weights the same."""
+    from transformers import Trainer, TrainingArguments
+
+    model = MAEForImageClassification(tiny_config(num_labels=3))
+    data = [{"pixel_values": torch.randn(3, 16, 16), "labels": torch.tensor(index % 3)} for index in range(4)]
+
+    def update(batch_size: int, accumulation: int) -> torch.Tensor:
+        trained = copy.deepcopy(model)
+        args = TrainingArguments(
+            str(tmp_path / f"run{accumulation}"), per_device_train_batch_size=batch_size, max_steps=1,
+            gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+        )
+        Trainer(model=trained, args=args, train_dataset=data).train()
+        return trained.classifier.weight.detach() - model.classifier.weight.detach()
+
+    whole, accumulated = update(4, 1), update(2, 2)
+    assert whole.abs().sum() > 0
+    torch.testing.assert_close(accumulated, whole)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("index", range(4), ids=["MAEModel", "MAEForPreTraining", "classifier-avg", "classifier-cls"])
+def test_save_and_load_round_trip_keeps_every_weight(index: int, tmp_path) -> None:
+    """`from_pretrained` loads every tensor as saved and initialises none of them again: the weights are drawn far
+    from any initialisation (LayerNorms not 1, tables not sin-cos), so a re-initialised one would show."""
+    model = every_model_class()[index].eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    expected, actual = model.state_dict(), reloaded.state_dict()
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+    assert reloaded.config.to_diff_dict() == model.config.to_diff_dict()
+    inputs = {"noise": torch.rand(2, 16)} if isinstance(model, MAEForPreTraining) else {}
+    pixel_values = torch.randn(2, 3, 16, 16)
+    for key, value in model(pixel_values, **inputs).items():
+        torch.testing.assert_close(reloaded(pixel_values, **inputs)[key], value, msg=key)
+
+
+MISSING_FROM_CHECKPOINT = [  # one tensor of each module whose other tensors are loaded
+    "mae.embeddings.cls_token",  # the module's position table is loaded
+    "mae.embeddings.patch_embeddings.projection.bias",  # the convolution's weight is loaded
+    "decoder.mask_token",  # the decoder's position table is loaded
+    "mae.encoder.layers.0.attention.qkv.bias",
+    "mae.encoder.layers.1.norm2.weight",
+]
+
+
+def test_from_pretrained_initialises_the_missing_tensors_only(tmp_path) -> None:
+    """A checkpoint that lacks some tensors: those get the official init, the loaded ones next to them in the same
+    module stay as saved (transformers skips only whole modules whose tensors all loaded, so `_init_weights` must
+    leave loaded tensors alone)."""
+    model = MAEForPreTraining(tiny_config())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_()
+    model.save_pretrained(tmp_path)
+    saved = {name: tensor for name, tensor in model.state_dict().items() if name not in MISSING_FROM_CHECKPOINT}
+    save_file({name: tensor.contiguous() for name, tensor in saved.items()}, tmp_path / "model.safetensors")
+    reloaded = MAEForPreTraining.from_pretrained(tmp_path)
+    state = reloaded.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    assert 0.005 < state["mae.embeddings.cls_token"].std() < 0.04 and 0.005 < state["decoder.mask_token"].std() < 0.04
+    assert state["mae.embeddings.patch_embeddings.projection.bias"].abs().max() <= (3 * 4 * 4) ** -0.5
+    assert state["mae.encoder.layers.0.attention.qkv.bias"].eq(0).all()
+    assert state["mae.encoder.layers.1.norm2.weight"].eq(1).all()
+
+
+def test_a_pretrained_encoder_loads_into_the_classifier_with_a_new_official_head(tmp_path) -> None:
+    pretraining = MAEForPreTraining(tiny_config())
+    with torch.no_grad():
+        for parameter in pretraining.parameters():
+            parameter.normal_()
+    pretraining.save_pretrained(tmp_path)
+    classifier = MAEForImageClassification.from_pretrained(tmp_path, num_labels=4, use_mean_pooling=False)
+    for name, tensor in pretraining.mae.state_dict().items():
+        assert torch.equal(classifier.mae.state_dict()[name], tensor), name
+    assert 0 < classifier.classifier.weight.std() < 1e-4 and classifier.classifier.bias.eq(0).all()
+    encoder = MAEModel.from_pretrained(tmp_path)
+    for name, tensor in pretraining.mae.state_dict().items():
+        assert torch.equal(encoder.state_dict()[name], tensor), name
+
+
+# ---------------------------------------------------------------------------------------------- hidden states, export
+
+
+def attention_weights(layer: torch.nn.Module, hidden_states: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) of a block on its input `(B, N, D)`, from its weights: `(B, heads, N, N)`."""
+    normed = torch.nn.functional.layer_norm(
+        hidden_states, hidden_states.shape[-1:], layer.norm1.weight, layer.norm1.bias, layer.norm1.eps
+    )
+    qkv = torch.nn.functional.linear(normed, layer.attention.qkv.weight, layer.attention.qkv.bias)
+    query, key, _ = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, head_dim)
+    return torch.softmax(query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5, dim=-1)
+
+
+@pytest.mark.parametrize("model_class", [MAEModel, MAEForPreTraining, MAEForImageClassification])
+def test_hidden_states_and_attentions_of_each_class(model_class) -> None:
+    """One hidden state per encoder layer input plus the last output (before the final norm), one attention map per
+    encoder layer; the decoder's layers are not recorded (3 encoder layers, 1 decoder layer here). Values: the
+    embeddings, then each layer applied to the one before; the attention maps computed from the layers' weights."""
+    config = tiny_config(num_labels=3, num_hidden_layers=3)
+    model = model_class._from_config(config, attn_implementation="eager").eval()
+    encoder = model if model_class is MAEModel else model.mae
+    pixel_values, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    masking = {"noise": noise} if model_class is MAEForPreTraining else {}
+    out = model(pixel_values, output_hidden_states=True, output_attentions=True, **masking)
+    keep = noise.argsort(dim=1)[:, :4] if masking else None  # the 4 patches of least noise
+    tokens = 1 + (4 if masking else 16)
+    assert len(out.hidden_states) == 4 and len(out.attentions) == 3
+    assert {h.shape for h in out.hidden_states} == {(2, tokens, 32)}
+    assert {a.shape for a in out.attentions} == {(2, 2, tokens, tokens)}
+    torch.testing.assert_close(out.hidden_states[0], encoder.embeddings(pixel_values, keep_index=keep))
+    for depth, layer in enumerate(encoder.encoder.layers):
+        torch.testing.assert_close(out.hidden_states[depth + 1], layer(out.hidden_states[depth])[0])
+        torch.testing.assert_close(out.attentions[depth], attention_weights(layer, out.hidden_states[depth], 2))
+    if model_class is MAEModel:
+        torch.testing.assert_close(out.last_hidden_state, encoder.layernorm(out.hidden_states[-1]))
+    # Off by default; on through the config too; in the tuple when return_dict=False, after the loss and logits.
+    plain = model(pixel_values, **masking)
+    assert plain.hidden_states is None and plain.attentions is None
+    model.config.output_hidden_states = True
+    torch.testing.assert_close(model(pixel_values, **masking).hidden_states, out.hidden_states)
+    as_tuple = model(pixel_values, return_dict=False, **masking)
+    torch.testing.assert_close(as_tuple[-1], out.hidden_states)
+
+
+@pytest.mark.parametrize("model_class", [MAEModel, MAEForPreTraining, MAEForImageClassification])
+def test_torch_export_equals_eager(model_class) -> None:
+    """`torch.export` (ExecuTorch, AOTInductor, serving) traces each class to one graph, which gives the eager
+    outputs, also on inputs other than the traced ones."""
+    model = model_class(tiny_config(num_labels=3)).eval()
+
+    def inputs() -> tuple[torch.Tensor, ...]:
+        pixel_values = torch.randn(2, 3, 16, 16)
+        return (pixel_values, torch.rand(2, 16)) if model_class is MAEForPreTraining else (pixel_values,)
+
+    exported = torch.export.export(model, inputs()).module()
+    for args in (inputs(), inputs()):
+        expected, actual = model(*args), exported(*args)
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], msg=key)
 
 
 # ---------------------------------------------------------------------------------------------- hub
