@@ -1,5 +1,10 @@
-"""Weights in and out: official facebookresearch/mae checkpoints and transformers' ViTMAE (v4 and
-v5 key names) into `MAEForPreTraining`/`MAEModel`, and our encoder out to transformers' `ViTModel`.
+"""Weights in and out of this project's models.
+
+In: official facebookresearch/mae checkpoints, timm ViTs (the same layout: the official models are timm's blocks;
+a state dict file, a `save_for_hf` folder or a Hub id such as `timm/vit_base_patch16_224.mae`) and transformers'
+ViTMAE (v4 and v5 key names), into `MAEForPreTraining`, `MAEModel` or `MAEForImageClassification`.
+Out: our encoder or classifier as transformers' `ViTModel`/`ViTForImageClassification` (`to_transformers_vit`) or as
+timm's `VisionTransformer` (`export_to_timm`).
 
 Every mapping is a list of (regex, replacement) renames applied to each key, plus the one real
 change of layout: transformers keeps query/key/value apart where we (and the official code) fuse
@@ -9,17 +14,34 @@ them into one `qkv` matrix.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from .configuration_mae import MAEConfig, parse_overrides
-from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, MAEPreTrainedModel
+from .errors import UsageError
+from .hub import render_model_card, write_model_card
+from .modeling_mae import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    MAEForImageClassification,
+    MAEForPreTraining,
+    MAEModel,
+    MAEPreTrainedModel,
+    build_image_processor,
+)
+from .transforms import EVAL_CROP_FRACTION
+
+logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 Renames = list[tuple[str, str]]
@@ -54,6 +76,18 @@ TRANSFORMERS_V4_TO_V5: Renames = [
     (r"\.attention\.output\.dense\.", ".attention.o_proj."),
     (r"\.intermediate\.dense\.", ".mlp.fc1."),
     (r"\.output\.dense\.", ".mlp.fc2."),
+]
+
+# Ours -> the official (and timm) layout, for the encoder and a classifier's fc_norm and head: the inverse of
+# OFFICIAL_RENAMES on those keys.
+TO_OFFICIAL_RENAMES: Renames = [
+    (r"^mae\.embeddings\.cls_token$", "cls_token"),
+    (r"^mae\.embeddings\.position_embeddings$", "pos_embed"),
+    (r"^mae\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^mae\.encoder\.layers\.(\d+)\.", r"blocks.\1."),
+    (r"^mae\.layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
+    (r"\.attention\.", ".attn."),
 ]
 
 TRANSFORMERS_V5_RENAMES: Renames = [
@@ -112,8 +146,8 @@ def detect_format(state_dict: StateDict) -> str:
         return "official"
     if any(key.startswith("vit.") for key in state_dict):
         return "transformers"
-    raise ValueError(
-        "unrecognised checkpoint: expected the official MAE layout (cls_token, blocks.N...) or a "
+    raise UsageError(
+        "unrecognised checkpoint: expected the official MAE / timm ViT layout (cls_token, blocks.N...) or a "
         f"transformers ViTMAE one (vit....); first keys: {sorted(state_dict)[:5]}"
     )
 
@@ -132,21 +166,34 @@ def _count_blocks(keys: Iterable[str], pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+OFFICIAL_REQUIRED_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
+
+
 def mae_config_from_official(state_dict: StateDict, **overrides: Any) -> MAEConfig:
     """Shapes tell everything but the head counts: the paper uses 64-wide heads in the encoder
-    (ViT-H: 80) and 16 heads in the decoder; pass overrides for anything else."""
+    (ViT-H: 80) and 16 heads in the decoder; pass overrides for anything else. The image size is
+    read off the position table when its grid is square; pass `image_size` otherwise."""
+    missing = [key for key in OFFICIAL_REQUIRED_KEYS if key not in state_dict]
+    if missing:
+        raise UsageError(f"checkpoint has no {missing}: only ViTs with a class token and a position table convert")
     hidden_size = state_dict["cls_token"].shape[-1]
-    patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
-    grid = round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)
-    values: dict[str, Any] = dict(
-        image_size=grid * patch_size,
-        patch_size=patch_size,
-        num_channels=state_dict["patch_embed.proj.weight"].shape[1],
-        hidden_size=hidden_size,
-        num_hidden_layers=_count_blocks(state_dict, r"blocks\.(\d+)\."),
-        num_attention_heads=16 if hidden_size == 1280 else max(1, hidden_size // 64),
-        intermediate_size=state_dict["blocks.0.mlp.fc1.weight"].shape[0],
-    )
+    patch_height, patch_width = state_dict["patch_embed.proj.weight"].shape[-2:]
+    values: dict[str, Any] = {
+        "patch_size": (patch_height, patch_width),
+        "num_channels": state_dict["patch_embed.proj.weight"].shape[1],
+        "hidden_size": hidden_size,
+        "num_hidden_layers": _count_blocks(state_dict, r"blocks\.(\d+)\."),
+        "num_attention_heads": 16 if hidden_size == 1280 else max(1, hidden_size // 64),
+        "intermediate_size": state_dict["blocks.0.mlp.fc1.weight"].shape[0],
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state_dict,
+    }
+    if "image_size" not in overrides:
+        num_patches = state_dict["pos_embed"].shape[1] - 1
+        grid = math.isqrt(num_patches)
+        if grid * grid != num_patches:
+            raise UsageError(f"the position table has {num_patches} patches, not a square grid: pass "
+                             '--config_overrides "image_size=[height,width]"')
+        values["image_size"] = (grid * patch_height, grid * patch_width)
     if "decoder_embed.weight" in state_dict:
         values.update(
             decoder_hidden_size=state_dict["decoder_embed.weight"].shape[0],
@@ -158,6 +205,28 @@ def mae_config_from_official(state_dict: StateDict, **overrides: Any) -> MAEConf
         values["num_labels"] = state_dict["head.weight"].shape[0]
     values["use_mean_pooling"] = "fc_norm.weight" in state_dict or "norm.weight" not in state_dict
     return MAEConfig(**{**values, **overrides})
+
+
+def mae_config_from_timm(state_dict: StateDict, timm_config: dict[str, Any], **overrides: Any) -> MAEConfig:
+    """As `mae_config_from_official`, with what timm's `config.json` says: the input size
+    (`pretrained_cfg.input_size`), the pooling (`global_pool`) and, when timm's factory recorded it, the head count
+    (`model_args.num_heads`)."""
+    model_args = timm_config.get("model_args", {})
+    pretrained_cfg = timm_config.get("pretrained_cfg", {})
+    values: dict[str, Any] = {}
+    if pretrained_cfg.get("input_size"):
+        values["image_size"] = tuple(pretrained_cfg["input_size"][1:])  # (C, H, W)
+    if "num_heads" in model_args:
+        values["num_attention_heads"] = model_args["num_heads"]
+    global_pool = model_args.get("global_pool", timm_config.get("global_pool"))
+    if global_pool in ("avg", "token"):
+        values["use_mean_pooling"] = global_pool == "avg"
+    statistics = tuple(tuple(pretrained_cfg.get(key, default)) for key, default in
+                       (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)))
+    if statistics != (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD):
+        logger.warning("these timm weights expect inputs normalised with mean %s, std %s; the converted model's "
+                       "preprocessor_config.json has the ImageNet ones (MAE's): edit it", *statistics)
+    return mae_config_from_official(state_dict, **{**values, **overrides})
 
 
 def mae_config_from_transformers(config: dict[str, Any], **overrides: Any) -> MAEConfig:
@@ -190,17 +259,19 @@ def load_checkpoint(source: str, overrides: str | dict[str, Any] | None = None) 
     """Any supported checkpoint -> (our config, our state dict)."""
     path = _resolve_source(source)
     values = parse_overrides(overrides)
-    if path.is_file():  # an official .pth
+    if path.is_file():  # an official .pth, or a timm state dict (.pth, .safetensors)
         state_dict = _read_weights(path)
         if detect_format(state_dict) != "official":
-            raise ValueError(f"{path} is a single file but not an official MAE checkpoint")
+            raise UsageError(f"{path} is a single file but not in the official MAE / timm ViT layout")
         return mae_config_from_official(state_dict, **values), convert_official_state_dict(state_dict)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not weights or not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} holds no config.json + weights (*.safetensors or *.bin)")
+        raise UsageError(f"{path} holds no config.json + weights (*.safetensors or *.bin)")
     state_dict = {key: tensor for file in weights for key, tensor in _read_weights(file).items()}
-    config = mae_config_from_transformers(json.loads((path / "config.json").read_text()), **values)
-    return config, convert_transformers_state_dict(state_dict)
+    config = json.loads((path / "config.json").read_text())
+    if "architecture" in config:  # timm's folder layout (`save_for_hf`, the Hub's timm/...): official key names
+        return mae_config_from_timm(state_dict, config, **values), convert_official_state_dict(state_dict)
+    return mae_config_from_transformers(config, **values), convert_transformers_state_dict(state_dict)
 
 
 def build_converted_model(config: MAEConfig, state_dict: StateDict) -> MAEPreTrainedModel:
@@ -213,7 +284,7 @@ def build_converted_model(config: MAEConfig, state_dict: StateDict) -> MAEPreTra
         state_dict = {key.removeprefix("mae."): tensor for key, tensor in state_dict.items()}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or [key for key in missing if "position_embeddings" not in key]:
-        raise ValueError(f"checkpoint does not fit {model_class.__name__}: missing {missing}, unexpected {unexpected}")
+        raise UsageError(f"checkpoint does not fit {model_class.__name__}: missing {missing}, unexpected {unexpected}")
     return model.eval()
 
 
@@ -227,16 +298,23 @@ def convert_checkpoint(
     return model
 
 
+def encoder_and_head_state_dict(model: MAEPreTrainedModel) -> StateDict:
+    """The encoder's weights (`mae.` keys, as in our full models) and a classifier's `fc_norm` and `classifier`."""
+    encoder = model if isinstance(model, MAEModel) else model.mae
+    state_dict = {f"mae.{key}": tensor for key, tensor in encoder.state_dict().items()}
+    if isinstance(model, MAEForImageClassification):
+        head = ("fc_norm.", "classifier.")
+        state_dict.update({key: tensor for key, tensor in model.state_dict().items() if key.startswith(head)})
+    return state_dict
+
+
 def export_to_vit(model: MAEPreTrainedModel) -> tuple[ViTConfig, StateDict]:
     """Our encoder (and a CLS-token classifier's head) in transformers' `ViTModel` /
     `ViTForImageClassification` layout and config. A mean-pooling head has no ViT equivalent."""
     if isinstance(model, MAEForImageClassification) and model.config.use_mean_pooling:
-        raise ValueError("transformers' ViT classifies from the CLS token; use_mean_pooling=True has no ViT equivalent")
+        raise UsageError("transformers' ViT classifies from the CLS token; use_mean_pooling=True has no ViT equivalent "
+                         "(export it with --to_timm)")
     config = model.config
-    encoder = model if isinstance(model, MAEModel) else model.mae
-    state_dict = {f"mae.{key}": tensor for key, tensor in encoder.state_dict().items()}
-    if isinstance(model, MAEForImageClassification):
-        state_dict.update({key: tensor for key, tensor in model.state_dict().items() if key.startswith("classifier.")})
     inverse = [
         (r"^mae\.encoder\.layers\.(\d+)\.", r"vit.layers.\1."),
         (r"^mae\.", "vit."),
@@ -258,7 +336,7 @@ def export_to_vit(model: MAEPreTrainedModel) -> tuple[ViTConfig, StateDict]:
         id2label=config.id2label,
         label2id=config.label2id,
     )
-    return vit_config, split_qkv(rename_keys(state_dict, inverse))
+    return vit_config, split_qkv(rename_keys(encoder_and_head_state_dict(model), inverse))
 
 
 def to_transformers_vit(model: MAEPreTrainedModel) -> ViTModel | ViTForImageClassification:
@@ -271,6 +349,133 @@ def to_transformers_vit(model: MAEPreTrainedModel) -> ViTModel | ViTForImageClas
         state_dict = {key.removeprefix("vit."): tensor for key, tensor in state_dict.items()}
     vit.load_state_dict(state_dict, strict=True)
     return vit.eval()
+
+
+VIT_POOLER_NOTE = (
+    "ViTModel.from_pretrained (and AutoModel) add a pooler (dense + tanh) that is not in these weights: it is "
+    "randomly initialised, so pooler_output is noise. Use last_hidden_state (CLS token or mean of the patch tokens), "
+    "or load with ViTModel.from_pretrained(folder, add_pooling_layer=False)."
+)
+
+
+def save_vit_folder(
+    model: MAEPreTrainedModel, output_dir: str | os.PathLike[str]
+) -> ViTModel | ViTForImageClassification:
+    """`to_transformers_vit(model)` saved with our preprocessing (`preprocessor_config.json`, so that
+    `AutoImageProcessor` works on the folder) and a model card that says what a bare `ViTModel` gets wrong."""
+    vit = to_transformers_vit(model)
+    vit.save_pretrained(output_dir)
+    build_image_processor(model.config).save_pretrained(output_dir)
+    is_encoder = isinstance(vit, ViTModel)
+    load = "ViTModel.from_pretrained(folder, add_pooling_layer=False)" if is_encoder else \
+        "ViTForImageClassification.from_pretrained(folder)"
+    usage = (f"from transformers import AutoImageProcessor, {load.split('.')[0]}\n\n"
+             f'folder = "{output_dir}"\nprocessor = AutoImageProcessor.from_pretrained(folder)\nmodel = {load}')
+    description = "An MAE (He et al., 2021) ViT in transformers' own ViT layout: no custom code needed."
+    if is_encoder:
+        description += f"\n\n**Note.** {VIT_POOLER_NOTE}"
+    card = render_model_card(f"MAE {type(vit).__name__}", description, {}, tags=["vit", "mae"], usage=usage)
+    write_model_card(output_dir, card)
+    return vit
+
+
+# timm ViT architectures by (width, depth, heads, patch): a config that matches one exports under its name, with the
+# fewest create_model arguments; any other under the base one, its shape given as arguments.
+TIMM_ARCHITECTURES = {
+    "vit_tiny_patch16_224": {"embed_dim": 192, "depth": 12, "num_heads": 3, "patch_size": 16},
+    "vit_small_patch16_224": {"embed_dim": 384, "depth": 12, "num_heads": 6, "patch_size": 16},
+    "vit_base_patch16_224": {"embed_dim": 768, "depth": 12, "num_heads": 12, "patch_size": 16},
+    "vit_large_patch16_224": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": 16},
+    "vit_huge_patch14_224": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "patch_size": 14},
+}
+TIMM_FALLBACK_ARCHITECTURE = "vit_base_patch16_224"
+TIMM_VIT_DEFAULTS = {"img_size": 224, "in_chans": 3, "mlp_ratio": 4.0, "qkv_bias": True}
+
+
+@dataclass
+class TimmSpec:
+    """How timm builds our model: `timm.create_model(architecture, **model_args)`, and the weights' preprocessing and
+    classes (`pretrained_cfg`)."""
+
+    architecture: str
+    model_args: dict[str, Any]
+    pretrained_cfg: dict[str, Any]
+
+    def create_model_call(self, weights_file: str | os.PathLike[str]) -> str:
+        """The exact `timm.create_model` call that loads `weights_file` (any timm version with
+        `pretrained_cfg_overlay`)."""
+        overlay = {"file": str(weights_file), **self.pretrained_cfg}
+        overlay.pop("label_names", None)  # in config.json; too long for a command line
+        arguments = [repr(self.architecture), "pretrained=True", f"pretrained_cfg_overlay=dict({_kwargs(overlay)})"]
+        return f"timm.create_model({', '.join(arguments)}, {_kwargs(self.model_args)})"
+
+
+def _kwargs(values: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in values.items())
+
+
+def _square_or_pair(size: tuple[int, int]) -> int | list[int]:
+    return size[0] if size[0] == size[1] else list(size)
+
+
+def timm_spec(model: MAEPreTrainedModel) -> TimmSpec:
+    """The timm `VisionTransformer` equal to our encoder or classifier. timm's blocks are the official ones; it has
+    no other activation or LayerNorm epsilon than the official GELU and 1e-6."""
+    config = model.config
+    if config.hidden_act != "gelu" or config.layer_norm_eps != 1e-6:
+        raise UsageError(f"timm's ViT has GELU and LayerNorm eps 1e-6, not {config.hidden_act} and "
+                         f"{config.layer_norm_eps}")
+    mlp_ratio = config.intermediate_size / config.hidden_size
+    if int(config.hidden_size * mlp_ratio) != config.intermediate_size:
+        raise UsageError(f"timm cannot express intermediate_size={config.intermediate_size} as a ratio of the width")
+    shape = {"embed_dim": config.hidden_size, "depth": config.num_hidden_layers,
+             "num_heads": config.num_attention_heads, "patch_size": _square_or_pair(config.patch_size)}
+    architecture = next((name for name, defaults in TIMM_ARCHITECTURES.items() if defaults == shape),
+                        TIMM_FALLBACK_ARCHITECTURE)
+    defaults = {**TIMM_VIT_DEFAULTS, **TIMM_ARCHITECTURES[architecture]}
+    wanted = {**shape, "img_size": _square_or_pair(config.image_size), "in_chans": config.num_channels,
+              "mlp_ratio": mlp_ratio, "qkv_bias": config.qkv_bias}
+    model_args = {key: value for key, value in wanted.items() if value != defaults[key]}
+    is_classifier = isinstance(model, MAEForImageClassification)
+    num_classes = config.num_labels if is_classifier else 0
+    model_args.update(num_classes=num_classes, global_pool="avg" if config.use_mean_pooling else "token")
+    if config.use_mean_pooling and not is_classifier:
+        model_args["fc_norm"] = False  # our encoder normalises every token, then pools: timm's `norm`, not `fc_norm`
+    pretrained_cfg: dict[str, Any] = {
+        "num_classes": num_classes, "input_size": [config.num_channels, *config.image_size],
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "interpolation": "bicubic",
+        "crop_pct": EVAL_CROP_FRACTION,
+    }
+    if is_classifier:
+        pretrained_cfg["label_names"] = [config.id2label[index] for index in range(num_classes)]
+    return TimmSpec(architecture, model_args, pretrained_cfg)
+
+
+def export_to_timm(model: MAEPreTrainedModel, output_dir: str | os.PathLike[str]) -> TimmSpec:
+    """Our encoder (or classifier, with its global-pool `fc_norm` and head) as a timm folder: the weights in the
+    official layout (`model.safetensors`), timm's `config.json` (so that `timm.create_model("local-dir:<folder>",
+    pretrained=True)` needs no arguments) and a model card with the explicit `create_model` call."""
+    spec = timm_spec(model)
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    state_dict = rename_keys(encoder_and_head_state_dict(model), TO_OFFICIAL_RENAMES)
+    save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, folder / "model.safetensors")
+    timm_config = {
+        "architecture": spec.architecture,
+        "num_classes": spec.pretrained_cfg["num_classes"],
+        "num_features": model.config.hidden_size,
+        "global_pool": spec.model_args["global_pool"],
+        "model_args": spec.model_args,
+        "pretrained_cfg": spec.pretrained_cfg,
+    }
+    (folder / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+    usage = (f'import timm\n\nmodel = timm.create_model("local-dir:{folder}", pretrained=True)\n'
+             f"# or, spelled out:\nmodel = {spec.create_model_call(folder / 'model.safetensors')}")
+    description = f"An MAE (He et al., 2021) {type(model).__name__} in timm's `{spec.architecture}` layout."
+    card = render_model_card(f"MAE {spec.architecture}", description, {}, tags=["timm", "vit", "mae"], usage=usage,
+                             library_name="timm")
+    write_model_card(folder, card)
+    return spec
 
 
 def load_ours(source: str) -> MAEPreTrainedModel:

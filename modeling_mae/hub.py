@@ -58,9 +58,10 @@ def render_model_card(
     datasets: Iterable[str] = (),
     usage: str | None = None,
     figures: Iterable[str] = (),
+    library_name: str = "transformers",
 ) -> str:
     """A Hub model card: YAML metadata, a description, a usage snippet, one table per section, figures."""
-    metadata = ["---", "library_name: transformers", "license: apache-2.0"]
+    metadata = ["---", f"library_name: {library_name}", "license: apache-2.0"]
     metadata += ["tags:"] + [f"- {tag}" for tag in tags]
     datasets = list(datasets)
     if datasets:

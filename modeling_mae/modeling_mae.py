@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -595,7 +595,9 @@ class MAEModel(MAEPreTrainedModel):
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^fc_norm\.", r"^classifier\."]
-    _can_record_outputs = {"hidden_states": MAELayer, "attentions": OutputRecorder(MAEAttention, index=1)}
+    _can_record_outputs: ClassVar[dict[str, Any]] = {
+        "hidden_states": MAELayer, "attentions": OutputRecorder(MAEAttention, index=1)
+    }
 
     def __init__(self, config: MAEConfig, add_final_layernorm: bool = True) -> None:
         super().__init__(config)
@@ -605,7 +607,9 @@ class MAEModel(MAEPreTrainedModel):
             config.intermediate_size, config.drop_path_rate,
         )
         # Global-pool classifiers normalise the pooled features instead (`fc_norm`), as the paper does.
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if add_final_layernorm else nn.Identity()
+        self.layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if add_final_layernorm else nn.Identity()
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -643,7 +647,9 @@ class MAEModel(MAEPreTrainedModel):
         tokens = self.embeddings(pixel_values, interpolate_pos_encoding, ids_keep)
         sequence_output = self.layernorm(self.encoder(tokens))
         pooled = sequence_output[:, 1:].mean(dim=1) if self.config.use_mean_pooling else sequence_output[:, 0]
-        return MAEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, mask=mask, ids_restore=ids_restore)
+        return MAEModelOutput(
+            last_hidden_state=sequence_output, pooler_output=pooled, mask=mask, ids_restore=ids_restore
+        )
 
 
 class MAEForPreTraining(MAEPreTrainedModel):
@@ -771,7 +777,9 @@ class MAEForImageClassification(MAEPreTrainedModel):
         self.num_labels = config.num_labels
         self.mae = MAEModel(config, add_final_layernorm=not config.use_mean_pooling)
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.use_mean_pooling else None
-        self.classifier = MAEClassifierHead(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = (
+            MAEClassifierHead(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

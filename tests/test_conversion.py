@@ -1,42 +1,59 @@
-"""Checkpoint interop: transformers' ViTMAE (v5 and v4 key names) and the official layout in, ViT out.
+"""Checkpoint interop: transformers' ViTMAE (v5 and v4 key names), the official layout and timm in; transformers'
+ViT and timm out.
 
-transformers' own `ViTMAEForPreTraining` is the reference: with the same weights and the same
-masking noise, our converted model must give the same logits and loss.
+The references are the other libraries' own models: transformers' `ViTMAEForPreTraining` (its position tables from
+transformers' own builder) and timm's `VisionTransformer`, with random weights. With the same weights (and the same
+masking noise), our converted model must give the same features, logits and loss.
 """
 
 from __future__ import annotations
 
 import re
+from unittest import mock
 
+import numpy as np
 import pytest
+import timm
 import torch
-from safetensors.torch import save_file
-from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
-from modeling_mae.conversion import export_to_vit, to_transformers_vit
-from modeling_mae.modeling_mae import sincos_position_table
-from run_scripts.convert_checkpoint import main as convert_main
-
 from conftest import tiny_config
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoImageProcessor, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
+from transformers.initialization import no_init_weights
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, build_2d_sinusoidal_position_embedding
+
+from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, build_image_processor
+from modeling_mae.conversion import VIT_POOLER_NOTE, export_to_vit, to_transformers_vit
+from modeling_mae.errors import UsageError
+from run_scripts.convert_checkpoint import main as convert_main
 
 HEADS = dict(num_attention_heads=2, decoder_num_attention_heads=2)
 
 
-def reference_model(norm_pix_loss: bool = False) -> ViTMAEForPreTraining:
-    """A tiny transformers ViTMAE with random weights everywhere, position tables included."""
+def transformers_sincos_table(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """transformers' own sin-cos table `(1, 1 + H*W, D)`: its builder, then the half swap that its
+    `ViTMAEEmbeddings.initialize_weights` applies for the official layout."""
+    table = build_2d_sinusoidal_position_embedding(*grid_size, embed_dim=embed_dim, cls_token=True)
+    return torch.cat([table[:, embed_dim // 2:], table[:, :embed_dim // 2]], dim=1).unsqueeze(0)
+
+
+def reference_model(norm_pix_loss: bool = False, image_size: tuple[int, int] = (16, 16)) -> ViTMAEForPreTraining:
+    """A tiny transformers ViTMAE with random weights everywhere, its position tables transformers' sin-cos ones."""
     config = ViTMAEConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=list(image_size), patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
         decoder_intermediate_size=32, layer_norm_eps=1e-6, norm_pix_loss=norm_pix_loss,
     )
-    model = ViTMAEForPreTraining(config).eval()
+    # transformers' own init (its decoder runs it when built) makes square tables only; every weight is drawn below.
+    with no_init_weights(), mock.patch.object(ViTMAEDecoder, "initialize_weights", lambda *args: None):
+        model = ViTMAEForPreTraining(config).eval()
+    grid = (image_size[0] // 4, image_size[1] // 4)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(std=0.2)
-        # transformers leaves the decoder table zero when built from a config; use the real ones.
-        model.vit.embeddings.position_embeddings.copy_(sincos_position_table(32, (4, 4)).unsqueeze(0))
-        model.decoder.decoder_pos_embed.copy_(sincos_position_table(16, (4, 4)).unsqueeze(0))
+        # transformers leaves the decoder table zero when built from a config (real checkpoints hold it).
+        model.vit.embeddings.position_embeddings.copy_(transformers_sincos_table(32, grid))
+        model.decoder.decoder_pos_embed.copy_(transformers_sincos_table(16, grid))
     return model
 
 
@@ -139,7 +156,120 @@ def test_official_encoder_only_checkpoint_becomes_an_encoder(tmp_path) -> None:
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_export_to_transformers_vit(tmp_path) -> None:
+def randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn anew (LayerNorms, tables and heads included), so that no tensor can match by accident."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.2)
+    return model.eval()
+
+
+def test_non_square_checkpoints_convert(tmp_path) -> None:
+    """A 4 x 6 patch grid. transformers' ViTMAE runs its encoder and decoder on it (not its loss: its `patchify`
+    wants square images); the official layout cannot tell the grid from its table and asks for the image size."""
+    reference = reference_model(image_size=(16, 24))
+    reference.save_pretrained(tmp_path / "vitmae")
+    torch.save({"model": to_official_layout(reference.state_dict())}, tmp_path / "official.pth")
+    convert_main(["--source", str(tmp_path / "vitmae"), "--output_dir", str(tmp_path / "from_transformers")])
+    with pytest.raises(UsageError, match="image_size"):
+        convert_main(["--source", str(tmp_path / "official.pth"), "--output_dir", str(tmp_path / "no")])
+    convert_main(["--source", str(tmp_path / "official.pth"), "--output_dir", str(tmp_path / "from_official"),
+                  "--config_overrides", "image_size=[16,24],num_attention_heads=2,decoder_num_attention_heads=2"])
+    pixel_values, noise = torch.randn(2, 3, 16, 24), torch.rand(2, 24)
+    with torch.no_grad():
+        encoded = reference.vit(pixel_values, noise=noise)
+        expected = reference.decoder(encoded.last_hidden_state, encoded.ids_restore).logits  # (2, 24, 48)
+        for folder in ("from_transformers", "from_official"):
+            ours = MAEForPreTraining.from_pretrained(tmp_path / folder).eval()
+            assert ours.config.image_size == (16, 24)
+            actual = ours(pixel_values, noise=noise)
+            torch.testing.assert_close(actual.logits, expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(actual.mask, encoded.mask)
+
+
+# ---------------------------------------------------------------------------------------------------------- timm
+
+TIMM_SHAPE = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+TIMM_HEADS = {  # timm's create_model arguments -> the class they convert to
+    "encoder": ({"num_classes": 0, "global_pool": "token"}, MAEModel),
+    "classifier, global pool": ({"num_classes": 3, "global_pool": "avg"}, MAEForImageClassification),
+    "classifier, CLS": ({"num_classes": 3, "global_pool": "token"}, MAEForImageClassification),
+    "encoder, no qkv bias": ({"num_classes": 0, "global_pool": "token", "qkv_bias": False}, MAEModel),
+}
+
+
+def assert_same_as_timm(ours: torch.nn.Module, timm_model: torch.nn.Module) -> None:
+    """Equal features (timm's `forward_features`: every token after the last block and norm) and equal outputs
+    (timm's logits, or for an encoder its pooled pre-logits features: our `pooler_output`)."""
+    pixel_values = torch.randn(2, 3, 16, 16)
+    encoder = ours if isinstance(ours, MAEModel) else ours.mae
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixel_values).last_hidden_state, timm_model.forward_features(pixel_values))
+        output = ours(pixel_values)
+        actual = output.logits if isinstance(ours, MAEForImageClassification) else output.pooler_output
+        torch.testing.assert_close(actual, timm_model(pixel_values))
+
+
+@pytest.mark.parametrize("head", TIMM_HEADS)
+@pytest.mark.parametrize("layout", ["state dict file", "save_for_hf folder"])
+def test_timm_vit_converts_to_equal_features_and_logits(head: str, layout: str, tmp_path) -> None:
+    """timm's ViT state dicts are the official layout (e.g. `vit_base_patch16_224.mae`): as a bare file (the head
+    count given, shapes cannot tell it) or as timm's own Hub folder (`save_for_hf`: its config.json says it)."""
+    arguments, expected_class = TIMM_HEADS[head]
+    timm_model = randomised(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_SHAPE, **arguments))
+    if layout == "state dict file":
+        save_file(timm_model.state_dict(), tmp_path / "vit.safetensors")
+        source, extra = tmp_path / "vit.safetensors", ["--config_overrides", "num_attention_heads=2"]
+    else:
+        timm.models.save_for_hf(timm_model, tmp_path / "vit", safe_serialization=True)
+        source, extra = tmp_path / "vit", []
+    convert_main(["--source", str(source), "--output_dir", str(tmp_path / "ours"), *extra])
+    ours = expected_class.from_pretrained(tmp_path / "ours").eval()
+    assert ours.config.architectures == [expected_class.__name__]
+    assert_same_as_timm(ours, timm_model)
+
+
+OUR_MODELS = {
+    "encoder, mean pooling": lambda: MAEModel(tiny_config()),
+    "encoder, CLS": lambda: MAEModel(tiny_config(use_mean_pooling=False)),
+    "classifier, global pool": lambda: MAEForImageClassification(tiny_config(num_labels=3)),
+    "classifier, CLS": lambda: MAEForImageClassification(tiny_config(num_labels=3, use_mean_pooling=False)),
+}
+
+
+@pytest.mark.parametrize("kind", OUR_MODELS)
+def test_timm_export_loads_in_timm_with_equal_features_and_logits(kind: str, tmp_path, capsys) -> None:
+    """`--to_timm` writes what timm loads with no missing key, both with the `create_model` call it prints and from
+    the folder alone (`local-dir:`); the export converts back to the same weights."""
+    ours = randomised(OUR_MODELS[kind]())
+    ours.save_pretrained(tmp_path / "ours")
+    folder = tmp_path / "timm"
+    convert_main(["--source", str(tmp_path / "ours"), "--output_dir", str(folder), "--to_timm"])
+    printed_call = capsys.readouterr().out.strip().splitlines()[-1].strip()
+    assert printed_call.startswith("timm.create_model(")
+    from_call = eval(printed_call, {"timm": timm})  # exactly what a user would paste
+    from_folder = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    exported = load_file(folder / "model.safetensors")
+    for timm_model in (from_call, from_folder):
+        assert timm_model.state_dict().keys() == exported.keys()  # no missing or extra key
+        assert_same_as_timm(ours, timm_model.eval())
+    convert_main(["--source", str(folder), "--output_dir", str(tmp_path / "back")])
+    back = type(ours).from_pretrained(tmp_path / "back")
+    assert back.config.use_mean_pooling == ours.config.use_mean_pooling
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_timm_export_refuses_what_timm_cannot_build(tmp_path) -> None:
+    MAEModel(tiny_config(hidden_act="relu")).save_pretrained(tmp_path / "ours")
+    with pytest.raises(UsageError, match="GELU"):
+        convert_main(["--source", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "timm"), "--to_timm"])
+
+
+# ---------------------------------------------------------------------------------------------------- transformers' ViT
+
+
+def test_export_to_transformers_vit(tmp_path, capsys) -> None:
     encoder = MAEModel(tiny_config()).eval()
     vit = to_transformers_vit(encoder)
     pixel_values = torch.randn(2, 3, 16, 16)
@@ -154,11 +284,35 @@ def test_export_to_transformers_vit(tmp_path) -> None:
     classifier.save_pretrained(tmp_path / "ours")
     convert_main(["--source", str(tmp_path / "ours"), "--output_dir", str(tmp_path / "vit"), "--to_vit"])
     assert (tmp_path / "vit" / "model.safetensors").exists()
-    with pytest.raises(ValueError, match="mean"):
+    assert "warning" not in capsys.readouterr().err  # a classifier has no pooler to warn about
+    with pytest.raises(UsageError, match="mean"):
         export_to_vit(MAEForImageClassification(tiny_config(num_labels=3)))
+
+
+def test_vit_export_folder_has_our_preprocessing_and_says_the_pooler_is_random(tmp_path, capsys) -> None:
+    """`AutoImageProcessor` works on the folder and preprocesses as ours does; `ViTModel.from_pretrained` adds a
+    pooler the weights do not hold: one warning line at export, and the same note in the folder's model card."""
+    encoder = randomised(MAEModel(tiny_config()))
+    encoder.save_pretrained(tmp_path / "ours")
+    folder = tmp_path / "vit"
+    convert_main(["--source", str(tmp_path / "ours"), "--output_dir", str(folder), "--to_vit"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {VIT_POOLER_NOTE}"]
+    assert VIT_POOLER_NOTE in (folder / "README.md").read_text()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    processed = AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt").pixel_values
+    torch.testing.assert_close(processed, build_image_processor(encoder.config)(image, return_tensors="pt").pixel_values)
+    pixel_values = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = encoder(pixel_values).last_hidden_state
+        with_pooler = ViTModel.from_pretrained(folder).eval()  # what a user gets by default
+        assert with_pooler.pooler is not None
+        torch.testing.assert_close(with_pooler(pixel_values).last_hidden_state, expected)
+        without = ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+        torch.testing.assert_close(without(pixel_values).last_hidden_state, expected)
 
 
 def test_unrecognised_checkpoint_is_a_clear_error(tmp_path) -> None:
     torch.save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="official"):
+    with pytest.raises(UsageError, match="official"):
         convert_main(["--source", str(tmp_path / "other.pth"), "--output_dir", str(tmp_path / "out")])
