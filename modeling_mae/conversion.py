@@ -308,6 +308,10 @@ def encoder_and_head_state_dict(model: MAEPreTrainedModel) -> StateDict:
     return state_dict
 
 
+def _square_or_pair(size: tuple[int, int]) -> int | list[int]:
+    return size[0] if size[0] == size[1] else list(size)
+
+
 def export_to_vit(model: MAEPreTrainedModel) -> tuple[ViTConfig, StateDict]:
     """Our encoder (and a CLS-token classifier's head) in transformers' `ViTModel` /
     `ViTForImageClassification` layout and config. A mean-pooling head has no ViT equivalent."""
@@ -322,9 +326,9 @@ def export_to_vit(model: MAEPreTrainedModel) -> tuple[ViTConfig, StateDict]:
         (r"\.norm2\.", ".layernorm_after."),
         (r"\.attention\.proj\.", ".attention.o_proj."),
     ]
-    vit_config = ViTConfig(
-        image_size=list(config.image_size),
-        patch_size=list(config.patch_size),
+    vit_config = ViTConfig(  # ints when square: ViT's `interpolate_pos_encoding` divides by patch_size
+        image_size=_square_or_pair(config.image_size),
+        patch_size=_square_or_pair(config.patch_size),
         num_channels=config.num_channels,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
@@ -412,10 +416,6 @@ class TimmSpec:
 
 def _kwargs(values: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in values.items())
-
-
-def _square_or_pair(size: tuple[int, int]) -> int | list[int]:
-    return size[0] if size[0] == size[1] else list(size)
 
 
 def timm_spec(model: MAEPreTrainedModel) -> TimmSpec:

@@ -27,6 +27,7 @@ from data_fixtures import (
     CLASS_NAMES,
     ODD_KINDS,
     batch_ids,
+    id_colour,
     image_bytes,
     make_imagefolder,
     make_parquet_shards,
@@ -96,6 +97,32 @@ def test_every_image_mode_becomes_a_normalised_rgb_tensor(kind: str, make_transf
     assert image.mode == "RGB"
     pixels = make_transform((16, 12))(Image.open(io.BytesIO(image_bytes(7, kind))))
     assert pixels.shape == (3, 16, 12) and pixels.dtype == torch.float32
+
+
+def expected_colour(sample_id: int, kind: str) -> torch.Tensor:
+    """The colour a solid image of each kind decodes to, computed here: its id colour, or for the grey kinds that
+    colour's ITU-R 601-2 luma (PIL's L conversion) on all three channels; in [0, 1], (3,)."""
+    colour = torch.tensor(id_colour(sample_id), dtype=torch.float64)
+    if kind in ("gray", "gray16"):
+        colour = (colour @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)).expand(3)
+    return colour.float() / 255
+
+
+@pytest.mark.parametrize("kind", ("rgb", "jpeg") + ODD_KINDS)
+@pytest.mark.parametrize("make_transform", [pretrain_transform, eval_transform])
+def test_every_image_mode_keeps_its_colour(kind: str, make_transform: Callable) -> None:
+    """Solid images with three different channels (id 1000: 136, 232, 56): every output pixel is the image's colour,
+    channels in order, grey on all three, 16 bits rescaled and not clipped; the palette image is dithered, so only
+    its mean. Unnormalised (mean 0, std 1), to see the mode conversion alone. Fine-tuning's RandAugment and random
+    erasing change colours on purpose."""
+    pixels = make_transform((16, 12), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(
+        Image.open(io.BytesIO(image_bytes(1000, kind)))
+    )
+    expected = expected_colour(1000, kind)[:, None, None]  # (3, 1, 1)
+    if kind == "palette":
+        torch.testing.assert_close(pixels.mean((1, 2), keepdim=True), expected, atol=4 / 255, rtol=0)
+    else:
+        torch.testing.assert_close(pixels, expected.expand_as(pixels), atol=1.5 / 255, rtol=0)  # JPEG: +-1 level
 
 
 def test_sixteen_bit_images_are_rescaled_not_clipped() -> None:

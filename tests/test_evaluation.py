@@ -16,9 +16,11 @@ from PIL import Image
 
 from conftest import tiny_config
 from data_fixtures import image_bytes, make_parquet_shards
+from official_mae import interpolate_pos_embed
 from test_training import FakeHfApi, assert_same_weights, weights
 from transformers import AutoModelForImageClassification
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
+from modeling_mae.conversion import to_transformers_vit
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
     LARS,
@@ -147,14 +149,25 @@ def test_linear_probe_head_is_batchnorm_without_affine_then_linear() -> None:
     assert head(torch.randn(4, 8)).shape == (4, 3)
 
 
-def test_resize_model_resolution_keeps_a_loadable_classifier(tmp_path: pathlib.Path) -> None:
-    model = MAEForImageClassification(tiny_config(num_labels=3)).eval()
+def test_resize_model_resolution_is_the_official_interpolation(tmp_path: pathlib.Path) -> None:
+    """The table becomes the official `interpolate_pos_embed` of the old one, and the resized classifier predicts
+    what transformers' ViT (same weights) predicts at that resolution with its own run-time interpolation; the saved
+    model too."""
+    model = MAEForImageClassification(tiny_config(num_labels=3, use_mean_pooling=False)).eval()
+    with torch.no_grad():
+        model.mae.embeddings.position_embeddings.normal_()  # any table, not only sin-cos, is resized
+    table = model.mae.embeddings.position_embeddings.detach().clone()  # (1, 1 + 16, 32)
+    vit = to_transformers_vit(model)
     resize_model_resolution(model, (24, 24))
-    assert model.config.image_size == (24, 24) and model.mae.embeddings.position_embeddings.shape[1] == 1 + 36
-    logits = model(torch.randn(2, 3, 24, 24)).logits
-    model.save_pretrained(tmp_path)
-    reloaded = MAEForImageClassification.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(reloaded(torch.randn(2, 3, 24, 24)).logits.shape, logits.shape)
+    assert model.config.image_size == (24, 24)
+    torch.testing.assert_close(model.mae.embeddings.position_embeddings, interpolate_pos_embed(table, 36))
+    pixel_values = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        expected = vit(pixel_values, interpolate_pos_encoding=True).logits
+        torch.testing.assert_close(model(pixel_values).logits, expected)
+        model.save_pretrained(tmp_path)
+        reloaded = MAEForImageClassification.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(pixel_values).logits, expected)
 
 
 # ---------------------------------------------------------------------------------------------------- the scripts
