@@ -46,23 +46,39 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 Renames = list[tuple[str, str]]
 
-# The official blocks are timm's: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2.
-_OFFICIAL_BLOCK = [(r"\.attn\.", ".attention.")]
+# The encoder's and the classifier's names, (official and timm, ours); "{}" is a block's index. The official blocks
+# are timm's (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2): only `attn` is `attention` here.
+ENCODER_NAMES = [
+    ("cls_token", "mae.embeddings.cls_token"),
+    ("pos_embed", "mae.embeddings.position_embeddings"),
+    ("patch_embed.proj.", "mae.embeddings.patch_embeddings.projection."),
+    ("blocks.{}.", "mae.encoder.layers.{}."),
+    ("norm.", "mae.layernorm."),
+    ("fc_norm.", "fc_norm."),  # fine-tuned checkpoints (global pooling)
+    ("head.", "classifier."),
+]
+
+
+def prefix_renames(pairs: Iterable[tuple[str, str]]) -> Renames:
+    """(old, new) key prefixes as renames: anchored at the key's start, "{}" matching and keeping a block index."""
+    return [("^" + re.escape(old).replace(r"\{\}", r"(\d+)"), new.replace("{}", r"\1")) for old, new in pairs]
+
+
 OFFICIAL_RENAMES: Renames = [
-    (r"^cls_token$", "mae.embeddings.cls_token"),
-    (r"^pos_embed$", "mae.embeddings.position_embeddings"),
-    (r"^patch_embed\.proj\.", "mae.embeddings.patch_embeddings.projection."),
-    (r"^blocks\.(\d+)\.", r"mae.encoder.layers.\1."),
-    (r"^norm\.", "mae.layernorm."),
-    (r"^fc_norm\.", "fc_norm."),  # fine-tuned checkpoints (global pooling)
-    (r"^head\.", "classifier."),
+    *prefix_renames(ENCODER_NAMES),
     (r"^mask_token$", "decoder.mask_token"),
     (r"^decoder_pos_embed$", "decoder.position_embeddings"),
     (r"^decoder_embed\.", "decoder.decoder_embed."),
     (r"^decoder_blocks\.(\d+)\.", r"decoder.transformer.layers.\1."),
     (r"^decoder_norm\.", "decoder.norm."),
     (r"^decoder_pred\.", "decoder.pred."),
-    *_OFFICIAL_BLOCK,
+    (r"\.attn\.", ".attention."),
+]
+
+# Ours -> the official (and timm) layout, for the encoder and a classifier's fc_norm and head.
+TO_OFFICIAL_RENAMES: Renames = [
+    *prefix_renames((ours, official) for official, ours in ENCODER_NAMES),
+    (r"\.attention\.", ".attn."),
 ]
 
 # transformers v4 names -> v5 names (what transformers' own conversion mapping does at load time).
@@ -76,18 +92,6 @@ TRANSFORMERS_V4_TO_V5: Renames = [
     (r"\.attention\.output\.dense\.", ".attention.o_proj."),
     (r"\.intermediate\.dense\.", ".mlp.fc1."),
     (r"\.output\.dense\.", ".mlp.fc2."),
-]
-
-# Ours -> the official (and timm) layout, for the encoder and a classifier's fc_norm and head: the inverse of
-# OFFICIAL_RENAMES on those keys.
-TO_OFFICIAL_RENAMES: Renames = [
-    (r"^mae\.embeddings\.cls_token$", "cls_token"),
-    (r"^mae\.embeddings\.position_embeddings$", "pos_embed"),
-    (r"^mae\.embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^mae\.encoder\.layers\.(\d+)\.", r"blocks.\1."),
-    (r"^mae\.layernorm\.", "norm."),
-    (r"^classifier\.", "head."),
-    (r"\.attention\.", ".attn."),
 ]
 
 TRANSFORMERS_V5_RENAMES: Renames = [
