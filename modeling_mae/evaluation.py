@@ -7,9 +7,10 @@
   (the official `util/lars.py`).
 - Fine-tuning: layer-wise learning-rate decay (`layer_id_for`, `lr_scale`, `layer_decay_lr_scale_fn`, plugged into
   `training.build_optimizer`), `resize_model_resolution`.
-- Metrics: `TopKAccuracy` counts correct predictions per process and sums the counts over processes. The loaders of
-  `modeling_mae.data` give each process a disjoint share of the split without padding, so there is no duplicated
-  tail sample to drop and the sum is exact (the offline-safe replacement for `evaluate.load("accuracy")`).
+- Metrics: `ClassificationMetric` feeds an `evaluate` module (by default our `top_k_accuracy.py`, loaded by path so
+  it works offline; `--metric accuracy` is the Hub's) with the predictions of every process, gathered with
+  `accelerator.gather_for_metrics`. The loaders of `modeling_mae.data` give each process a disjoint share of the split
+  without padding, so every sample is added exactly once.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import os
 import pathlib
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import evaluate
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -28,6 +31,7 @@ from torch import nn
 from .arguments import DEFAULT_MODEL_CONFIG
 from .configuration_mae import MAEConfig, load_config, parse_overrides
 from .data import DataArguments, ImageStreamLoader, build_dataloader
+from .errors import UsageError
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, resize_position_table
 from .training import LrScaleFn, write_json
 from .transforms import ImageTransform
@@ -35,6 +39,8 @@ from .transforms import ImageTransform
 Pooling = Literal["cls", "mean"]
 POOLINGS: tuple[str, ...] = ("cls", "mean")
 TOP_KS = (1, 5)
+TOP_K_ACCURACY = "top_k_accuracy"  # our `evaluate` module, shipped next to this file
+TOP_K_ACCURACY_SCRIPT = pathlib.Path(__file__).with_name(f"{TOP_K_ACCURACY}.py")
 # Parameters of the classifier the official fine-tuning never decays (timm's `no_weight_decay`).
 FINETUNE_NO_WEIGHT_DECAY = ("cls_token", "position_embeddings")
 RESULTS_FILE = "all_results.json"
@@ -148,44 +154,72 @@ def extract_features(
 # --------------------------------------------------------------------------------------------------------- metrics
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = TOP_KS) -> torch.Tensor:
-    """Number of samples whose label is among the top-k scores, for each k (k is capped by the class count)."""
-    largest = min(max(ks), scores.shape[-1])
-    top = scores.topk(largest, dim=-1).indices  # (B, largest)
-    hits = top == labels.unsqueeze(-1)
-    return torch.stack([hits[:, : min(k, largest)].any(dim=-1).sum() for k in ks]).to(torch.float64)
+@dataclass
+class MetricArguments:
+    """Which `evaluate` module scores the validation split."""
+
+    metric: str = field(
+        default=TOP_K_ACCURACY,
+        metadata={"help": f"'{TOP_K_ACCURACY}' (top-1 and top-5, shipped with the package, works offline), or an "
+                          "`evaluate` module that takes one predicted class id per sample, by Hub name or path "
+                          "(e.g. 'accuracy', which needs the Hub)."},
+    )
 
 
-class TopKAccuracy:
-    """Top-1/top-5 accuracy accumulated over batches and summed over processes (exact: no sample is counted twice)."""
+def load_metric(name: str) -> evaluate.EvaluationModule:
+    """Our top-k accuracy (loaded by path: no network), or any other `evaluate` module by Hub name or path."""
+    source = str(TOP_K_ACCURACY_SCRIPT) if name == TOP_K_ACCURACY else name
+    try:
+        return evaluate.load(source, keep_in_memory=True)  # in memory: every process holds every prediction
+    except (OSError, ImportError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(
+            f"--metric {name}: `evaluate` cannot load it ({reason}). Hub metrics need a connection to the Hub; "
+            f"offline, use --metric {TOP_K_ACCURACY}"
+        ) from error
 
-    def __init__(self, ks: Sequence[int] = TOP_KS) -> None:
-        self.ks = tuple(ks)
-        self.correct = torch.zeros(len(self.ks), dtype=torch.float64)
-        self.count = 0
-        self.num_classes: int | None = None
 
-    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
-        self.correct += topk_correct(scores.detach(), labels, self.ks).cpu()
-        self.count += labels.shape[0]
+class ClassificationMetric:
+    """An `evaluate` module fed with the predictions of every process, as transformers' no_trainer examples do.
+
+    Each process scores its own share of the split. `add_batch` gathers the shares with
+    `accelerator.gather_for_metrics` as Python lists, since shares differ in size at the end of a split (the loaders
+    are not prepared by Accelerate: they shard without padding, so there is no duplicated tail sample to drop), and
+    every process adds every sample once. A batch that a finished process re-runs only to keep the others company
+    (`training.iterate_in_lockstep`, `is_real=False`) adds nothing.
+    """
+
+    def __init__(self, accelerator: Accelerator, name: str = TOP_K_ACCURACY) -> None:
+        self.accelerator = accelerator
+        self.module = load_metric(name)
+        self.ranks_classes = name == TOP_K_ACCURACY  # ours takes the best classes; the others, the best class
+        self.samples = 0
+        self.num_classes = 0
+
+    def add_batch(self, scores: torch.Tensor, labels: torch.Tensor, is_real: bool = True) -> None:
+        """Add `(B, C)` class scores and `(B,)` labels of every process; a collective: call it on every process."""
         self.num_classes = scores.shape[-1]
+        if self.ranks_classes:
+            predictions = scores.topk(min(max(TOP_KS), self.num_classes), dim=-1).indices  # (B, k), best first
+        else:
+            predictions = scores.argmax(dim=-1)  # (B,)
+        rows = list(zip(predictions.tolist(), labels.tolist(), strict=True)) if is_real else []
+        gathered = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+        if gathered:
+            predicted, references = zip(*gathered, strict=True)
+            self.module.add_batch(predictions=list(predicted), references=list(references))
+        self.samples += len(gathered)
 
-    def compute(self, accelerator: Accelerator, prefix: str = "eval_") -> dict[str, float | int]:
-        """`{prefix}accuracy` (top-1) and `{prefix}top{k}_accuracy` in [0, 1] (only for k below the number of
-        classes), and `{prefix}samples`; a collective: call it on every process."""
-        count = torch.tensor([float(self.count)], dtype=torch.float64)
-        totals = torch.cat([self.correct, count]).to(accelerator.device)
-        if accelerator.num_processes > 1:
-            totals = accelerator.reduce(totals, reduction="sum")
-        *correct, count = totals.tolist()
-        metrics: dict[str, float | int] = {}
-        for k, hits in zip(self.ks, correct):
-            if k > 1 and self.num_classes is not None and k >= self.num_classes:
-                continue  # always right: top-5 of 3 classes says nothing
-            name = f"{prefix}accuracy" if k == 1 else f"{prefix}top{k}_accuracy"
-            metrics[name] = hits / count if count else 0.0
-        metrics[f"{prefix}samples"] = int(count)
-        return metrics
+    def compute(self, prefix: str = "eval_") -> dict[str, float | int]:
+        """`{prefix}accuracy`, `{prefix}top5_accuracy` (ours, when there are more than 5 classes) or the module's
+        results, and `{prefix}samples`; then starts over."""
+        if self.samples == 0:
+            raise UsageError("no validation image was scored: the validation split is empty")
+        options = {"top_k": TOP_KS, "num_classes": self.num_classes} if self.ranks_classes else {}
+        results = {f"{prefix}{name}": value for name, value in self.module.compute(**options).items()}
+        results[f"{prefix}samples"] = self.samples
+        self.samples = 0
+        return results
 
 
 # ------------------------------------------------------------------------------------------------------------ k-NN

@@ -44,7 +44,8 @@ from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, 
 from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
-    TopKAccuracy,
+    ClassificationMetric,
+    MetricArguments,
     describe_model,
     layer_decay_lr_scale_fn,
     resize_model_resolution,
@@ -120,6 +121,7 @@ class Arguments:
     augment: AugmentationArguments
     optim: FinetuneOptimizationArguments
     run: FinetuneRunArguments
+    metric: MetricArguments
 
 
 # ------------------------------------------------------------------------------------------------------------- builders
@@ -160,17 +162,17 @@ def resolve_class_names(loader: ImageStreamLoader, num_labels: int | None) -> li
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: ImageStreamLoader) -> dict[str, float | int]:
-    """Top-1/top-5 on the validation split, each sample counted once whatever the number of processes."""
+def evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, loader: ImageStreamLoader, metric: ClassificationMetric
+) -> dict[str, float | int]:
+    """`metric` (top-1/top-5 by default) on the validation split, each sample counted once whatever the number of
+    processes."""
     model.eval()
-    accuracy = TopKAccuracy()
     for batch, is_real in iterate_in_lockstep(accelerator, loader):  # the forward is a collective under ZeRO-3
         batch = move_to_device(batch, accelerator.device)
-        logits = model(batch["pixel_values"]).logits
-        if is_real:
-            accuracy.update(logits, batch["labels"])
+        metric.add_batch(model(batch["pixel_values"]).logits, batch["labels"], is_real)
     model.train()
-    return accuracy.compute(accelerator)
+    return metric.compute()
 
 
 @dataclass
@@ -196,6 +198,7 @@ class Loop:
     mixer: Mixer
     plan: TrainingPlan
     args: Arguments
+    metric: ClassificationMetric
 
     def epoch_budget(self, progress: FinetuneProgress) -> int:
         """Micro-batches left in this epoch: whole optimizer steps, never past the run's last step."""
@@ -243,8 +246,8 @@ def train_one_epoch(loop: Loop, progress: FinetuneProgress) -> None:
 def finish_epoch(loop: Loop, progress: FinetuneProgress, eval_loader: ImageStreamLoader) -> None:
     """Evaluate, log and start the next epoch (checkpointing it with --checkpointing_steps epoch)."""
     train_loss = progress.epoch_loss_sum / max(progress.epoch_micro_batches, 1)
-    metrics = {"epoch": progress.epoch + 1, "train_loss": train_loss, **evaluate(loop.accelerator, loop.model,
-                                                                                 eval_loader)}
+    scores = evaluate(loop.accelerator, loop.model, eval_loader, loop.metric)
+    metrics = {"epoch": progress.epoch + 1, "train_loss": train_loss, **scores}
     progress.history.append(metrics)
     loop.accelerator.log({f"finetune/{key}": value for key, value in metrics.items()}, step=progress.completed_steps)
     loop.accelerator.print(f"epoch {progress.epoch + 1}: {metrics}")
@@ -287,6 +290,12 @@ def train(loop: Loop, eval_loader: ImageStreamLoader) -> FinetuneProgress:
 # ----------------------------------------------------------------------------------------------------------------- main
 
 
+def best_accuracy(history: list[dict[str, float | int]]) -> dict[str, float]:
+    """`best_eval_accuracy` over the epochs, when the metric reports an accuracy."""
+    accuracies = [entry["eval_accuracy"] for entry in history if "eval_accuracy" in entry]
+    return {"best_eval_accuracy": max(accuracies)} if accuracies else {}
+
+
 def model_card(args: Arguments, model: MAEForImageClassification, metrics: dict[str, Any]) -> str:
     config = model.config
     sections = {
@@ -314,11 +323,12 @@ def model_card(args: Arguments, model: MAEForImageClassification, metrics: dict[
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Fine-tune and evaluate; returns the metrics written to `output_dir/all_results.json`."""
     groups = (FinetuneModelArguments, DataArguments, AugmentationArguments, FinetuneOptimizationArguments,
-              FinetuneRunArguments)
+              FinetuneRunArguments, MetricArguments)
     args = Arguments(*parse_arguments(groups, argv))
     optim, run = args.optim, args.run
     accelerator = build_accelerator(optim.gradient_accumulation_steps, run.output_dir,
                                     run.report_to if run.with_tracking else None)
+    metric = ClassificationMetric(accelerator, args.metric.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
     set_seed(run.seed)  # identical weights on every process
     # The loaders come first (the classifier needs the class names), so the resolution is read off the config.
@@ -351,16 +361,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         pathlib.Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-        save_resolved_config(arguments_to_dict(args.model, args.data, args.augment, optim, run),
+        save_resolved_config(arguments_to_dict(args.model, args.data, args.augment, optim, run, args.metric),
                              pathlib.Path(run.output_dir) / RUN_CONFIG_FILE)
 
     accelerator.init_trackers(run.tracker_project_name)  # a no-op without --with_tracking
-    progress = train(Loop(accelerator, model, optimizer, scheduler, train_loader, mixer, plan, args), eval_loader)
+    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, mixer, plan, args, metric)
+    progress = train(loop, eval_loader)
     history = progress.history
 
     metrics: dict[str, Any] = {
         **{key: value for key, value in history[-1].items() if key.startswith("eval_")},
-        "best_eval_accuracy": max(entry["eval_accuracy"] for entry in history),
+        **best_accuracy(history),
         "train_loss": history[-1]["train_loss"],
         "train_steps": progress.completed_steps,
         "train_epochs": len(history),

@@ -4,8 +4,8 @@
     accelerate launch run_scripts/run_knn.py --model_config tiny-32px                    # random-init baseline
 
 Features of the train split are computed once (batched, no augmentation), gathered from every process, and each
-process classifies its share of the validation split; accuracies are summed over processes. Results:
-`output_dir/all_results.json` with `eval_accuracy` and `eval_top5_accuracy` in [0, 1].
+process classifies its share of the validation split; the predictions of every process are scored by an `evaluate`
+module (`--metric`). Results: `output_dir/all_results.json` with `eval_accuracy` and `eval_top5_accuracy` in [0, 1].
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from modeling_mae.data import DataArguments, eval_transform
 from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
     POOLINGS,
-    TopKAccuracy,
+    ClassificationMetric,
+    MetricArguments,
     class_names_of,
     describe_model,
     extract_features,
@@ -54,8 +55,11 @@ class KnnArguments:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the k-NN evaluation; returns the metrics written to `output_dir/all_results.json`."""
-    model_args, data_args, knn_args = parse_arguments((ModelArguments, DataArguments, KnnArguments), argv)
+    model_args, data_args, knn_args, metric_args = parse_arguments(
+        (ModelArguments, DataArguments, KnnArguments, MetricArguments), argv
+    )
     accelerator = build_accelerator(1, knn_args.output_dir)
+    metric = ClassificationMetric(accelerator, metric_args.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
     set_seed(knn_args.seed)  # the same random init on every process
     encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
@@ -67,10 +71,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     val_loader = split_loader(accelerator, data_args, "validation", transform, batch_size, train=False)
     queries, labels = extract_local_features(encoder, val_loader, knn_args.pooling, accelerator.device)
     num_classes = len(class_names_of(train_loader, bank_labels))
-    accuracy = TopKAccuracy()
-    accuracy.update(knn_scores(queries, bank, bank_labels, num_classes, knn_args.k, knn_args.temperature), labels)
+    metric.add_batch(knn_scores(queries, bank, bank_labels, num_classes, knn_args.k, knn_args.temperature), labels)
     metrics: dict[str, Any] = {
-        **accuracy.compute(accelerator),
+        **metric.compute(),
         "train_samples": int(bank.shape[0]),
         "k": knn_args.k,
         "temperature": knn_args.temperature,

@@ -38,9 +38,10 @@ from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
     LARS,
     POOLINGS,
+    ClassificationMetric,
     LinearProbeHead,
+    MetricArguments,
     Pooling,
-    TopKAccuracy,
     class_names_of,
     describe_model,
     extract_features,
@@ -152,8 +153,11 @@ def train_head(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train and score the linear probe; returns the metrics written to `output_dir/all_results.json`."""
-    model_args, data_args, probe = parse_arguments((ModelArguments, DataArguments, LinearProbeArguments), argv)
+    model_args, data_args, probe, metric_args = parse_arguments(
+        (ModelArguments, DataArguments, LinearProbeArguments, MetricArguments), argv
+    )
     accelerator = build_accelerator(probe.gradient_accumulation_steps, probe.output_dir)
+    metric = ClassificationMetric(accelerator, metric_args.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
     set_seed(probe.seed)  # the same random init and head on every process
     encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
@@ -193,11 +197,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_loss = train_head(accelerator, head, optimizer, scheduler, epochs)
 
     head = accelerator.unwrap_model(head).eval()  # no DDP collective: processes score different numbers of samples
-    accuracy = TopKAccuracy()
     with torch.no_grad():
-        accuracy.update(head(val_features), val_labels)
+        metric.add_batch(head(val_features), val_labels)
     metrics: dict[str, Any] = {
-        **accuracy.compute(accelerator),
+        **metric.compute(),
         "train_loss": train_loss,
         "train_steps": plan.total_steps,
         "learning_rate": learning_rate,

@@ -9,14 +9,20 @@ import shutil
 import subprocess
 import sys
 
+import evaluate
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.launchers import PrepareForLaunch
+from accelerate.state import AcceleratorState
+from accelerate.utils import patch_environment
 from PIL import Image
+from torch.multiprocessing import start_processes
 
 from conftest import tiny_config
 from data_fixtures import image_bytes, make_parquet_shards
 from official_mae import interpolate_pos_embed
+from test_distributed import free_port
 from test_training import FakeHfApi, assert_same_weights, weights
 from transformers import AutoModelForImageClassification
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
@@ -24,8 +30,9 @@ from modeling_mae.conversion import to_transformers_vit
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
     LARS,
+    TOP_K_ACCURACY_SCRIPT,
+    ClassificationMetric,
     LinearProbeHead,
-    TopKAccuracy,
     gather_variable_length,
     knn_scores,
     layer_decay_lr_scale_fn,
@@ -33,9 +40,15 @@ from modeling_mae.evaluation import (
     lr_scale,
     pool_features,
     resize_model_resolution,
-    topk_correct,
 )
-from modeling_mae.training import build_accelerator, build_optimizer, build_scheduler, list_checkpoints
+from modeling_mae.errors import UsageError
+from modeling_mae.training import (
+    build_accelerator,
+    build_optimizer,
+    build_scheduler,
+    iterate_in_lockstep,
+    list_checkpoints,
+)
 from run_scripts.evidence import EvidenceArguments, render_table
 from run_scripts.run_finetune import main as finetune_main
 from run_scripts.run_knn import main as knn_main
@@ -111,16 +124,109 @@ def test_weighted_knn_votes_with_exponential_similarity() -> None:
     assert knn_scores(torch.zeros(3, 2), bank, bank_labels, 2, k=50, chunk_size=2).shape == (3, 2)  # k > bank size
 
 
-def test_topk_accuracy_counts_and_skips_trivial_top5() -> None:
-    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
-    assert topk_correct(scores, torch.tensor([1, 2]), ks=(1, 2)).tolist() == [1.0, 1.0]
-    metric = TopKAccuracy()
-    metric.update(scores, torch.tensor([1, 2]))
-    assert metric.compute(Accelerator(cpu=True)) == {"eval_accuracy": 0.5, "eval_samples": 2}
-    ten_classes = TopKAccuracy()
-    ten_classes.update(torch.arange(10.0).flip(0).repeat(4, 1), torch.tensor([0, 4, 5, 9]))  # ranks classes 0, 1, ...
-    metrics = ten_classes.compute(Accelerator(cpu=True))
-    assert metrics["eval_accuracy"] == 0.25 and metrics["eval_top5_accuracy"] == 0.5
+def rank_of_label(scores: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """0 when the label has the highest score, 1 when one class beats it, ...: top-k accuracy from first principles."""
+    return [int((row > row[label]).sum()) for row, label in zip(scores, labels, strict=True)]
+
+
+def direct_top_k(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    return sum(rank < k for rank in rank_of_label(scores, labels)) / len(labels)
+
+
+def test_top_k_accuracy_module_loads_by_path_and_scores_known_answers() -> None:
+    metric = evaluate.load(str(TOP_K_ACCURACY_SCRIPT))
+    # Sample 1: label 2 ranked first; sample 2: label 1 ranked second; sample 3: label 0 ranked third.
+    ranked, references = [[2, 0, 1], [0, 1, 2], [1, 2, 0]], [2, 1, 0]
+    assert metric.compute(predictions=ranked, references=references, top_k=(1, 2, 3)) == {
+        "accuracy": pytest.approx(1 / 3), "top2_accuracy": pytest.approx(2 / 3), "top3_accuracy": 1.0}
+    # Top-3 of 3 classes is always right: left out when the class count is known.
+    assert metric.compute(predictions=ranked, references=references, top_k=(1, 3), num_classes=3) == {
+        "accuracy": pytest.approx(1 / 3)}
+    with pytest.raises(ValueError, match="top-5 accuracy needs the 5 best classes"):
+        metric.compute(predictions=ranked, references=references, top_k=(1, 5))
+
+
+def test_top_k_accuracy_module_matches_a_direct_count_over_batches() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(50, 10, generator=generator), torch.randint(0, 10, (50,), generator=generator)
+    metric = evaluate.load(str(TOP_K_ACCURACY_SCRIPT))
+    for start in range(0, 50, 16):  # batches of 16, 16, 16, 2
+        metric.add_batch(predictions=scores[start : start + 16].topk(5).indices.tolist(),
+                         references=labels[start : start + 16].tolist())
+    results = metric.compute(num_classes=10)
+    assert results["accuracy"] == pytest.approx(direct_top_k(scores, labels, 1))
+    assert results["top5_accuracy"] == pytest.approx(direct_top_k(scores, labels, 5))
+
+
+def test_classification_metric_reports_top1_top5_and_skips_trivial_top5() -> None:
+    accelerator = Accelerator(cpu=True)
+    ten_classes = ClassificationMetric(accelerator)
+    ten_classes.add_batch(torch.arange(10.0).flip(0).repeat(4, 1), torch.tensor([0, 4, 5, 9]))  # ranks 0, 1, ...
+    ten_classes.add_batch(torch.arange(10.0).repeat(2, 1), torch.tensor([9, 0]))  # ranks 9, 8, ...: right, wrong
+    assert ten_classes.compute() == {"eval_accuracy": pytest.approx(2 / 6), "eval_top5_accuracy": 0.5, "eval_samples": 6}
+    three_classes = ClassificationMetric(accelerator)
+    three_classes.add_batch(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]]), torch.tensor([1, 2]))
+    assert three_classes.compute(prefix="test_") == {"test_accuracy": 0.5, "test_samples": 2}
+    with pytest.raises(UsageError, match="split is empty"):
+        three_classes.compute()  # compute starts over
+
+
+def test_classification_metric_feeds_other_modules_the_predicted_class(tmp_path: pathlib.Path) -> None:
+    """An `evaluate` module by path that takes one class id per sample (the interface of the Hub's `accuracy`)."""
+    script = tmp_path / "exact_match.py"
+    script.write_text(
+        "import datasets\nimport evaluate\n\n\n"
+        "class ExactMatch(evaluate.Metric):\n"
+        "    def _info(self):\n"
+        "        features = {'predictions': datasets.Value('int64'), 'references': datasets.Value('int64')}\n"
+        "        return evaluate.MetricInfo(description='', citation='', features=datasets.Features(features))\n\n"
+        "    def _compute(self, predictions, references):\n"
+        "        return {'accuracy': sum(p == r for p, r in zip(predictions, references)) / len(references),\n"
+        "                'predicted': list(predictions)}\n"
+    )
+    metric = ClassificationMetric(Accelerator(cpu=True), str(script))
+    metric.add_batch(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.0, 1.0]]), torch.tensor([1, 2, 2]))
+    assert metric.compute() == {"eval_accuracy": pytest.approx(2 / 3), "eval_predicted": [1, 0, 2], "eval_samples": 3}
+
+
+def test_a_hub_metric_offline_is_a_one_line_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="offline, use --metric top_k_accuracy") as error:
+        ClassificationMetric(Accelerator(cpu=True), "accuracy")
+    assert "\n" not in str(error.value) and str(error.value).startswith("--metric accuracy: ")
+
+
+def score_in_lockstep(shares: list[list[tuple[torch.Tensor, torch.Tensor]]], output: pathlib.Path) -> None:
+    """In each of 2 processes: score this process's batches as run_finetune.evaluate does, write what rank 0 got."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from pytest: start from a fresh state
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    metric = ClassificationMetric(accelerator)
+    batches = ({"scores": scores, "labels": labels} for scores, labels in shares[accelerator.process_index])
+    for batch, is_real in iterate_in_lockstep(accelerator, batches):
+        metric.add_batch(batch["scores"], batch["labels"], is_real)
+    results = metric.compute()
+    if accelerator.is_main_process:
+        output.write_text(json.dumps(results))
+
+
+def test_two_processes_with_uneven_shares_count_every_sample_once(tmp_path: pathlib.Path) -> None:
+    """Process 0 has 3 batches (4, 4, 1 samples), process 1 one batch of 2: while process 0 finishes, process 1
+    re-runs its last batch (is_real=False), which must not be counted."""
+    generator = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(11, 8, generator=generator), torch.randint(0, 8, (11,), generator=generator)
+    shares = [[(scores[0:4], labels[0:4]), (scores[4:8], labels[4:8]), (scores[8:9], labels[8:9])],
+              [(scores[9:11], labels[9:11])]]
+    # accelerate's debug_launcher, with a rendezvous file of our own and no fixed port (tests run side by side).
+    with patch_environment(world_size=2, master_addr="127.0.0.1", master_port=str(free_port()),
+                           accelerate_debug_rdv_file=str(tmp_path / "rendezvous"), accelerate_use_cpu="yes",
+                           accelerate_mixed_precision="no", gloo_socket_ifname="lo"):
+        start_processes(PrepareForLaunch(score_in_lockstep, debug=True), args=(shares, tmp_path / "results.json"),
+                        nprocs=2, start_method="fork")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["eval_samples"] == 11
+    assert results["eval_accuracy"] == pytest.approx(direct_top_k(scores, labels, 1))
+    assert results["eval_top5_accuracy"] == pytest.approx(direct_top_k(scores, labels, 5))
 
 
 def test_gather_and_pooling_on_one_process() -> None:
@@ -195,7 +301,8 @@ def test_knn_accuracy_is_the_same_with_two_processes(
     env = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "run_scripts" / "run_knn.py"), *flags,
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(REPO / "run_scripts" / "run_knn.py"), *flags,
          "--output_dir", str(tmp_path / "two")],
         check=True, env=env, cwd=REPO, capture_output=True, timeout=180,
     )
