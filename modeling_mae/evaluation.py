@@ -15,16 +15,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import evaluate
 import torch
 import torch.nn.functional as F
+import transformers
 from accelerate import Accelerator
 from torch import nn
 
@@ -36,7 +38,10 @@ from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
 from .training import LrScaleFn, write_json
 from .transforms import ImageTransform
 
+logger = logging.getLogger(__name__)
+
 Pooling = Literal["cls", "mean"]
+LoadedModel = TypeVar("LoadedModel", bound=MAEModel | MAEForImageClassification)
 POOLINGS: tuple[str, ...] = ("cls", "mean")
 TOP_KS = (1, 5)
 TOP_K_ACCURACY = "top_k_accuracy"  # our `evaluate` module, shipped next to this file
@@ -58,10 +63,40 @@ def load_encoder(
     A random init is what the "from scratch" baselines use: seed before calling for reproducible weights.
     """
     if model_name_or_path:
-        return MAEModel.from_pretrained(model_name_or_path, **parse_overrides(config_overrides))
+        return from_pretrained_quietly(MAEModel, model_name_or_path, **parse_overrides(config_overrides))
     if model_config is None:
         raise ValueError("pass --model_name_or_path (pretrained weights) or --model_config (random init)")
     return MAEModel(load_config(model_config, config_overrides))
+
+
+def from_pretrained_quietly(model_class: type[LoadedModel], source: str, **kwargs: Any) -> LoadedModel:
+    """`model_class.from_pretrained(source, **kwargs)` with transformers' load-report table (a warning of a dozen
+    lines, from every process) replaced by one INFO line: which modules start from a random init, which checkpoint
+    weights go unused. For loads that change the model on purpose: a classifier from a pretraining checkpoint."""
+    # transformers' library logger, not the one of modeling_utils: with a level of its own, that one also checks the
+    # (absent) tensor-parallel plan and warns that no layer is sharded.
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model, loading_info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    changes = describe_loading(loading_info)
+    if changes:
+        logger.info("%s from %s: %s", model_class.__name__, source, changes)
+    return model
+
+
+def describe_loading(loading_info: dict[str, Any]) -> str:
+    """`from_pretrained`'s loading info in a few words, by module ("classifier", not "classifier.weight")."""
+
+    def modules(keys: Iterable[str]) -> str:
+        return ", ".join(sorted({key.rsplit(".", 1)[0] for key in keys}))
+
+    mismatched = [key for key, *_shapes in loading_info["mismatched_keys"]]
+    parts = [(loading_info["missing_keys"], "new (random init)"), (mismatched, "new (another shape)"),
+             (loading_info["unexpected_keys"], "not used")]
+    return "; ".join(f"{what}: {modules(keys)}" for keys, what in parts if keys)
 
 
 def describe_model(model_name_or_path: str | None, model_config: str | None, seed: int) -> str:
@@ -355,9 +390,19 @@ def class_names_of(loader: ImageStreamLoader, labels: torch.Tensor) -> list[str]
     return [str(index) for index in range(int(labels.max().item()) + 1 if labels.numel() else 0)]
 
 
-def save_results(accelerator: Accelerator, output_dir: str | os.PathLike[str], metrics: dict[str, Any]) -> None:
-    """`output_dir/all_results.json` (main process), like the other scripts."""
+def save_results(
+    accelerator: Accelerator, output_dir: str | os.PathLike[str], metrics: dict[str, Any]
+) -> pathlib.Path:
+    """`output_dir/all_results.json` (main process), like the other scripts; returns its path."""
+    path = pathlib.Path(output_dir) / RESULTS_FILE
     if accelerator.is_main_process:
-        pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
-        write_json(pathlib.Path(output_dir) / RESULTS_FILE, metrics)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, metrics)
     accelerator.wait_for_everyone()
+    return path
+
+
+def summarize(metrics: dict[str, Any]) -> str:
+    """The validation scores of `metrics` in one line: "eval_accuracy 0.8150, eval_top5_accuracy 0.9900, ..."."""
+    return ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in metrics.items() if key.startswith("eval_") and key != "eval_runtime")

@@ -15,17 +15,22 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import datasets
+import huggingface_hub
 import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,8 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 PROCESS_STATE_NAME = "process_state_{}.json"
 TRAIN_LOADER_STATE = "train_loader"  # the process_state key of the training data-stream position
+
+PROGRESS_LOG_SECONDS = 30.0  # away from a terminal, a progress line this often instead of one per refresh
 
 # Learning-rate multiplier of a parameter from its name, e.g. layer-wise decay when fine-tuning.
 LrScaleFn = Callable[[str, nn.Parameter], float]
@@ -180,6 +187,10 @@ def build_accelerator(
     The data loaders are not prepared by Accelerate (they shard by process themselves), so gradient accumulation
     counts micro-batches instead of watching for the end of a loader.
     """
+    if not torch.accelerator.is_available():
+        # Accelerate imports DeepSpeed whenever it is installed (to unwrap models and save them), and DeepSpeed warns
+        # on every run that it fell back to the CPU: name the CPU, which is what it would pick anyway.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Without GPUs the default process-group backend of DeepSpeed's CPU accelerator is oneCCL; gloo ships with torch.
     # (Only for real multi-process runs: a backend makes Accelerate initialise a process group.)
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -230,12 +241,24 @@ def move_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, 
 
 def configure_logging(accelerator: Accelerator, *loggers: logging.Logger) -> None:
     """INFO from the main process only, so that N processes do not print everything N times; the library's own
-    loggers (`modeling_mae.*`) always included."""
+    loggers (`modeling_mae.*`) always included. Away from a terminal (a log file, a pipe), the progress bars of
+    transformers, datasets and the Hub client are turned off: each refresh would be a line of the log."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING
     )
     for each in (logging.getLogger("modeling_mae"), *loggers):
         each.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if not is_terminal():
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def print_outputs(accelerator: Accelerator, headline: str, outputs: Mapping[str, str | os.PathLike[str]]) -> None:
+    """What a script ends with (main process): a headline, then where it wrote what, as absolute paths."""
+    width = max(len(label) for label in outputs) + 1
+    lines = [headline] + [f"  {label + ':':<{width}} {pathlib.Path(path).resolve()}" for label, path in outputs.items()]
+    accelerator.print("\n".join(lines))
 
 
 def tracker_values(values: Mapping[str, Any]) -> dict[str, int | float | str | bool]:
@@ -281,6 +304,60 @@ def loss_is_finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> b
 
 
 # ----------------------------------------------------------------------------------------------------------- progress
+
+
+def is_terminal() -> bool:
+    """Whether progress goes to a terminal (tqdm draws on stderr)."""
+    return sys.stderr.isatty()
+
+
+class ProgressBar(Protocol):
+    """What the scripts use of a tqdm bar."""
+
+    def update(self, n: int = 1) -> Any: ...
+
+    def set_postfix(self, **values: Any) -> Any: ...
+
+    def close(self) -> Any: ...
+
+
+class LogProgress:
+    """A progress bar as plain log lines: one every `interval` seconds and one at `close`.
+
+    A tqdm bar redraws itself in place, which a log file records as one line per refresh."""
+
+    def __init__(
+        self, total: int | None, desc: str, initial: int = 0, unit: str = "it", interval: float = PROGRESS_LOG_SECONDS
+    ) -> None:
+        self.total, self.desc, self.n, self.unit, self.interval = total, desc, initial, unit, interval
+        self.postfix: dict[str, Any] = {}
+        self.start = self.last_line = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last_line >= self.interval:
+            self.log()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        self.log()
+
+    def log(self) -> None:
+        self.last_line = time.monotonic()
+        done = f"{self.n}/{self.total} {self.unit} ({self.n / self.total:.0%})" if self.total else f"{self.n} {self.unit}"
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(self.last_line - self.start))
+        postfix = "".join(f", {key}={value}" for key, value in self.postfix.items())
+        logger.info("%s: %s, %s elapsed%s", self.desc, done, elapsed, postfix)
+
+
+def progress_bar(total: int | None, desc: str, initial: int = 0, unit: str = "it", enabled: bool = True) -> ProgressBar:
+    """A tqdm bar on a terminal, `LogProgress` lines elsewhere (log lines need `configure_logging`); nothing when
+    not `enabled` (e.g. on every process but the main one)."""
+    if enabled and not is_terminal():
+        return LogProgress(total, desc, initial, unit)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
 class Throughput:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from modeling_mae import MAEForImageClassification, load_config, parse_overrides
 from modeling_mae.arguments import (
@@ -47,10 +46,12 @@ from modeling_mae.evaluation import (
     ClassificationMetric,
     MetricArguments,
     describe_model,
+    from_pretrained_quietly,
     layer_decay_lr_scale_fn,
     resize_model_resolution,
     save_results,
     split_loader,
+    summarize,
 )
 from modeling_mae.hub import HubUploader, default_repo_name, export_model, render_model_card, write_model_card
 from modeling_mae.training import (
@@ -59,10 +60,13 @@ from modeling_mae.training import (
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    configure_logging,
     effective_batch_size,
     iterate_in_lockstep,
     move_to_device,
     plan_training,
+    print_outputs,
+    progress_bar,
     resume_training,
     save_checkpoint,
     scaled_learning_rate,
@@ -137,8 +141,9 @@ def build_classifier(model_args: FinetuneModelArguments, class_names: list[str])
               "problem_type": "single_label_classification"}
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
-        model = MAEForImageClassification.from_pretrained(
-            model_args.model_name_or_path, ignore_mismatched_sizes=True, **overrides, **labels, **attention
+        model = from_pretrained_quietly(  # the new head is on purpose: one line, not transformers' report table
+            MAEForImageClassification, model_args.model_name_or_path, ignore_mismatched_sizes=True, **overrides,
+            **labels, **attention,
         )
     else:
         config = load_config(model_args.model_config or DEFAULT_MODEL_CONFIG, overrides)
@@ -276,8 +281,8 @@ def resume(loop: Loop) -> FinetuneProgress:
 
 def train(loop: Loop, eval_loader: ImageStreamLoader) -> FinetuneProgress:
     progress = resume(loop)
-    bar = tqdm(total=loop.plan.num_epochs, initial=progress.epoch, desc="fine-tuning",
-               disable=not loop.accelerator.is_local_main_process)
+    bar = progress_bar(loop.plan.num_epochs, "fine-tuning", progress.epoch, "epoch",
+                       enabled=loop.accelerator.is_local_main_process)
     while progress.epoch < loop.plan.num_epochs:
         loop.train_loader.set_epoch(progress.epoch)  # keeps a stream position loaded for this epoch
         train_one_epoch(loop, progress)
@@ -328,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optim, run = args.optim, args.run
     accelerator = build_accelerator(optim.gradient_accumulation_steps, run.output_dir,
                                     run.report_to if run.with_tracking else None)
+    configure_logging(accelerator)
     metric = ClassificationMetric(accelerator, args.metric.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
     set_seed(run.seed)  # identical weights on every process
@@ -384,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "history": history,
     }
     export_model(accelerator, model, run.output_dir)
-    save_results(accelerator, run.output_dir, metrics)
+    results = save_results(accelerator, run.output_dir, metrics)
     if accelerator.is_main_process:
         card_metrics = {key: value for key, value in metrics.items() if key != "history"}
         write_model_card(run.output_dir, model_card(args, accelerator.unwrap_model(model), card_metrics))
@@ -394,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             uploader.upload(run.output_dir, "End of fine-tuning")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    print_outputs(accelerator, f"Done: fine-tuning, {len(history)} epochs, {summarize(metrics)}",
+                  {"model": run.output_dir, "results": results})
     return metrics
 
 

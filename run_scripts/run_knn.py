@@ -33,8 +33,9 @@ from modeling_mae.evaluation import (
     load_encoder,
     save_results,
     split_loader,
+    summarize,
 )
-from modeling_mae.training import build_accelerator
+from modeling_mae.training import build_accelerator, configure_logging, print_outputs
 
 
 @dataclass
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (ModelArguments, DataArguments, KnnArguments, MetricArguments), argv
     )
     accelerator = build_accelerator(1, knn_args.output_dir)
+    configure_logging(accelerator)
     metric = ClassificationMetric(accelerator, metric_args.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
     set_seed(knn_args.seed)  # the same random init on every process
@@ -82,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "eval_runtime": time.perf_counter() - start,
     }
-    save_results(accelerator, knn_args.output_dir, metrics)
-    accelerator.print(f"k-NN ({knn_args.k} neighbours): {metrics}")
+    results = save_results(accelerator, knn_args.output_dir, metrics)
+    print_outputs(accelerator, f"Done: k-NN ({knn_args.k} neighbours), {summarize(metrics)}", {"results": results})
     return metrics
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,12 +51,15 @@ from modeling_mae.evaluation import (
     pool_features,
     save_results,
     split_loader,
+    summarize,
 )
 from modeling_mae.training import (
     build_accelerator,
     build_scheduler,
+    configure_logging,
     effective_batch_size,
     plan_training,
+    print_outputs,
     scaled_learning_rate,
 )
 
@@ -157,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (ModelArguments, DataArguments, LinearProbeArguments, MetricArguments), argv
     )
     accelerator = build_accelerator(probe.gradient_accumulation_steps, probe.output_dir)
+    configure_logging(accelerator)
     metric = ClassificationMetric(accelerator, metric_args.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
     set_seed(probe.seed)  # the same random init and head on every process
@@ -212,11 +217,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "runtime": time.perf_counter() - start,
     }
-    save_results(accelerator, probe.output_dir, metrics)
+    results = save_results(accelerator, probe.output_dir, metrics)
+    head_file = pathlib.Path(probe.output_dir) / HEAD_FILE
     if accelerator.is_main_process:
-        save_file({name: tensor.contiguous().cpu() for name, tensor in head.state_dict().items()},
-                  f"{probe.output_dir}/{HEAD_FILE}")
-    accelerator.print(f"linear probe: {metrics}")
+        save_file({name: tensor.contiguous().cpu() for name, tensor in head.state_dict().items()}, head_file)
+    print_outputs(accelerator, f"Done: linear probe, {summarize(metrics)}", {"results": results, "head": head_file})
     return metrics
 
 

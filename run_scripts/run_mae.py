@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from modeling_mae import MAEConfig, MAEForPreTraining, build_image_processor, load_config, parse_overrides
 from modeling_mae.arguments import (
@@ -58,6 +57,7 @@ from modeling_mae.training import (
     LossWindow,
     NonFiniteLossError,
     NonFiniteLossGuard,
+    ProgressBar,
     Throughput,
     TrainingPlan,
     TrainingProgress,
@@ -71,6 +71,7 @@ from modeling_mae.training import (
     loss_is_finite_everywhere,
     move_to_device,
     plan_training,
+    progress_bar,
     resume_training,
     save_checkpoint,
     scaled_learning_rate,
@@ -290,7 +291,7 @@ class LoopState:
     guard: NonFiniteLossGuard
     losses: LossWindow
     meter: Throughput
-    bar: tqdm
+    bar: ProgressBar
 
 
 def train(trainer: Trainer, progress: TrainingProgress) -> TrainingProgress:
@@ -299,13 +300,8 @@ def train(trainer: Trainer, progress: TrainingProgress) -> TrainingProgress:
         NonFiniteLossGuard(trainer.args.optim.max_consecutive_nonfinite, progress.nonfinite_losses),
         LossWindow(),
         Throughput(progress.train_samples),
-        tqdm(
-            total=total_steps,
-            initial=progress.completed_steps,
-            desc="pretraining",
-            unit="step",
-            dynamic_ncols=True,
-            disable=not accelerator.is_local_main_process,
+        progress_bar(
+            total_steps, "pretraining", progress.completed_steps, "step", enabled=accelerator.is_local_main_process
         ),
     )
     trainer.model.train()

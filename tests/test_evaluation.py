@@ -16,17 +16,18 @@ from accelerate import Accelerator
 from accelerate.launchers import PrepareForLaunch
 from accelerate.state import AcceleratorState
 from accelerate.utils import patch_environment
-from PIL import Image
-from torch.multiprocessing import start_processes
-
 from conftest import tiny_config
 from data_fixtures import image_bytes, make_parquet_shards
 from official_mae import interpolate_pos_embed
+from PIL import Image
 from test_distributed import free_port
 from test_training import FakeHfApi, assert_same_weights, weights
+from torch.multiprocessing import start_processes
 from transformers import AutoModelForImageClassification
+
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
 from modeling_mae.conversion import to_transformers_vit
+from modeling_mae.errors import UsageError
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
     LARS,
@@ -41,7 +42,6 @@ from modeling_mae.evaluation import (
     pool_features,
     resize_model_resolution,
 )
-from modeling_mae.errors import UsageError
 from modeling_mae.training import (
     build_accelerator,
     build_optimizer,
@@ -279,13 +279,23 @@ def test_resize_model_resolution_is_the_official_interpolation(tmp_path: pathlib
 # ---------------------------------------------------------------------------------------------------- the scripts
 
 
+def printed_paths(text: str) -> dict[str, str]:
+    """The `  label: path` lines a script ends with."""
+    return {label.strip(): path.strip() for label, path in
+            (line.split(":", 1) for line in text.splitlines() if line.startswith("  "))}
+
+
 def test_knn_script_from_pretrained_and_random_init(
-    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the default output_dir is relative: the printed path says where it went
     common = ["--dataset_name", str(dataset), "--per_device_eval_batch_size", "4", "--k", "5"]
-    metrics = knn_main([*common, "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "mae")])
+    metrics = knn_main([*common, "--model_name_or_path", str(pretrained)])
     assert metrics["eval_samples"] == NUM_VALIDATION and metrics["train_samples"] == NUM_TRAIN
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and read_results(tmp_path / "mae") == pytest.approx(metrics)
+    results = tmp_path / "outputs" / "mae-knn" / "all_results.json"
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and json.loads(results.read_text()) == pytest.approx(metrics)
+    assert printed_paths(capsys.readouterr().out) == {"results": str(results.resolve())}
     scratch = knn_main([*common, "--model_config", "tiny", "--config_overrides", TINY_OVERRIDES,
                         "--output_dir", str(tmp_path / "random"), "--pooling", "cls"])
     assert scratch["model"].startswith("random init")
@@ -314,7 +324,8 @@ def test_knn_accuracy_is_the_same_with_two_processes(
 
 @pytest.mark.parametrize("cached", ["true", "false"])
 def test_linear_probe_script(
-    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, cached: str
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, cached: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     metrics = linear_probe_main([
         "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
@@ -323,6 +334,8 @@ def test_linear_probe_script(
     assert metrics["eval_samples"] == NUM_VALIDATION and 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert metrics["train_steps"] == 3 * (NUM_TRAIN // 8)  # whole batches only, both ways
     assert (tmp_path / "linear_head.safetensors").is_file()
+    assert printed_paths(capsys.readouterr().out) == {"results": str(tmp_path.resolve() / "all_results.json"),
+                                                      "head": str(tmp_path.resolve() / "linear_head.safetensors")}
     assert read_results(tmp_path)["cached_features"] == (cached == "true")
 
 
@@ -369,6 +382,31 @@ def test_linear_probe_leaves_the_encoder_untouched(
                        "--warmup_epochs", "0", "--optimizer", "sgd"])
     after = MAEModel.from_pretrained(pretrained).state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_a_launched_run_prints_what_it_did_and_no_library_noise(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The README's launch (our default Accelerate config) of a fine-tuning, its output piped as to a log file."""
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    output = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "configuration" / "accelerate" / "default.yaml"), str(REPO / "run_scripts" / "run_finetune.py"),
+         "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(output),
+         "--per_device_train_batch_size", "8", "--num_train_epochs", "1"],
+        env=env, cwd=tmp_path, capture_output=True, timeout=300, check=True,  # bytes: text mode would turn \r to \n
+    )
+    stdout, log = run.stdout.decode(), (run.stdout + run.stderr).decode()
+    assert "Setting accelerator to CPU" not in log  # DeepSpeed, imported by Accelerate to unwrap the model
+    assert "had defaults used instead" not in log  # Accelerate, launched without a config
+    assert "LOAD REPORT" not in log and "not sharded" not in log  # transformers, the new head is on purpose
+    assert "MAEForImageClassification from" in log and "new (random init): classifier, fc_norm" in log
+    assert "\r" not in log  # no progress bar redrawn in place, ours or a library's
+    assert "fine-tuning: 1/1 epoch (100%)" in log
+    assert printed_paths(stdout) == {"model": str(output.resolve()),
+                                     "results": str((output / "all_results.json").resolve())}
 
 
 def test_finetune_script_saves_a_loadable_classifier(
