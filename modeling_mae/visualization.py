@@ -1,5 +1,5 @@
-"""The paper's Figure 2 for a training run: one row per image,
-masked input | reconstruction | reconstruction + visible | original.
+"""The paper's Figure 2 for a training run: one row per image, under a strip of column titles,
+masked | reconstruction | reconstruction + visible | original.
 
 As in the paper, the reconstruction is the raw decoder output on every patch, mapped back to pixels with each
 patch's own mean/std when the model regresses normalised pixels (`norm_pix_loss`). No loss is computed on the
@@ -14,11 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 GAP = 2  # pixels of white between tiles
 MIN_TILE_SIDE = 96  # small images (the 32x32 sample) are enlarged so they can be seen
+COLUMN_TITLES = ("masked", "reconstruction", "reconstruction + visible", "original")
+TILE_WIDTH_PER_TITLE_PIXEL = 8  # title font size = tile width / 8 (12 px over the 96-pixel tiles of the sample)
+MIN_TITLE_FONT_SIZE = 12
 
 
 @torch.no_grad()
@@ -68,6 +71,43 @@ def grid_image(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
     return canvas
 
 
+def wrap_to_width(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels (a single word wider than that keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def column_titles(titles: Sequence[str], tile_width: int) -> Image.Image:
+    """A white strip as wide as a `grid_image` of `len(titles)` columns, each title centred over its column in black,
+    wrapped to the column's width. PIL's own font (FreeType's when available): no font file, no matplotlib."""
+    font = ImageFont.load_default(size=max(MIN_TITLE_FONT_SIZE, tile_width // TILE_WIDTH_PER_TITLE_PIXEL))
+    wrapped = [wrap_to_width(title, font, tile_width) for title in titles]
+    line_height = int(font.getbbox("Ag")[3]) + GAP  # from the top of the line to below the descender
+    height = max(len(lines) for lines in wrapped) * line_height + 2 * GAP
+    strip = Image.new("RGB", (len(titles) * (tile_width + GAP) + GAP, height), "white")
+    draw = ImageDraw.Draw(strip)
+    for column, lines in enumerate(wrapped):
+        centre = GAP + column * (tile_width + GAP) + tile_width / 2
+        for row, line in enumerate(lines):
+            draw.text((round(centre - font.getlength(line) / 2), GAP + row * line_height), line, fill="black", font=font)
+    return strip
+
+
+def add_column_titles(grid: Image.Image, titles: Sequence[str] = COLUMN_TITLES) -> Image.Image:
+    """`grid` (a `grid_image` of `len(titles)` columns) under a strip of column titles."""
+    tile_width = (grid.width - GAP) // len(titles) - GAP
+    strip = column_titles(titles, tile_width)
+    figure = Image.new("RGB", (grid.width, strip.height + grid.height), "white")
+    figure.paste(strip, (0, 0))
+    figure.paste(grid, (0, strip.height))
+    return figure
+
+
 def reconstruction_figure(
     model: nn.Module,
     unwrapped: nn.Module,
@@ -76,14 +116,15 @@ def reconstruction_figure(
     image_std: Sequence[float],
     noise: torch.Tensor | None = None,
 ) -> Image.Image:
-    """Figure 2: a row per image of `pixel_values`: masked | reconstruction | reconstruction + visible | original."""
+    """Figure 2: a row per image of `pixel_values`, under the column titles: masked | reconstruction |
+    reconstruction + visible | original."""
     masked, reconstruction, pixel_mask = reconstruct(model, unwrapped, pixel_values, noise)
     pasted = masked + reconstruction * pixel_mask
     columns = [
         to_uint8_images(images, image_mean, image_std)
         for images in (masked, reconstruction, pasted, pixel_values.float())
     ]
-    return grid_image([list(row) for row in zip(*columns, strict=False)])
+    return add_column_titles(grid_image([list(row) for row in zip(*columns, strict=True)]))
 
 
 def log_figure(accelerator: Accelerator, name: str, figure: Image.Image, step: int) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import evaluate
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -19,7 +20,7 @@ from accelerate.utils import patch_environment
 from conftest import tiny_config
 from data_fixtures import image_bytes, make_parquet_shards
 from official_mae import interpolate_pos_embed
-from PIL import Image
+from PIL import Image, ImageFont
 from test_distributed import free_port
 from test_training import FakeHfApi, assert_same_weights, weights
 from torch.multiprocessing import start_processes
@@ -48,6 +49,15 @@ from modeling_mae.training import (
     build_scheduler,
     iterate_in_lockstep,
     list_checkpoints,
+)
+from modeling_mae.visualization import (
+    COLUMN_TITLES,
+    GAP,
+    MIN_TILE_SIDE,
+    add_column_titles,
+    column_titles,
+    grid_image,
+    wrap_to_width,
 )
 from run_scripts.evidence import EvidenceArguments, render_table
 from run_scripts.run_finetune import main as finetune_main
@@ -467,13 +477,38 @@ def test_visualize_script_from_a_split_and_from_files(
     MAEForPreTraining(tiny_config(norm_pix_loss=norm_pix_loss)).save_pretrained(model_dir)
     figure = visualize_main(["--model_name_or_path", str(model_dir), "--dataset_name", str(dataset), "--num_images", "3",
                              "--output", str(tmp_path / "split.png")])
+    titles = column_titles(COLUMN_TITLES, MIN_TILE_SIDE)  # 16-pixel images are shown as 96-pixel tiles
+    tile = MIN_TILE_SIDE + GAP
     with Image.open(figure) as image:
-        assert 0.7 < image.height / image.width < 0.8  # 3 rows of 4 tiles
+        assert image.size == (4 * tile + GAP, titles.height + 3 * tile + GAP)  # the titles over 3 rows of 4 tiles
+        assert_same_pixels(image.crop((0, 0, image.width, titles.height)), titles)
     (tmp_path / "a.png").write_bytes(image_bytes(7))
     files = visualize_main(["--model_name_or_path", str(model_dir), "--images", str(tmp_path / "a.png"),
                             "--mask_ratio", "0.5", "--output", str(tmp_path / "files.png")])
     with Image.open(files) as image:
-        assert 3.5 < image.width / image.height < 4.1  # 1 row of 4 tiles
+        assert image.size == (4 * tile + GAP, titles.height + tile + GAP)  # the titles over 1 row of 4 tiles
+
+
+def assert_same_pixels(image: Image.Image, expected: Image.Image) -> None:
+    assert image.size == expected.size
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+
+def test_column_titles_are_drawn_over_each_column_and_leave_the_grid_unchanged() -> None:
+    generator = np.random.default_rng(0)
+    rows = [[generator.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)] for _ in range(2)]
+    grid = grid_image(rows)
+    figure = add_column_titles(grid)
+    strip_height = figure.height - grid.height
+    assert figure.width == grid.width and strip_height > 0
+    assert_same_pixels(figure.crop((0, strip_height, figure.width, figure.height)), grid)
+    strip = np.asarray(figure.crop((0, 0, figure.width, strip_height)).convert("L"))  # (strip height, width)
+    tile_width = (grid.width - GAP) // 4 - GAP
+    for column, title in enumerate(COLUMN_TITLES):  # dark text in every column's part of the strip
+        left = GAP + column * (tile_width + GAP)
+        assert strip[:, left : left + tile_width].min() < 128, f"no title over column {column} ({title})"
+    assert strip[:, :GAP].min() == 255 and strip[:, -GAP:].min() == 255  # a white margin, nothing cut off
+    assert len(wrap_to_width("reconstruction + visible", ImageFont.load_default(size=12), 96)) == 2  # too wide: wrapped
 
 
 def test_evidence_table_reports_gains_and_the_ablation() -> None:
