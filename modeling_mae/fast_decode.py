@@ -12,6 +12,10 @@ with four savings:
   for `RandomResizedCrop`); after a reduced decode, whose crop box falls between pixels, crop + resize is one PIL
   call (`resize(box=...)`), exact to the sub-pixel;
 - uint8 -> normalised float is one multiply-add in place instead of torchvision's ToImage/ToDtype/Normalize chain.
+
+It also holds the two decoding primitives every path shares, `to_rgb` and `has_torchvision_jpeg_decoder`:
+`transforms` (the recipes, which build this fused one for pretraining) imports them from here, and this module imports
+nothing from `transforms`.
 """
 
 from __future__ import annotations
@@ -27,9 +31,25 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from .transforms import has_torchvision_jpeg_decoder, to_rgb
-
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes natively
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (CMYK, L, P, RGBA, LA, 16-bit, ...) -> 3-channel 8-bit RGB, the model's ``num_channels=3``."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        # 16/32-bit integer images: PIL's convert would clip to 255 instead of rescaling the 0-65535 range.
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the palette's transparency is only understood by the RGBA conversion
+    return image.convert("RGB")
+
+
+def has_torchvision_jpeg_decoder() -> bool:
+    """torchvision deprecated its image decoders in 0.29 (for TorchCodec): once they are gone, PIL decodes JPEGs too."""
+    return hasattr(torchvision.io, "decode_jpeg")
 
 
 def sample_crop(

@@ -8,6 +8,8 @@ Decode paths, so the speed of each can be measured on its own:
   when no crop can use the full resolution anyway;
 - device: ``decode_images_on_device`` (nvjpeg when ``device`` is a GPU) + ``augment_on_device``; a transform that has
   such a batch-wise version carries it as ``ImageTransform.device_augment`` (the pretraining one does).
+
+``to_rgb`` and ``has_torchvision_jpeg_decoder`` come from ``fast_decode``: this module depends on it, not the reverse.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torchvision.transforms import v2
+
+from .fast_decode import FastPretrainTransform, has_torchvision_jpeg_decoder, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,19 +34,6 @@ PRETRAIN_CROP_SCALE = (0.2, 1.0)  # MAE pretraining (He et al., appendix A.1)
 FINETUNE_CROP_SCALE = (0.08, 1.0)
 EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, then center crop
 _WORST_CROP_ASPECT = 3 / 4  # RandomResizedCrop's default ratio range is (3/4, 4/3)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (CMYK, L, P, RGBA, LA, 16-bit, ...) -> 3-channel 8-bit RGB, the model's ``num_channels=3``."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I"):
-        # 16/32-bit integer images: PIL's convert would clip to 255 instead of rescaling the 0-65535 range.
-        array = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # the palette's transparency is only understood by the RGBA conversion
-    return image.convert("RGB")
 
 
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
@@ -103,8 +93,6 @@ def pretrain_transform(
     image_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> ImageTransform:
     """MAE pretraining: RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip + normalise."""
-    from .fast_decode import FastPretrainTransform  # here, not at the top: fast_decode imports this module's to_rgb
-
     size = _as_size(image_size)
     pipeline = v2.Compose(_random_resized_crop(size, PRETRAIN_CROP_SCALE) + _to_normalised_tensor(mean, std))
     on_device = functools.partial(augment_on_device, image_size=size, mean=tuple(mean), std=tuple(std))
@@ -180,11 +168,6 @@ def mixup_cutmix(
 def decode_image_tensor(data: bytes) -> torch.Tensor:
     """``decode_image`` as a uint8 RGB tensor (3, H, W): the CPU decoder, with the mode conversions of the PIL path."""
     return v2.functional.pil_to_tensor(decode_image(data))
-
-
-def has_torchvision_jpeg_decoder() -> bool:
-    """torchvision deprecated its image decoders in 0.29 (for TorchCodec): once they are gone, PIL decodes JPEGs too."""
-    return hasattr(torchvision.io, "decode_jpeg")
 
 
 def decode_images_on_device(encoded: Sequence[bytes], device: str | torch.device = "cuda") -> list[torch.Tensor]:
