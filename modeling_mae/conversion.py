@@ -29,7 +29,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from .configuration_mae import MAEConfig, parse_overrides
 from .errors import UsageError
-from .hub import render_model_card, write_model_card
+from .model_card import render_model_card, write_model_card
 from .modeling_mae import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,

@@ -1,7 +1,8 @@
-"""Export a trained model as a self-contained `from_pretrained` folder, describe it in a model card, push it.
+"""Export a trained model as a self-contained `from_pretrained` folder and push it to the Hub.
 
 The export folder is the run's `output_dir`: weights (safetensors), `config.json` with an `auto_map`, the two code
-files, `preprocessor_config.json`, README.md, results and figures. Checkpoint folders inside it are never uploaded.
+files, `preprocessor_config.json`, README.md (the model card: `model_card.py`), results and figures. Checkpoint
+folders inside it are never uploaded.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -38,54 +38,6 @@ def export_model(accelerator: Accelerator, model: nn.Module, output_dir: str | o
             output_dir, state_dict=state_dict, safe_serialization=True
         )
     accelerator.wait_for_everyone()
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _markdown_table(rows: Mapping[str, Any]) -> str:
-    lines = ["| | |", "|---|---|"]
-    lines += [f"| {key} | {_cell(value)} |" for key, value in rows.items()]
-    return "\n".join(lines)
-
-
-def render_model_card(
-    title: str,
-    description: str,
-    sections: Mapping[str, Mapping[str, Any]],
-    tags: Iterable[str] = (),
-    datasets: Iterable[str] = (),
-    usage: str | None = None,
-    figures: Iterable[str] = (),
-    library_name: str = "transformers",
-) -> str:
-    """A Hub model card: YAML metadata, a description, a usage snippet, one table per section, figures."""
-    metadata = ["---", f"library_name: {library_name}", "license: apache-2.0"]
-    metadata += ["tags:"] + [f"- {tag}" for tag in tags]
-    datasets = list(datasets)
-    if datasets:
-        metadata += ["datasets:"] + [f"- {name}" for name in datasets]
-    metadata.append("---")
-    parts = ["\n".join(metadata), f"# {title}", description]
-    if usage:
-        parts.append(f"## Usage\n\n```python\n{usage.strip()}\n```")
-    parts += [f"## {heading}\n\n{_markdown_table(rows)}" for heading, rows in sections.items()]
-    parts += [f"![{name}]({name})" for name in figures]
-    return "\n\n".join(parts) + "\n"
-
-
-def hub_dataset_ids(dataset_name: str | None) -> list[str]:
-    """The card's `datasets:` metadata: the data set when it is a Hub id ("org/name"), not a local folder."""
-    if dataset_name is None or "/" not in dataset_name or pathlib.Path(dataset_name).expanduser().exists():
-        return []
-    return [dataset_name]
-
-
-def write_model_card(output_dir: str | os.PathLike[str], card: str) -> pathlib.Path:
-    path = pathlib.Path(output_dir) / "README.md"
-    path.write_text(card)
-    return path
 
 
 def default_repo_name(output_dir: str | os.PathLike[str]) -> str:

@@ -53,7 +53,8 @@ from modeling_mae.evaluation import (
     split_loader,
     summarize,
 )
-from modeling_mae.hub import HubUploader, default_repo_name, export_model, render_model_card, write_model_card
+from modeling_mae.hub import HubUploader, default_repo_name, export_model
+from modeling_mae.model_card import finetuning_card, write_model_card
 from modeling_mae.training import (
     TRAIN_LOADER_STATE,
     TrainingPlan,
@@ -302,26 +303,16 @@ def best_accuracy(history: list[dict[str, float | int]]) -> dict[str, float]:
 
 
 def model_card(args: Arguments, model: MAEForImageClassification, metrics: dict[str, Any]) -> str:
-    config = model.config
-    sections = {
-        "Recipe": {
-            "initialisation": describe_model(args.model.model_name_or_path, args.model.model_config, args.run.seed),
-            "dataset": args.data.dataset_name or "the embedded Fashion-MNIST sample",
-            "model": f"ViT {config.hidden_size}x{config.num_hidden_layers}, patch {config.patch_size}, "
-                     f"image {config.image_size}",
-            "head": "mean of patch tokens + fc_norm" if config.use_mean_pooling else "CLS token",
-            "layer decay": args.model.layer_decay, "drop path": config.drop_path_rate,
-            "augmentation": f"RandAugment(9, 0.5), random erasing 0.25, MixUp {args.augment.mixup}, CutMix "
-                            f"{args.augment.cutmix}, label smoothing {args.augment.label_smoothing}",
-        },
-        "Results": metrics,
-    }
-    usage = ("from transformers import AutoModelForImageClassification\n\n"
-             'model = AutoModelForImageClassification.from_pretrained("PATH_OR_REPO", trust_remote_code=True)')
-    return render_model_card(
-        "MAE fine-tuned image classifier", "A ViT fine-tuned end to end from a Masked Autoencoder encoder "
-        "(He et al., 2021) with the paper's recipe.", sections,
-        tags=["mae", "image-classification", "vision"], usage=usage,
+    """The classifier's card (`model_card.finetuning_card`) from what the run knows."""
+    return finetuning_card(
+        model.config,
+        initialisation=describe_model(args.model.model_name_or_path, args.model.model_config, args.run.seed),
+        dataset_name=args.data.dataset_name,
+        layer_decay=args.model.layer_decay,
+        mixup=args.augment.mixup,
+        cutmix=args.augment.cutmix,
+        label_smoothing=args.augment.label_smoothing,
+        results=metrics,
     )
 
 

@@ -44,14 +44,8 @@ from modeling_mae.data import (
     resolve_split_name,
 )
 from modeling_mae.errors import run_main
-from modeling_mae.hub import (
-    HubUploader,
-    default_repo_name,
-    export_model,
-    hub_dataset_ids,
-    render_model_card,
-    write_model_card,
-)
+from modeling_mae.hub import HubUploader, default_repo_name, export_model
+from modeling_mae.model_card import pretraining_card, write_model_card
 from modeling_mae.training import (
     TRAIN_LOADER_STATE,
     LossWindow,
@@ -530,61 +524,23 @@ def results(trainer: Trainer, progress: TrainingProgress, runtime: float, sessio
 
 
 def model_card(trainer: Trainer, progress: TrainingProgress, metrics: dict[str, Any] | None) -> str:
-    args, config, plan = trainer.args, trainer.config, trainer.plan
-    dataset = args.data.dataset_name or "the embedded Fashion-MNIST sample (modeling_mae/sample_data)"
-    batch = effective_batch_size(
-        args.optim.per_device_train_batch_size,
-        args.optim.gradient_accumulation_steps,
-        trainer.accelerator.num_processes,
-    )
-    state = "final" if metrics is not None else f"checkpoint at step {progress.completed_steps}"
-    sections: dict[str, dict[str, Any]] = {
-        "Data": {
-            "dataset": dataset,
-            "split": args.data.train_split,
-            "images per epoch": trainer.train_loader.num_samples,
-            "augmentation": "RandomResizedCrop(scale=(0.2, 1)) + horizontal flip",
-        },
-        "Recipe": {
-            "model": f"{model_source(args.model)}: "
-            f"ViT {config.hidden_size}x{config.num_hidden_layers}, "
-            f"patch {config.patch_size}, image {config.image_size}, decoder "
-            f"{config.decoder_hidden_size}x{config.decoder_num_hidden_layers}",
-            "mask ratio": config.mask_ratio,
-            "norm_pix_loss": config.norm_pix_loss,
-            "optimizer": f"AdamW, betas ({args.optim.adam_beta1}, {args.optim.adam_beta2}), weight decay "
-            f"{args.optim.weight_decay} (none on biases and norms)",
-            "learning rate": f"{trainer.learning_rate:.3g} (base {args.optim.base_learning_rate:g} x {batch} / 256)"
-            if args.optim.learning_rate is None
-            else f"{trainer.learning_rate:.3g}",
-            "schedule": f"{plan.warmup_steps} warmup steps, half-cycle cosine to {args.optim.min_lr:g}",
-            "effective batch": batch,
-            "processes": trainer.accelerator.num_processes,
-            "mixed precision": trainer.accelerator.mixed_precision,
-            "steps": f"{progress.completed_steps} of {plan.total_steps}",
-        },
-        # final_loss: mean of the last logging window; train_loss: mean over the whole run.
-        "Results": {
-            "state": state,
-            **(metrics or {"final_loss": progress.last_loss, "train_loss": progress.train_loss}),
-        },
-    }
-    usage = (
-        "from transformers import AutoModel, AutoModelForPreTraining\n\n"
-        'encoder = AutoModel.from_pretrained("PATH_OR_REPO", trust_remote_code=True)\n'
-        'mae = AutoModelForPreTraining.from_pretrained("PATH_OR_REPO", trust_remote_code=True)'
-    )
-    figures = [FIGURE_FILE] if (trainer.output_dir / FIGURE_FILE).is_file() else []
-    return render_model_card(
-        "Masked Autoencoder (MAE) pretrained with modeling_mae",
-        "A ViT encoder pretrained with the masked-autoencoder objective of He et al., *Masked Autoencoders Are "
-        f"Scalable Vision Learners* (2021): {config.mask_ratio:.0%} of the patches are removed and the decoder "
-        "reconstructs their pixels.",
-        sections,
-        tags=["mae", "masked-autoencoder", "self-supervised", "vision", "image-feature-extraction"],
-        datasets=hub_dataset_ids(args.data.dataset_name),
-        usage=usage,
-        figures=figures,
+    """The export's card (`model_card.pretraining_card`) from what the run knows; `metrics` at the end only."""
+    args = trainer.args
+    return pretraining_card(
+        trainer.config,
+        model_source=model_source(args.model),
+        dataset_name=args.data.dataset_name,
+        train_split=args.data.train_split,
+        images_per_epoch=trainer.train_loader.num_samples,
+        optim=args.optim,
+        learning_rate=trainer.learning_rate,
+        plan=trainer.plan,
+        completed_steps=progress.completed_steps,
+        num_processes=trainer.accelerator.num_processes,
+        mixed_precision=trainer.accelerator.mixed_precision,
+        results=metrics or {"final_loss": progress.last_loss, "train_loss": progress.train_loss},
+        final=metrics is not None,
+        figures=[FIGURE_FILE] if (trainer.output_dir / FIGURE_FILE).is_file() else [],
     )
 
 

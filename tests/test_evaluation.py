@@ -435,7 +435,11 @@ def test_finetune_script_saves_a_loadable_classifier(
     # The encoder started from the pretrained weights: a few tiny steps moved them a little, a new init would not match.
     pretrained_qkv = MAEModel.from_pretrained(pretrained).encoder.layers[0].attention.qkv.weight
     assert torch.allclose(model.mae.encoder.layers[0].attention.qkv.weight, pretrained_qkv, atol=1e-2)
-    assert (tmp_path / "README.md").is_file() and "eval_accuracy" in read_results(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    for fact in (f"| initialisation | {pretrained} |", "| layer decay | 0.65 |", "| head | mean of patch tokens + fc_norm |",
+                 "ViT 32x2, patch (4, 4), image (24, 24)", "MixUp 0.8, CutMix 1.0", "| eval_accuracy |", "- image-classification"):
+        assert fact in card
+    assert "eval_accuracy" in read_results(tmp_path)
 
 
 def test_finetune_script_from_scratch_without_mixing(dataset: pathlib.Path, tmp_path: pathlib.Path) -> None:
