@@ -4,6 +4,11 @@ Defaults live in the dataclasses; `--config FILE.yaml` (a flat mapping of the sa
 flags given on the command line override the file. The pretraining and fine-tuning scripts share
 `ModelArguments`, `OptimizationArguments`, `RunArguments` and `parse_arguments`; each adds its own fields by
 subclassing (see `PretrainModelArguments`).
+
+Every numeric flag is checked when the command line is parsed: each argument dataclass lists the values its flags
+accept in a `FLAG_RANGES` class variable (subclasses inherit it), and a flag that names a local path
+(`LOCAL_PATH_FLAGS`) must exist. A wrong value is a `UsageError`: one line naming the flag, the value and what is
+allowed, exit status 2.
 """
 
 from __future__ import annotations
@@ -11,19 +16,61 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from transformers import HfArgumentParser
+
+from .configuration_mae import config_source_problem, missing_local_path_message
+from .errors import UsageError
 
 CONFIG_FLAG = "--config"
 DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample
 RUN_CONFIG_FILE = "run_config.yaml"  # the resolved configuration, saved with each run
 SECRET_FIELDS = ("hub_token",)
+# Flags that take a local path or a Hub id, and what is wrong with a value without asking the Hub.
+LOCAL_PATH_FLAGS: dict[str, Callable[[str], str | None]] = {
+    "model_config": config_source_problem,  # also a preset name
+    "model_name_or_path": missing_local_path_message,
+    "dataset_name": missing_local_path_message,
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts: an interval, closed unless `low_open` / `high_open`; never NaN or inf."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+AT_LEAST_ONE = Range(low=1)
+NON_NEGATIVE = Range(low=0)
+POSITIVE = Range(low=0, low_open=True)
+FRACTION = Range(low=0, high=1, high_open=True)  # [0, 1): mask ratio, drop path, label smoothing
+PROBABILITY = Range(low=0, high=1)
+SEED = Range(low=0, high=2**32 - 1)  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
 
 @dataclass
@@ -52,6 +99,8 @@ class ModelArguments:
 class PretrainModelArguments(ModelArguments):
     """`ModelArguments` plus the two pretraining knobs the paper ablates (None keeps the model config's value)."""
 
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {"mask_ratio": FRACTION}
+
     mask_ratio: float | None = field(default=None, metadata={"help": "Fraction of patches removed (paper: 0.75)."})
     norm_pix_loss: bool | None = field(
         default=None, metadata={"help": "Regress per-patch normalised pixels (paper's better target)."}
@@ -61,6 +110,16 @@ class PretrainModelArguments(ModelArguments):
 @dataclass
 class OptimizationArguments:
     """The recipe: batch, AdamW, learning-rate schedule, length, numerics."""
+
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "per_device_train_batch_size": AT_LEAST_ONE, "per_device_eval_batch_size": AT_LEAST_ONE,
+        "gradient_accumulation_steps": AT_LEAST_ONE, "base_learning_rate": NON_NEGATIVE,
+        "learning_rate": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        "adam_beta1": FRACTION, "adam_beta2": FRACTION, "adam_epsilon": POSITIVE, "num_train_epochs": POSITIVE,
+        "max_train_steps": NON_NEGATIVE,  # 0: export the starting weights (e.g. a converted checkpoint) untrained
+        "warmup_epochs": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "max_grad_norm": POSITIVE,
+        "max_consecutive_nonfinite": AT_LEAST_ONE,
+    }
 
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process per micro-batch."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Images per process per validation batch."})
@@ -102,6 +161,11 @@ class OptimizationArguments:
 class RunArguments:
     """Where the run writes, how it checkpoints, logs and publishes."""
 
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "seed": SEED, "checkpoints_total_limit": AT_LEAST_ONE, "logging_steps": AT_LEAST_ONE,
+        "log_images_steps": AT_LEAST_ONE, "eval_steps": AT_LEAST_ONE,
+    }
+
     output_dir: str = field(default="outputs/mae-pretrain", metadata={"help": "Model, checkpoints, logs and results."})
     seed: int = 0
     checkpointing_steps: str | None = field(
@@ -135,6 +199,9 @@ class RunArguments:
     hub_token: str | None = None
     hub_private_repo: bool = False
 
+    def __post_init__(self) -> None:
+        self.checkpoint_interval()  # a wrong --checkpointing_steps fails now, not at the first optimizer step
+
     def checkpoint_every_epoch(self) -> bool:
         return self.checkpointing_steps == "epoch"
 
@@ -142,18 +209,21 @@ class RunArguments:
         """Optimizer steps between checkpoints, or None (never, or once per epoch)."""
         if self.checkpointing_steps is None or self.checkpoint_every_epoch():
             return None
-        if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) < 1:
-            raise ValueError(
-                f'--checkpointing_steps must be a positive integer or "epoch", got {self.checkpointing_steps!r}'
+        if not str(self.checkpointing_steps).isdigit() or int(self.checkpointing_steps) < 1:
+            raise UsageError(
+                f"--checkpointing_steps={self.checkpointing_steps!r} is not allowed: it must be an integer >= 1 or "
+                '"epoch"'
             )
         return int(self.checkpointing_steps)
 
 
 def load_yaml_config(path: str | pathlib.Path) -> dict[str, Any]:
     """A flat `{flag_name: value}` mapping; an empty file is an empty mapping."""
-    values = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    if not pathlib.Path(path).expanduser().is_file():
+        raise UsageError(f"--config: file does not exist: {pathlib.Path(path).expanduser().absolute()}")
+    values = yaml.safe_load(pathlib.Path(path).expanduser().read_text()) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}")
+        raise UsageError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}")
     return values
 
 
@@ -167,7 +237,8 @@ def _config_path(argv: Sequence[str]) -> str | None:
 def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Instances of `dataclass_types` from defaults < `--config` YAML < command-line flags.
 
-    Unknown flags and unknown YAML keys are errors (a typo must not silently fall back to a default).
+    Unknown flags and unknown YAML keys are errors (a typo must not silently fall back to a default), and so are values
+    outside a flag's range and missing local paths (`check_arguments`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(list(dataclass_types))
@@ -178,11 +249,29 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{config_path}: unknown argument(s) {', '.join(unknown)}")
+            raise UsageError(f"{config_path}: unknown argument(s) {', '.join(unknown)}")
         parser.set_defaults(**values)
     namespace = parser.parse_args(argv)
     del namespace.config
-    return tuple(_from_namespace(cls, namespace) for cls in dataclass_types)
+    parsed = tuple(_from_namespace(cls, namespace) for cls in dataclass_types)
+    for arguments in parsed:
+        check_arguments(arguments)
+    return parsed
+
+
+def check_arguments(arguments: Any) -> None:
+    """Raise a `UsageError` for the first flag of `arguments` (a dataclass) whose value is outside its
+    `FLAG_RANGES` range (each item, for a list), or that names a local path that does not exist."""
+    for name, allowed in getattr(type(arguments), "FLAG_RANGES", {}).items():
+        value = getattr(arguments, name)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not allowed.admits(item):
+                raise UsageError(f"--{name}={item!r} is not allowed: it must be {allowed}")
+    for name, problem_of in LOCAL_PATH_FLAGS.items():
+        value = getattr(arguments, name, None)
+        problem = problem_of(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise UsageError(f"--{name} {value}: {problem}")
 
 
 def _from_namespace(cls: type, namespace: argparse.Namespace) -> Any:

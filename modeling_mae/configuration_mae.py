@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 from typing import Any
 
@@ -193,20 +194,56 @@ def parse_overrides(overrides: str | dict[str, Any] | None) -> dict[str, Any]:
     return parsed
 
 
+_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".pth", ".pt", ".bin", ".safetensors")
+
+
+def missing_local_path_message(name: str) -> str | None:
+    """`"folder does not exist: /abs/path"` (or "file", for a file name) when `name` looks like a local path
+    that does not exist, None otherwise (it exists, or may be a Hub id).
+
+    Looks local: starts with ./ ../ / or ~, has more than one "/", its parent folder exists, or it names a
+    .json/.yaml file (or a checkpoint file: .pth, .pt, .bin, .safetensors). A Hub id (`user/name`) has one "/" and
+    no such parent; sending a typo'd local path to the Hub would only end in a long "not found" or "couldn't connect"
+    error.
+    """
+    path = pathlib.Path(name).expanduser()
+    if path.exists():
+        return None
+    is_file = path.suffix.lower() in _FILE_SUFFIXES
+    looks_local = (name.startswith(("./", "../", "/", "~")) or name.count("/") > 1
+                   or ("/" in name and path.parent.exists()) or is_file)
+    return f"{'file' if is_file else 'folder'} does not exist: {path.absolute()}" if looks_local else None
+
+
+def config_source_problem(name_or_path: str) -> str | None:
+    """Why `load_config(name_or_path)` cannot work, found without asking the Hub: a missing local path, or a bare name
+    that is no preset. None when it may work."""
+    if name_or_path in MAE_PRESETS or os.path.exists(os.path.expanduser(name_or_path)):
+        return None
+    missing = missing_local_path_message(name_or_path)
+    if missing is None and "/" not in name_or_path:
+        return f"no such preset ({', '.join(MAE_PRESETS)}), config.json file or folder"
+    return missing
+
+
 def load_config(name_or_path: str, overrides: str | dict[str, Any] | None = None, **kwargs: Any) -> MAEConfig:
     """A preset name (`MAE_PRESETS`), a `config.json` path, a folder or Hub id holding one,
-    with `overrides` applied. Unknown override keys raise, so a typo never passes silently."""
+    with `overrides` applied. Unknown override keys raise, so a typo never passes silently.
+
+    Raises FileNotFoundError for a local path that does not exist (see `missing_local_path_message`), ValueError for a
+    bare name that is no preset.
+    """
+    problem = config_source_problem(name_or_path)
+    if problem is not None:
+        missing = missing_local_path_message(name_or_path) is not None
+        raise (FileNotFoundError if missing else ValueError)(f"model config {name_or_path!r}: {problem}")
+    path = os.path.expanduser(name_or_path)
     if name_or_path in MAE_PRESETS:
         config = MAEConfig.from_preset(name_or_path)
-    elif os.path.isfile(name_or_path):
-        config = MAEConfig.from_json_file(name_or_path)
-    elif os.path.isdir(name_or_path) or "/" in name_or_path:
-        config = MAEConfig.from_pretrained(name_or_path, **kwargs)
-    else:
-        raise ValueError(
-            f"model config {name_or_path!r} is neither a preset ({', '.join(MAE_PRESETS)}) nor a config.json path, "
-            "a folder or a Hub id"
-        )
+    elif os.path.isfile(path):
+        config = MAEConfig.from_json_file(path)
+    else:  # a folder or a Hub id
+        config = MAEConfig.from_pretrained(path, **kwargs)
     values = parse_overrides(overrides)
     unknown = sorted(set(values) - set(config.to_dict()))
     if unknown:

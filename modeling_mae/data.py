@@ -3,7 +3,8 @@
 One code path for every source: a Hub id (``ILSVRC/imagenet-1k``, ``timm/imagenet-1k-wds``, ...), a local folder of
 parquet shards, of webdataset ``.tar`` shards or an image folder tree, or, with no ``dataset_name``, the Fashion-MNIST
 sample embedded in the package. The stream is shuffled with a buffer, split by process and by DataLoader worker,
-resumable mid-epoch, and skips (and counts) images that cannot be decoded.
+resumable mid-epoch, and skips (and counts) images that cannot be decoded, images smaller than ``min_image_size`` and
+records whose label is missing; whole shards that cannot be read are handled by `modeling_mae.shards`.
 
 How the pieces fit (see docs/data.md):
 - the image column is read with ``Image(decode=False)`` and decoded here, so a bad file is skipped, not fatal;
@@ -13,11 +14,14 @@ How the pieces fit (see docs/data.md):
 - on resume each worker skips the records it had already consumed (cheap: they are not decoded) and the worker
   round-robin is rotated so that batches come out in exactly the uninterrupted order;
 - with ``decode_on`` a device (e.g. "cuda"), the workers only read the encoded bytes and the main process decodes and
-  augments each batch on that device; the bookkeeping above is the same, the device decode only adds bad keys to it.
+  augments each batch on that device; the bookkeeping above is the same, the device decode only adds bad keys to it;
+- labels are read only for loaders that want them (``labels=True``; pretraining does not): a ``ClassLabel`` column
+  gives its ids and names, integers are ids, and strings become ids by sorted unique name over the train split.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import logging
@@ -27,16 +31,21 @@ import random
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+import pyarrow.parquet as pq
 import torch
-from datasets import ClassLabel, DatasetBuilder, IterableDataset, load_dataset_builder
+from datasets import ClassLabel, DatasetBuilder, IterableDataset, Value, load_dataset_builder
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetNotFoundError
 from datasets.utils.file_utils import xopen
 from PIL import Image
 
+from .arguments import AT_LEAST_ONE, NON_NEGATIVE, PROBABILITY, Range
+from .configuration_mae import missing_local_path_message
+from .errors import UsageError
+from .shards import SHARD_SUFFIXES, ShardGuard, describe, find_bad_shards, guard_shards, scan_shard
 from .transforms import (
     ImageTransform,
     augment_on_device,
@@ -81,11 +90,18 @@ MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK = 32  # a few bad files at the start of a s
 DECODE_IN_WORKERS = "workers"  # the default --decode_on; any other value is a torch device
 PASS_EPOCH_STRIDE = 1_000_003  # seeds the extra passes a worker makes to fill a fixed-length epoch, distinct per epoch
 _DATA_SUFFIXES = (".parquet", ".tar", ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_STRING_DTYPES = ("string", "large_string")
 
 
 @dataclass
 class DataArguments:
     """Where the images come from and how they are streamed; every field is a command-line flag."""
+
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "shuffle_buffer_size": AT_LEAST_ONE, "dataloader_num_workers": NON_NEGATIVE,
+        "num_train_samples": AT_LEAST_ONE, "max_train_samples": AT_LEAST_ONE, "max_eval_samples": AT_LEAST_ONE,
+        "max_bad_image_fraction": PROBABILITY,
+    }
 
     dataset_name: str | None = field(
         default=None,
@@ -133,6 +149,11 @@ class DataArguments:
                           "augments it there, and batches come out on that device. Pretraining transform only: other "
                           "loaders (evaluation) keep decoding in the workers."},
     )
+    skip_bad_shards: bool = field(
+        default=False, metadata={"help": "Go on without shards that cannot be read (truncated or corrupt parquet or "
+                                         ".tar files): logged and counted as skipped_shards. Default: stop with an "
+                                         "error naming them (local shards are checked before training starts)."},
+    )
 
 
 def sample_dataset_path() -> pathlib.Path:
@@ -143,34 +164,66 @@ def sample_dataset_path() -> pathlib.Path:
 # --- Source resolution ---------------------------------------------------------------------------------------------
 
 
-def _is_local_path(name: str) -> bool:
-    return pathlib.Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
-
-
 def _check_local_folder(folder: pathlib.Path) -> None:
     if not folder.is_dir():
-        raise ValueError(f"Dataset folder {str(folder)!r} does not exist (or is not a folder).")
+        raise UsageError(f"Dataset folder {str(folder)!r} is a file, not a folder.")
     if not any(path.suffix.lower() in _DATA_SUFFIXES for path in folder.rglob("*") if path.is_file()):
-        raise ValueError(
+        raise UsageError(
             f"Dataset folder {str(folder)!r} is empty: expected parquet shards, webdataset .tar shards or an image "
             "folder tree (class_name/xxx.jpg)."
         )
 
 
 def load_source(args: DataArguments) -> DatasetBuilder:
-    """The `datasets` builder of the source: its files, split info and features, without reading any data."""
+    """The `datasets` builder of the source: its files, split info and features, without reading any data.
+
+    Local parquet and tar shards are checked first (`modeling_mae.shards.find_bad_shards`): bad ones stop here with
+    one line naming them all, or, with ``args.skip_bad_shards``, are left out of the builder's files.
+    """
+    return _load_checked_source(args)[0]
+
+
+def _load_checked_source(args: DataArguments) -> tuple[DatasetBuilder, dict[str, dict[str, str]]]:
+    """`load_source`, and the bad shards it left out (`{split: {path: problem}}`)."""
     name = args.dataset_name or str(sample_dataset_path())
-    if _is_local_path(name):
+    missing = missing_local_path_message(name)
+    if missing is not None:
+        raise UsageError(f"Dataset {name}: {missing}")
+    if pathlib.Path(name).expanduser().exists():
         folder = pathlib.Path(name).expanduser()
         _check_local_folder(folder)
-        return load_dataset_builder(str(folder))
+        builder = load_dataset_builder(str(folder))
+    else:
+        builder = _load_hub_builder(name, args.dataset_config_name)
+    return builder, _leave_out_bad_shards(builder, args.skip_bad_shards)
+
+
+def _load_hub_builder(name: str, config_name: str | None) -> DatasetBuilder:
     try:
-        return load_dataset_builder(name, args.dataset_config_name)
+        return load_dataset_builder(name, config_name)
     except DatasetNotFoundError as error:
-        raise ValueError(
+        raise UsageError(
             f"Unknown dataset {name!r}: neither a local folder nor a dataset on the Hugging Face Hub ({error}). For a "
             "gated dataset such as ILSVRC/imagenet-1k, accept its terms on the Hub and log in (`hf auth login`)."
         ) from error
+
+
+def _leave_out_bad_shards(builder: DatasetBuilder, skip_bad_shards: bool) -> dict[str, dict[str, str]]:
+    """Check the local shards of every split; raise listing the bad ones, or drop them from the builder's files."""
+    data_files = builder.config.data_files or {}
+    bad = {split: find_bad_shards(files) for split, files in data_files.items()}
+    problems = [f"{path} ({problem})" for shards in bad.values() for path, problem in shards.items()]
+    if problems and not skip_bad_shards:
+        raise UsageError(
+            f"{len(problems)} unreadable shard(s), truncated or corrupt (a partial copy?): {'; '.join(problems)}. "
+            "Replace them, or pass --skip_bad_shards to train without them."
+        )
+    for split, shards in bad.items():
+        if shards:
+            files = data_files[split]
+            # DataFilesList keeps its origin metadata (used by `datasets` to name the data) along with the files.
+            data_files[split] = type(files)([file for file in files if file not in shards], files.origin_metadata)
+    return {split: shards for split, shards in bad.items() if shards}
 
 
 def available_splits(builder: DatasetBuilder) -> list[str]:
@@ -186,7 +239,7 @@ def _pick_split(split: str, args: DataArguments, splits: Sequence[str]) -> str |
     if requested is None:
         return next((name for name in VALIDATION_SPLIT_CANDIDATES if name in splits), None)
     if requested not in splits:
-        raise ValueError(f"Split {requested!r} not found; available splits: {', '.join(splits)}.")
+        raise UsageError(f"Split {requested!r} not found; available splits: {', '.join(splits)}.")
     return requested
 
 
@@ -200,11 +253,19 @@ def _detect_column(
 ) -> str | None:
     if requested is not None:
         if requested not in features:
-            raise ValueError(f"{what} column {requested!r} not found; available columns: {', '.join(features)}.")
+            raise UsageError(f"{what} column {requested!r} not found; available columns: {', '.join(features)}.")
         return requested
     typed = [name for name, feature in features.items() if isinstance(feature, wanted_type)]
     named = [name for name in candidates if name in features]
     return (typed + named + [None])[0]
+
+
+def _open_stream(builder: DatasetBuilder, split_name: str) -> IterableDataset:
+    try:
+        return builder.as_streaming_dataset(split=split_name)
+    except (OSError, ValueError, tarfile.TarError) as error:  # `datasets` reads the columns off the first shard
+        first = next(iter((builder.config.data_files or {}).get(split_name, [])), "?")
+        raise UsageError(f"Cannot open the {split_name!r} split (first shard: {first}): {describe(error)}") from error
 
 
 def _column_types(stream: IterableDataset) -> dict[str, Any]:
@@ -220,18 +281,9 @@ def _count_local_examples(files: Sequence[str]) -> int | None:
     paths = [pathlib.Path(file) for file in files]
     if not paths or not all(path.is_file() for path in paths):
         return None  # remote files: rely on the split info or --num_train_samples
-    if all(path.suffix == ".parquet" for path in paths):
-        import pyarrow.parquet
-
-        return sum(pyarrow.parquet.read_metadata(path).num_rows for path in paths)
-    if all(path.suffix == ".tar" for path in paths):
-        return sum(_count_tar_keys(path) for path in paths)
+    if all(path.suffix in SHARD_SUFFIXES for path in paths):
+        return sum(scan_shard(path).records or 0 for path in paths)  # the start-up check's scans, cached
     return len(paths)
-
-
-def _count_tar_keys(path: pathlib.Path) -> int:
-    with tarfile.open(path) as tar:
-        return len({member.name.split(".", 1)[0] for member in tar if member.isfile()})
 
 
 def _split_size(builder: DatasetBuilder, split_name: str) -> int | None:
@@ -250,26 +302,130 @@ def _epoch_samples(known: int | None, override: int | None, cap: int | None) -> 
     return cap if samples is None else min(samples, cap)
 
 
+# --- Labels ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """How the label column's values become class ids."""
+
+    column: str
+    names: tuple[str, ...] | None = None  # ClassLabel's names, or the sorted string labels; None for integer labels
+    ids: dict[str, int] | None = None  # string label -> class id (string labels only)
+
+    def problem(self, value: Any) -> str | None:
+        """Why a record with this label value cannot be used; None when `id_of` gives its class."""
+        if value is None:
+            return "no label"
+        if self.id_of(value) is not None:
+            return None
+        return f"label {value!r} is not a class of the train split" if self.ids else f"label {value!r} is no class id"
+
+    def id_of(self, value: Any) -> int | None:
+        """The class id of a label value; None for no valid class (ClassLabel's "no label" is -1)."""
+        if self.ids is not None:
+            return self.ids.get(value) if isinstance(value, str) else None
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            return None
+        return index if index >= 0 and (self.names is None or index < len(self.names)) else None
+
+
+def _resolve_labels(
+    builder: DatasetBuilder, args: DataArguments, split_name: str, stream: IterableDataset, features: dict[str, Any]
+) -> _Labels | None:
+    """The label column and its encoding: a ClassLabel's ids, integers as they are, or strings mapped to ids by sorted
+    unique name over the train split (the same on every process and for every split)."""
+    column = _detect_column(features, args.label_column_name, ClassLabel, LABEL_COLUMN_CANDIDATES, "Label")
+    if column is None:
+        return None
+    if isinstance(features[column], ClassLabel):
+        return _Labels(column, tuple(features[column].names))
+    if not _holds_strings(features[column], stream, column):
+        return _Labels(column)
+    train_split = _pick_split("train", args, available_splits(builder))
+    names = sorted(_label_names(builder, train_split, column))
+    if split_name != train_split:
+        unseen = sorted(_label_names(builder, split_name, column) - set(names))
+        if unseen:
+            shown = ", ".join(map(repr, unseen[:10])) + (f", ... ({len(unseen)} in all)" if len(unseen) > 10 else "")
+            raise UsageError(
+                f"The {split_name!r} split has label(s) that the {train_split!r} split has not: {shown}. Class ids are "
+                f"the train split's {len(names)} label names, sorted, so these cannot be scored."
+            )
+    logger.info("Labels in column %r are strings: %d classes, numbered by sorted name over the %r split.",
+                column, len(names), train_split)
+    return _Labels(column, tuple(names), {name: index for index, name in enumerate(names)})
+
+
+def _holds_strings(feature: Any, stream: IterableDataset, column: str) -> bool:
+    if feature is None:  # the source declares no features: look at the first value
+        return isinstance(next(iter(stream.select_columns([column]).take(1)))[column], str)
+    return isinstance(feature, Value) and feature.dtype in _STRING_DTYPES
+
+
+def _label_names(builder: DatasetBuilder, split_name: str, column: str) -> set[str]:
+    """The distinct string labels of a split: from the label column alone of parquet shards, else from the stream."""
+    files = (builder.config.data_files or {}).get(split_name)
+    if files and all(str(file).endswith(".parquet") for file in files):
+        return set().union(*(_parquet_label_names(_file_version(file), column) for file in files))
+    stream = builder.as_streaming_dataset(split=split_name).select_columns([column])
+    return {value for batch in stream.iter(batch_size=1024) for value in batch[column] if isinstance(value, str)}
+
+
+def _file_version(file: str) -> tuple[str, int, int]:
+    """A file and, when local, its size and modification time: a cache key that changes with the file."""
+    path = pathlib.Path(file)
+    if not path.is_file():
+        return file, 0, 0
+    stat = path.stat()
+    return file, stat.st_size, stat.st_mtime_ns
+
+
+@functools.cache
+def _parquet_label_names(file: tuple[str, int, int], column: str) -> frozenset[str]:
+    """The distinct string labels of one parquet shard, reading its label column only (cached: each loader of a run
+    needs the train split's names)."""
+    try:
+        with xopen(file[0], "rb") as handle:  # local or remote (hf://...)
+            values = pq.ParquetFile(handle).read(columns=[column]).column(column).unique().to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise UsageError(f"Cannot read the labels of shard {file[0]} ({describe(error)})") from error
+    return frozenset(value for value in values if isinstance(value, str))
+
+
 # --- Decoding --------------------------------------------------------------------------------------------------------
 
 
-def _record_image(value: Any, min_side: int | None) -> Image.Image:
-    """Decode the image column's value: {"bytes", "path"} (Image(decode=False)), raw bytes, or an already decoded PIL."""
-    if isinstance(value, Image.Image):
-        return to_rgb(value)
-    return decode_image(_record_bytes(value), min_side)
-
-
-def _record_bytes(value: Any) -> bytes:
-    """The image column's value as encoded bytes, to be decoded elsewhere."""
-    if isinstance(value, Image.Image):
-        # A source without declared features comes already decoded by `datasets`: re-encode it, losslessly.
-        buffer = io.BytesIO()
-        to_rgb(value).save(buffer, format="PNG")
-        return buffer.getvalue()
+def _record_source(value: Any) -> bytes | Image.Image:
+    """The image column's value ({"bytes", "path"} from Image(decode=False), raw bytes, or an already decoded PIL image)
+    as encoded bytes, or the PIL image; a path is read once, here."""
     if isinstance(value, dict):
         return value.get("bytes") or _read_file(value["path"])
     return value
+
+
+def _as_bytes(source: bytes | Image.Image) -> bytes:
+    """Encoded bytes, to be decoded elsewhere."""
+    if isinstance(source, Image.Image):
+        # A source without declared features comes already decoded by `datasets`: re-encode it, losslessly.
+        buffer = io.BytesIO()
+        to_rgb(source).save(buffer, format="PNG")
+        return buffer.getvalue()
+    return source
+
+
+def _as_image(source: bytes | Image.Image, min_side: int | None) -> Image.Image:
+    return to_rgb(source) if isinstance(source, Image.Image) else decode_image(source, min_side)
+
+
+def _source_size(source: bytes | Image.Image) -> tuple[int, int]:
+    """(width, height), from the file's header only."""
+    if isinstance(source, Image.Image):
+        return source.size
+    with Image.open(io.BytesIO(source)) as image:
+        return image.size
 
 
 def _read_file(path: str) -> bytes:
@@ -286,7 +442,11 @@ def _record_key(record: dict[str, Any], image_column: str, position: int) -> str
 @dataclass(frozen=True)
 class _Columns:
     image: str
-    label: str | None
+    labels: _Labels | None  # None: the loader does not read labels, or the data has none
+
+
+class UnusableDataError(UsageError, RuntimeError):
+    """Most records of the data cannot be used; a RuntimeError too, as it was before it became a user's error."""
 
 
 @dataclass
@@ -303,10 +463,10 @@ class _BadImageTally:
         self.bad += len(bad_keys)
         self.last_bad_keys = (self.last_bad_keys + list(bad_keys))[-5:]
         if bad_keys and self.read >= MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK and self.bad / self.read > self.max_fraction:
-            raise RuntimeError(
-                f"{self.bad} of the {self.read} images read so far could not be decoded (more than "
-                f"max_bad_image_fraction={self.max_fraction}); the data set looks broken. "
-                f"Last unreadable records: {self.last_bad_keys}"
+            raise UnusableDataError(
+                f"{self.bad} of the {self.read} images read so far could not be decoded or used (more than "
+                f"--max_bad_image_fraction {self.max_fraction}); the data set looks broken. "
+                f"Last skipped records: {'; '.join(self.last_bad_keys)}"
             )
 
 
@@ -314,8 +474,9 @@ class _WorkerStream(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: reads its part of the stream and yields whole, decoded batches.
 
     The batch keys starting with "_" carry the bookkeeping to the main process: the (virtual) worker index, how many
-    records this worker has consumed in the epoch, and the keys of the records that could not be decoded. With no
-    ``transform`` (decoding on a device), batches hold the still encoded images ("encoded") and their keys ("_keys")
+    records this worker has consumed in the epoch, the keys (and reasons) of the records skipped, the shards given up
+    and, as the last batch, a user's error ("_error": a bad shard, mostly bad data) to be raised there in one line. With
+    no ``transform`` (decoding on a device), batches hold the still encoded images ("encoded") and their keys ("_keys")
     instead of "pixel_values". With ``from_bytes`` (the transform fused with decoding), it replaces decode + transform.
     """
 
@@ -335,8 +496,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         max_bad_image_fraction: float,
         seed: int = 0,
         from_bytes: Callable[[bytes, random.Random], torch.Tensor] | None = None,
+        min_image_size: int = 1,
+        shard_guard: ShardGuard | None = None,
     ) -> None:
         self.source = source
+        self.min_image_size = min_image_size
+        self.shard_guard = shard_guard  # the same object reads the shards (in this process or a worker's copy)
         self.seed = seed
         self.columns = columns
         self.transform = transform
@@ -358,7 +523,10 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         epoch, rotation, *starts = self.control.tolist()
         worker = (worker_id + rotation) % num_workers
         records = itertools.islice(self._records(epoch, worker, num_workers), starts[worker], None)
-        yield from self._batches(records, starts[worker], worker, epoch)
+        try:
+            yield from self._batches(records, starts[worker], worker, epoch)
+        except UsageError as error:  # raised again by the main process: one line, not a DataLoader worker traceback
+            yield {"_error": error.with_traceback(None)}  # a traceback would tie the loader into a reference cycle
 
     def _records(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         # Workers of all processes are one flat pool: disjoint parts that together cover the stream.
@@ -385,21 +553,24 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         for record in records:
             position += 1
             key = _record_key(record, self.columns.image, position)
-            image = self._read(record, key, self._augmentation_seed(epoch, worker, position))
-            tally.count([key] if image is None else [])
-            if image is None:
-                bad_keys.append(key)
+            label = record[self.columns.labels.column] if self.columns.labels else None
+            label_problem = self.columns.labels.problem(label) if self.columns.labels else None
+            image, problem = (None, label_problem) if label_problem else self._read(
+                record, key, self._augmentation_seed(epoch, worker, position))
+            tally.count([f"{key} ({problem})"] if problem else [])
+            if problem:
+                bad_keys.append(f"{key} ({problem})")
                 continue
             images.append(image)
             keys.append(key)
-            if self.columns.label is not None:
-                labels.append(int(record[self.columns.label]))
+            if self.columns.labels is not None:
+                labels.append(self.columns.labels.id_of(label))
             if len(images) == self.batch_size:
                 yield self._batch(images, labels, keys, bad_keys, worker, position)
                 images, labels, keys, bad_keys = [], [], [], []
         if images and self.drop_last:
             images, labels, keys = [], [], []
-        if images or bad_keys:  # the last partial batch, or only the bad keys so that every skip gets counted
+        if images or bad_keys or (self.shard_guard and self.shard_guard.skipped):  # so that every skip gets counted
             yield self._batch(images, labels, keys, bad_keys, worker, position)
 
     def _augmentation_seed(self, epoch: int, worker: int, position: int) -> int:
@@ -412,31 +583,39 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             torch.manual_seed(seed)
             return self.transform(image)
 
-    def _read(self, record: dict[str, Any], key: str, seed: int) -> torch.Tensor | bytes | None:
-        """The record's image, augmented, or still encoded when the loader decodes on a device; None if unreadable."""
+    def _read(self, record: dict[str, Any], key: str, seed: int) -> tuple[torch.Tensor | bytes | None, str | None]:
+        """The record's image, augmented, or still encoded when the loader decodes on a device; or None and why not.
+
+        An image smaller than ``min_image_size`` (e.g. smaller than one patch of the model) is skipped: upscaled to the
+        model's input it would only teach it blur.
+        """
         try:
-            value = record[self.columns.image]
+            source = _record_source(record[self.columns.image])
+            size = _source_size(source) if self.min_image_size > 1 else None
+            if size is not None and min(size) < self.min_image_size:
+                return None, f"{size[0]}x{size[1]} px, smaller than {self.min_image_size} px"
             if self.transform is None:
-                return _record_bytes(value)
+                return _as_bytes(source), None
             if self.from_bytes is not None:
                 # Decoding and augmentation are one step here, so any failure in it means a bad file.
-                return self.from_bytes(_record_bytes(value), random.Random(seed))
-            image = _record_image(value, self.min_decode_side)
+                return self.from_bytes(_as_bytes(source), random.Random(seed)), None
+            image = _as_image(source, self.min_decode_side)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file": skip it, never stop the run
             logger.debug("Cannot decode %s: %r", key, error)
-            return None
-        return self._augment(image, seed)
+            return None, "unreadable image"
+        return self._augment(image, seed), None
 
     def _batch(
         self, images: list[Any], labels: list[int], keys: list[str], bad_keys: list[str], worker: int, position: int
     ) -> dict[str, Any]:
-        batch: dict[str, Any] = {"_worker": worker, "_position": position, "_bad_keys": bad_keys}
+        batch: dict[str, Any] = {"_worker": worker, "_position": position, "_bad_keys": bad_keys,
+                                 "_skipped_shards": self.shard_guard.take_skipped() if self.shard_guard else []}
         if images:
             if self.transform is None:
                 batch["encoded"], batch["_keys"] = images, keys  # the keys name the files the device cannot decode
             else:
                 batch["pixel_values"] = torch.stack(images)
-            if self.columns.label is not None:
+            if self.columns.labels is not None:
                 batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
 
@@ -478,7 +657,7 @@ class _DeviceDecoding:
             return
         images = _decode_or_none(encoded, keys, self.device)
         good = [index for index, image in enumerate(images) if image is not None]
-        bad_keys = [key for key, image in zip(keys, images) if image is None]
+        bad_keys = [f"{key} (unreadable image)" for key, image in zip(keys, images) if image is None]
         batch["_bad_keys"] = batch["_bad_keys"] + bad_keys
         tally.count(bad_keys, read=len(encoded))
         labels = batch.pop("labels", None)
@@ -523,8 +702,8 @@ class ImageStreamLoader:
         num_processes: int,
         batch_size: int,
         fixed_length: bool,
-        class_names: list[str] | None,
         device_decoding: _DeviceDecoding | None = None,
+        skipped_shards: Sequence[str] = (),
     ) -> None:
         self._stream = stream
         self._device_decoding = device_decoding
@@ -540,12 +719,15 @@ class ImageStreamLoader:
         self._num_processes = num_processes
         self._batch_size = batch_size
         self._fixed_length = fixed_length
-        self.class_names = class_names
-        self.num_classes = len(class_names) if class_names is not None else None
+        labels = stream.columns.labels
+        self.has_labels = labels is not None  # batches carry "labels"
+        self.class_names = list(labels.names) if labels is not None and labels.names is not None else None
+        self.num_classes = len(self.class_names) if self.class_names is not None else None
         self.epoch = 0
         self._position = _StreamPosition.start(0, self._num_workers)
         self._resume_from: _StreamPosition | None = None
         self._skipped = 0
+        self._skipped_shards = set(skipped_shards)
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -564,13 +746,18 @@ class ImageStreamLoader:
     def skipped_images(self) -> int:
         return self._skipped
 
+    def skipped_shards(self) -> list[str]:
+        """The shards this process went on without (--skip_bad_shards): left out at start-up or given up mid-stream."""
+        return sorted(self._skipped_shards)
+
     def state_dict(self) -> dict[str, Any]:
         position = self._resume_from or self._position
-        return {**asdict(position), "skipped_images": self._skipped}
+        return {**asdict(position), "skipped_images": self._skipped, "skipped_shards": self.skipped_shards()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
         self._skipped = state.pop("skipped_images", 0)
+        self._skipped_shards.update(state.pop("skipped_shards", []))
         position = _StreamPosition(**state)
         if position.num_workers != self._num_workers:
             raise ValueError(
@@ -596,23 +783,42 @@ class ImageStreamLoader:
 
     def _consume(self, position: _StreamPosition, limit: int | None) -> Iterator[dict[str, torch.Tensor]]:
         tally = _BadImageTally(self._stream.max_bad_image_fraction)  # the device's share; the workers keep theirs
-        for batch in self._loader:
-            if self._device_decoding is not None:
-                self._device_decoding.apply(batch, tally)
-            self._record_progress(position, batch.pop("_worker"), batch.pop("_position"), batch.pop("_bad_keys"))
-            if "pixel_values" not in batch:
-                continue
-            position.batches += 1
-            yield batch
-            if limit is not None and position.batches >= limit:
-                return
+        try:
+            for batch in self._loader:
+                if "_error" in batch:
+                    raise batch["_error"]
+                if self._device_decoding is not None:
+                    self._device_decoding.apply(batch, tally)
+                self._record_progress(position, batch.pop("_worker"), batch.pop("_position"), batch.pop("_bad_keys"))
+                self._record_skipped_shards(batch.pop("_skipped_shards"))
+                if "pixel_values" not in batch:
+                    continue
+                position.batches += 1
+                yield batch
+                if limit is not None and position.batches >= limit:
+                    return
+        except Exception:
+            self._stop_workers()
+            raise
+
+    def _stop_workers(self) -> None:
+        """Stop the persistent workers now: the exception's traceback keeps this loader alive, and a loader freed later
+        by the cycle collector stops each worker only after a 5 s timeout."""
+        iterator = getattr(self._loader, "_iterator", None)  # DataLoader has no public close
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self._loader._iterator = None
 
     def _record_progress(self, position: _StreamPosition, worker: int, consumed: int, bad_keys: list[str]) -> None:
         position.worker_positions[worker] = consumed
         position.next_worker = (worker + 1) % self._num_workers
         for key in bad_keys:
-            logger.warning("Skipped an unreadable image: %s", key)
+            logger.warning("Skipped a record: %s", key)
         self._skipped += len(bad_keys)
+
+    def _record_skipped_shards(self, shards: list[str]) -> None:
+        # A corrupt shard fails again in every epoch (and again on resume): counted once, like the start-up ones.
+        self._skipped_shards.update(shards)
 
 
 # --- Public entry point ------------------------------------------------------------------------------------------------
@@ -622,7 +828,8 @@ def _prepare_source(
     stream: IterableDataset, columns: _Columns, features: dict[str, Any], *, train: bool, seed: int,
     args: DataArguments, max_samples: int | None,
 ) -> IterableDataset:
-    keep = [columns.image] + [name for name in (columns.label, KEY_COLUMN) if name is not None and name in features]
+    label = columns.labels.column if columns.labels is not None else None
+    keep = [columns.image] + [name for name in (label, KEY_COLUMN) if name is not None and name in features]
     stream = stream.select_columns(keep)
     if isinstance(features[columns.image], ImageFeature):
         stream = stream.cast_column(columns.image, ImageFeature(decode=False))  # decode ourselves: skip bad files
@@ -672,6 +879,8 @@ def build_dataloader(
     process_index: int = 0,
     num_processes: int = 1,
     drop_last: bool | None = None,
+    labels: bool = True,
+    min_image_size: int = 1,
 ) -> ImageStreamLoader:
     """The loader of ``split`` ("train" or "validation") for process ``process_index`` of ``num_processes``.
 
@@ -679,24 +888,30 @@ def build_dataloader(
     ``args.fast_decode`` and a transform that has a ``from_bytes`` (the pretraining one), the workers decode and augment
     each image in one step from its encoded bytes. With ``args.decode_on`` a device and a transform that has a
     ``device_augment`` (the pretraining one), batches are decoded and augmented on that device and come out there.
-    Raises ValueError for an unknown dataset, a missing split or column (listing what exists), an empty folder, or a
-    ``decode_on`` that is no usable device.
+    ``labels=False`` never reads the label column (pretraining); otherwise batches carry class ids when the data has
+    labels (see `_resolve_labels`). Images whose width or height is below ``min_image_size`` (pass the model's patch
+    size) are skipped and counted.
+    Raises `UsageError` for an unknown dataset, a missing split or column (listing what exists), an empty folder, bad
+    local shards, validation labels the train split lacks, or a ``decode_on`` that is no usable device.
     """
-    builder = load_source(args)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    builder, left_out = _load_checked_source(args)
     split_name = _pick_split(split, args, available_splits(builder))
     if split_name is None:
-        raise ValueError(f"No validation split found; available splits: {', '.join(available_splits(builder))}.")
-    stream = builder.as_streaming_dataset(split=split_name)
+        raise UsageError(f"No validation split found; available splits: {', '.join(available_splits(builder))}.")
+    for path, problem in left_out.get(split_name, {}).items():
+        logger.warning("Training without unreadable shard %s (%s): --skip_bad_shards", path, problem)
+    guard = guard_shards(builder, args.skip_bad_shards)
+    stream = _open_stream(builder, split_name)
     features = _column_types(stream)
     image_column = _detect_column(features, args.image_column_name, ImageFeature, IMAGE_COLUMN_CANDIDATES, "Image")
     if image_column is None:
-        raise ValueError(f"No image column found; available columns: {', '.join(features)}. Pass --image_column_name.")
-    columns = _Columns(image_column, _detect_column(
-        features, args.label_column_name, ClassLabel, LABEL_COLUMN_CANDIDATES, "Label"))
+        raise UsageError(f"No image column found; available columns: {', '.join(features)}. Pass --image_column_name.")
+    columns = _Columns(image_column, _resolve_labels(builder, args, split_name, stream, features) if labels else None)
     max_samples = args.max_train_samples if split == "train" else args.max_eval_samples
     override = args.num_train_samples if split == "train" else None
     num_samples = _epoch_samples(_split_size(builder, split_name), override, max_samples)
-    label_feature = features.get(columns.label) if columns.label is not None else None
     fixed_length = train and num_samples is not None
     if train and num_samples is None and num_processes > 1:
         logger.warning("The training stream's length is unknown: pass --num_train_samples so that every process "
@@ -716,6 +931,8 @@ def build_dataloader(
         max_bad_image_fraction=args.max_bad_image_fraction,
         seed=seed,
         from_bytes=getattr(transform, "from_bytes", None) if args.fast_decode else None,
+        min_image_size=min_image_size,
+        shard_guard=guard,
     )
     return ImageStreamLoader(
         worker_stream,
@@ -724,6 +941,6 @@ def build_dataloader(
         num_processes=num_processes,
         batch_size=batch_size,
         fixed_length=fixed_length,
-        class_names=list(label_feature.names) if isinstance(label_feature, ClassLabel) else None,
         device_decoding=device_decoding,
+        skipped_shards=list(left_out.get(split_name, {})),
     )

@@ -375,19 +375,29 @@ def split_loader(
     *,
     train: bool,
     seed: int = 0,
+    min_image_size: int = 1,
 ) -> ImageStreamLoader:
-    """This process's share of `split` ("train" or "validation"); evaluation loaders keep every sample once."""
-    return build_dataloader(
+    """This process's share of `split` ("train" or "validation") with its labels (raises a `UsageError` when the data
+    has none); evaluation loaders keep every sample once. Pass the model's patch size as `min_image_size`."""
+    loader = build_dataloader(
         data_args, split, transform, batch_size, train=train, seed=seed,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes, min_image_size=min_image_size,
     )
+    if not loader.has_labels:
+        raise UsageError(f"No label column found in the {split} split (looked for a ClassLabel feature, then a column "
+                         "named label, labels, cls, ...): pass --label_column_name.")
+    return loader
 
 
-def class_names_of(loader: ImageStreamLoader, labels: torch.Tensor) -> list[str]:
-    """The dataset's class names, else `"0"`, `"1"`, ... up to the largest label seen."""
+def class_names_of(accelerator: Accelerator, loader: ImageStreamLoader, labels: torch.Tensor) -> list[str]:
+    """The dataset's class names (a ClassLabel's, or its string labels sorted), else `"0"`, `"1"`, ... up to the
+    largest integer label seen by any process (a collective: call it on every process)."""
     if loader.class_names is not None:
         return list(loader.class_names)
-    return [str(index) for index in range(int(labels.max().item()) + 1 if labels.numel() else 0)]
+    largest = labels.max().reshape(1) if labels.numel() else torch.full((1,), -1, device=labels.device)
+    if accelerator.num_processes > 1:
+        largest = accelerator.reduce(largest.to(accelerator.device), reduction="max")
+    return [str(index) for index in range(int(largest.item()) + 1)]
 
 
 def save_results(

@@ -23,9 +23,18 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from modeling_mae.arguments import DEFAULT_MODEL_CONFIG, parse_arguments
+from modeling_mae.arguments import (
+    AT_LEAST_ONE,
+    DEFAULT_MODEL_CONFIG,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Range,
+    parse_arguments,
+)
 from modeling_mae.errors import run_main
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
@@ -35,6 +44,12 @@ STAGE_TIME_FILE = "stage_time.json"
 
 @dataclass
 class EvidenceArguments:
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "seed": SEED, "pretrain_epochs": POSITIVE, "ablation_epochs": POSITIVE, "ablation_warmup_epochs": NON_NEGATIVE,
+        "ablation_mask_ratios": FRACTION, "finetune_samples": AT_LEAST_ONE, "finetune_epochs": POSITIVE,
+        "long_finetune_epochs": POSITIVE, "short_budget_base_lr": NON_NEGATIVE, "num_threads": AT_LEAST_ONE,
+    }
+
     output_dir: str = field(default="outputs/evidence", metadata={"help": "Every stage's folder, table and figure."})
     model_config: str = field(default=DEFAULT_MODEL_CONFIG, metadata={"help": "The ViT pretrained and compared."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage (weights, masks, data order)."})

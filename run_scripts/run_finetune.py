@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -30,17 +30,21 @@ from accelerate.utils import set_seed
 
 from modeling_mae import MAEForImageClassification, load_config, parse_overrides
 from modeling_mae.arguments import (
+    AT_LEAST_ONE,
     DEFAULT_MODEL_CONFIG,
+    FRACTION,
+    NON_NEGATIVE,
     RUN_CONFIG_FILE,
     ModelArguments,
     OptimizationArguments,
+    Range,
     RunArguments,
     arguments_to_dict,
     parse_arguments,
     save_resolved_config,
 )
 from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, finetune_transform, mixup_cutmix
-from modeling_mae.errors import run_main
+from modeling_mae.errors import UsageError, run_main
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
     ClassificationMetric,
@@ -81,6 +85,11 @@ Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 class FinetuneModelArguments(ModelArguments):
     """`ModelArguments` plus the classifier's fine-tuning knobs."""
 
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "layer_decay": Range(low=0, high=1, low_open=True), "drop_path_rate": FRACTION, "image_size": AT_LEAST_ONE,
+        "num_labels": AT_LEAST_ONE,
+    }
+
     layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise lr decay (paper: 0.65 ViT-B, 0.75 L/H)."})
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth (paper: 0.1 B, 0.2 L, 0.3 H)."})
     global_pool: bool = field(default=True, metadata={"help": "Classify the mean of the patch tokens (paper) or CLS"})
@@ -97,6 +106,10 @@ class FinetuneModelArguments(ModelArguments):
 
 @dataclass
 class AugmentationArguments:
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "label_smoothing": FRACTION,
+    }
+
     mixup: float = field(default=0.8, metadata={"help": "MixUp alpha (0: off)."})
     cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0: off; with both on, one per batch)."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the targets."})
@@ -157,10 +170,12 @@ def build_classifier(model_args: FinetuneModelArguments, class_names: list[str])
 
 
 def resolve_class_names(loader: ImageStreamLoader, num_labels: int | None) -> list[str]:
+    """The class names the classifier's id2label carries: a ClassLabel's names, or the string labels sorted; integer
+    labels need --num_labels."""
     if loader.class_names is not None:
         return list(loader.class_names)
     if num_labels is None:
-        raise ValueError("the label column is not a ClassLabel: pass --num_labels")
+        raise UsageError("the labels are integers without class names (no ClassLabel feature): pass --num_labels")
     return [str(index) for index in range(num_labels)]
 
 
@@ -332,11 +347,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     source_config = load_config(args.model.model_name_or_path or args.model.model_config or DEFAULT_MODEL_CONFIG,
                                 args.model.config_overrides)
     image_size = (args.model.image_size,) * 2 if args.model.image_size else source_config.image_size
-    shard = {"seed": run.seed}
+    patch = max(source_config.patch_size)
     train_loader = split_loader(accelerator, args.data, "train", finetune_transform(image_size),
-                                optim.per_device_train_batch_size, train=True, **shard)
+                                optim.per_device_train_batch_size, train=True, seed=run.seed, min_image_size=patch)
     eval_loader = split_loader(accelerator, args.data, "validation", eval_transform(image_size),
-                               optim.per_device_eval_batch_size, train=False)
+                               optim.per_device_eval_batch_size, train=False, min_image_size=patch)
     class_names = resolve_class_names(train_loader, args.model.num_labels)
     model = build_classifier(args.model, class_names)
     set_seed(run.seed, device_specific=True)  # then different augmentations per process

@@ -14,11 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from accelerate.utils import set_seed
 
-from modeling_mae.arguments import ModelArguments, parse_arguments
+from modeling_mae.arguments import AT_LEAST_ONE, POSITIVE, SEED, ModelArguments, Range, parse_arguments
 from modeling_mae.data import DataArguments, eval_transform
 from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
@@ -41,6 +41,10 @@ from modeling_mae.training import build_accelerator, configure_logging, print_ou
 @dataclass
 class KnnArguments:
     """The k-NN protocol and where its results go."""
+
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "k": AT_LEAST_ONE, "temperature": POSITIVE, "per_device_eval_batch_size": AT_LEAST_ONE, "seed": SEED,
+    }
 
     k: int = field(default=20, metadata={"help": "Neighbours that vote."})
     temperature: float = field(default=0.07, metadata={"help": "Votes weigh exp(cosine similarity / temperature)."})
@@ -67,12 +71,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
     encoder.to(accelerator.device)
     transform = eval_transform(encoder.config.image_size)
-    batch_size = knn_args.per_device_eval_batch_size
-    train_loader = split_loader(accelerator, data_args, "train", transform, batch_size, train=False)
+    batch_size, patch = knn_args.per_device_eval_batch_size, max(encoder.config.patch_size)
+    train_loader = split_loader(accelerator, data_args, "train", transform, batch_size, train=False,
+                                min_image_size=patch)
     bank, bank_labels = extract_features(accelerator, encoder, train_loader, knn_args.pooling)
-    val_loader = split_loader(accelerator, data_args, "validation", transform, batch_size, train=False)
+    val_loader = split_loader(accelerator, data_args, "validation", transform, batch_size, train=False,
+                              min_image_size=patch)
     queries, labels = extract_local_features(encoder, val_loader, knn_args.pooling, accelerator.device)
-    num_classes = len(class_names_of(train_loader, bank_labels))
+    num_classes = len(class_names_of(accelerator, train_loader, bank_labels))
     metric.add_batch(knn_scores(queries, bank, bank_labels, num_classes, knn_args.k, knn_args.temperature), labels)
     metrics: dict[str, Any] = {
         **metric.compute(),

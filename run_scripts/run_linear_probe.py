@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from modeling_mae import MAEModel
-from modeling_mae.arguments import ModelArguments, parse_arguments
+from modeling_mae.arguments import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ModelArguments, Range, parse_arguments
 from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, pretrain_transform
 from modeling_mae.errors import run_main
 from modeling_mae.evaluation import (
@@ -74,6 +74,12 @@ class LinearProbeArguments:
     """The probe's recipe (paper, appendix A.2: LARS, base lr 0.1, no weight decay, batch 16384, 90 epochs with 10
     of warmup) with defaults sized for the embedded sample on a CPU (SGD instead of LARS, batch 256); the paper's
     exact recipe is in configuration/linprobe/*.yaml."""
+
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {
+        "per_device_train_batch_size": AT_LEAST_ONE, "gradient_accumulation_steps": AT_LEAST_ONE,
+        "per_device_eval_batch_size": AT_LEAST_ONE, "base_learning_rate": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        "num_train_epochs": POSITIVE, "warmup_epochs": NON_NEGATIVE, "seed": SEED,
+    }
 
     pooling: str = field(default="cls", metadata={"help": "Feature: the 'cls' token (the paper) or the 'mean' of the "
                                                           "patch tokens.", "choices": list(POOLINGS)})
@@ -170,11 +176,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     encoder.to(accelerator.device).eval()
     size, batch_size, eval_batch_size = (encoder.config.image_size, probe.per_device_train_batch_size,
                                          probe.per_device_eval_batch_size)
-    eval_loader = split_loader(accelerator, data_args, "validation", eval_transform(size), eval_batch_size, train=False)
+    patch = max(encoder.config.patch_size)
+    eval_loader = split_loader(accelerator, data_args, "validation", eval_transform(size), eval_batch_size, train=False,
+                               min_image_size=patch)
     val_features, val_labels = extract_local_features(encoder, eval_loader, probe.pooling, accelerator.device)
 
     if probe.cached_features:
-        train_loader = split_loader(accelerator, data_args, "train", eval_transform(size), eval_batch_size, train=False)
+        train_loader = split_loader(accelerator, data_args, "train", eval_transform(size), eval_batch_size, train=False,
+                                    min_image_size=patch)
         features, labels = extract_features(accelerator, encoder, train_loader, probe.pooling)
         batches_per_epoch = features.shape[0] // (batch_size * accelerator.num_processes)
         epoch_batches: Callable[[int], Batches] = functools.partial(
@@ -182,11 +191,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     else:
         train_loader = split_loader(accelerator, data_args, "train", pretrain_transform(size), batch_size, train=True,
-                                    seed=probe.seed)
+                                    seed=probe.seed, min_image_size=patch)
         labels = val_labels  # class names need labels only when the dataset has no ClassLabel feature
         batches_per_epoch = len(train_loader)
         epoch_batches = functools.partial(streamed_batches, encoder, train_loader, probe.pooling, device=accelerator.device)
-    num_classes = len(class_names_of(train_loader, labels))
+    num_classes = len(class_names_of(accelerator, train_loader, labels))
 
     accumulation = probe.gradient_accumulation_steps
     plan = plan_training(batches_per_epoch, accumulation, probe.num_train_epochs, warmup_epochs=probe.warmup_epochs)

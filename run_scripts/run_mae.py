@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from modeling_mae import MAEConfig, MAEForPreTraining, build_image_processor, load_config, parse_overrides
 from modeling_mae.arguments import (
@@ -167,6 +167,7 @@ def build_dataloaders(
         "process_index": accelerator.process_index,
         "num_processes": accelerator.num_processes,
     }
+    unlabelled = {"labels": False, "min_image_size": max(config.patch_size)}  # pretraining never reads the labels
     train_loader = build_dataloader(
         args.data,
         "train",
@@ -174,6 +175,7 @@ def build_dataloaders(
         args.optim.per_device_train_batch_size,
         train=True,
         **shard,
+        **unlabelled,
     )
     has_validation = resolve_split_name(args.data, "validation") is not None
     eval_loader = (
@@ -184,6 +186,7 @@ def build_dataloaders(
             args.optim.per_device_eval_batch_size,
             train=False,
             **shard,
+            **unlabelled,
         )
         if has_validation
         else None
@@ -191,7 +194,7 @@ def build_dataloaders(
     # The same few images on every process (the figure's forward pass is a collective under DDP/ZeRO-3).
     figure_split = "validation" if has_validation else "train"
     figure_loader = build_dataloader(
-        args.data, figure_split, eval_transform(config.image_size), FIGURE_IMAGES, train=False
+        args.data, figure_split, eval_transform(config.image_size), FIGURE_IMAGES, train=False, **unlabelled
     )
     return train_loader, eval_loader, next(iter(figure_loader))["pixel_values"]
 
@@ -516,6 +519,7 @@ def results(trainer: Trainer, progress: TrainingProgress, runtime: float, sessio
         "train_epochs": progress.epoch + progress.epoch_micro_batches / (trainer.micro_batches_per_epoch or math.inf),
         "train_samples": progress.train_samples,
         "skipped_images": int(skipped.item()),
+        "skipped_shards": len(set(gather_object(trainer.train_loader.skipped_shards()))),  # distinct, all processes
         "nonfinite_losses": progress.nonfinite_losses,
         "train_runtime": runtime,
         "train_samples_per_second": session_samples / max(runtime, 1e-9),

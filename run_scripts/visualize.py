@@ -16,12 +16,13 @@ import pathlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from PIL import Image
 
 from modeling_mae import MAEForPreTraining, build_image_processor
-from modeling_mae.arguments import parse_arguments
+from modeling_mae.arguments import AT_LEAST_ONE, FRACTION, SEED, Range, parse_arguments
 from modeling_mae.data import DataArguments, build_dataloader, eval_transform
 from modeling_mae.errors import run_main
 from modeling_mae.evaluation import load_pretraining_model
@@ -30,6 +31,8 @@ from modeling_mae.visualization import reconstruction_figure
 
 @dataclass
 class VisualizeArguments:
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {"num_images": AT_LEAST_ONE, "mask_ratio": FRACTION, "seed": SEED}
+
     model_name_or_path: str = field(metadata={"help": "Pretraining folder / Hub id, official .pth or ViTMAE folder."})
     images: list[str] | None = field(default=None, metadata={"help": "Image files; default: --num_images of --split."})
     split: str = field(default="validation", metadata={"help": "'train' or 'validation', when no --images are given.",
@@ -45,7 +48,7 @@ def load_pixel_values(args: VisualizeArguments, data_args: DataArguments, image_
     transform = eval_transform(image_size)
     if args.images:
         return torch.stack([transform(Image.open(path)) for path in args.images])
-    loader = build_dataloader(data_args, args.split, transform, args.num_images, train=False)
+    loader = build_dataloader(data_args, args.split, transform, args.num_images, train=False, labels=False)
     return next(iter(loader))["pixel_values"]
 
 

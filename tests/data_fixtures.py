@@ -3,7 +3,9 @@ parquet shards (HF layout), webdataset ``.tar`` shards and an image folder tree.
 pixels (see ``encoded_id``), so a test can check exactly which samples came out of a loader whatever the transform.
 
 Bad files can be mixed in: ``"truncated"`` (a JPEG cut in half) and ``"garbage"`` (bytes that are no image); odd but
-valid ones too: ``"cmyk"``, ``"gray"``, ``"rgba"``, ``"palette"``, ``"gray16"`` and ``"tiny"`` (3x2 pixels).
+valid ones too: ``"cmyk"``, ``"gray"``, ``"rgba"``, ``"palette"``, ``"gray16"`` and ``"tiny"`` (3x2 pixels); and
+``"pixel"`` (1x1, smaller than any patch). Labels: sample ``i`` is of class ``i % 3``, stored as a ``ClassLabel``, as
+strings (``CLASS_NAMES``, or any ``names``) or not at all. ``truncate`` cuts a shard as a partial copy would.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def image_bytes(sample_id: int, kind: str = "rgb", size: tuple[int, int] = (24, 
     if kind == "garbage":
         return b"this is not an image at all" * 3
     colour = id_colour(sample_id)
-    if kind == "tiny":
-        size = (3, 2)
+    if kind in ("tiny", "pixel"):
+        size = (3, 2) if kind == "tiny" else (1, 1)
     image = Image.new("RGB", size, colour)
     if kind == "truncated":
         data = _encode(image, "JPEG")
@@ -88,7 +90,7 @@ def _encode(image: Image.Image, image_format: str, **options: int) -> bytes:
 
 
 def _suffix(kind: str) -> str:
-    return ".png" if kind in ("rgb", "gray", "gray16", "rgba", "palette", "garbage", "tiny") else ".jpg"
+    return ".png" if kind in ("rgb", "gray", "gray16", "rgba", "palette", "garbage", "tiny", "pixel") else ".jpg"
 
 
 def sample_kinds(num_samples: int, kinds: dict[int, str] | None = None) -> list[str]:
@@ -103,18 +105,21 @@ def make_parquet_shards(
     num_shards: int = 2,
     split: str = "train",
     kinds: dict[int, str] | None = None,
-    with_labels: bool = True,
+    labels: str | None = "classlabel",
+    names: Sequence[str] = CLASS_NAMES,
 ) -> list[pathlib.Path]:
-    """HF-layout parquet shards ``data/{split}-0000i-of-0000n.parquet`` with ``image`` (Image) + ``label`` (ClassLabel)."""
-    from datasets import ClassLabel, Dataset, Features
+    """HF-layout parquet shards ``data/{split}-0000i-of-0000n.parquet`` with ``image`` (Image) + ``label``: a
+    ClassLabel of ``names`` (``labels="classlabel"``), the names as strings (``"string"``), or none (None)."""
+    from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
 
-    feature_types = {"image": ImageFeature()} | ({"label": ClassLabel(names=list(CLASS_NAMES))} if with_labels else {})
+    label_types = {"classlabel": ClassLabel(names=list(names)), "string": Value("string")}
+    feature_types = {"image": ImageFeature()} | ({"label": label_types[labels]} if labels else {})
     ids = list(range(num_samples))
     columns = {"image": [{"bytes": image_bytes(i, kind), "path": f"{i}{_suffix(kind)}"} for i, kind in
                          zip(ids, sample_kinds(num_samples, kinds))]}
-    if with_labels:
-        columns["label"] = [i % len(CLASS_NAMES) for i in ids]
+    if labels:
+        columns["label"] = [i % len(names) if labels == "classlabel" else names[i % len(names)] for i in ids]
     dataset = Dataset.from_dict(columns, features=Features(feature_types))
     (directory / "data").mkdir(parents=True, exist_ok=True)
     paths = []
@@ -126,9 +131,11 @@ def make_parquet_shards(
 
 
 def make_webdataset(
-    directory: pathlib.Path, num_samples: int, num_shards: int = 2, split: str = "train", kinds: dict[int, str] | None = None
+    directory: pathlib.Path, num_samples: int, num_shards: int = 2, split: str = "train",
+    kinds: dict[int, str] | None = None, string_labels: bool = False,
 ) -> list[pathlib.Path]:
-    """Webdataset shards ``{split}-i.tar`` with ``{key}.jpg`` (any image bytes) + ``{key}.cls`` per sample, like timm's."""
+    """Webdataset shards ``{split}-i.tar`` with ``{key}.jpg`` (any image bytes) + ``{key}.cls`` per sample, like timm's;
+    with ``string_labels``, ``{key}.txt`` holds the class name instead (a column named ``txt``)."""
     directory.mkdir(parents=True, exist_ok=True)
     all_kinds = sample_kinds(num_samples, kinds)
     paths = []
@@ -138,7 +145,9 @@ def make_webdataset(
             for sample_id in range(shard_index, num_samples, num_shards):
                 key = f"sample{sample_id:06d}"
                 _add_tar_member(tar, f"{key}.jpg", image_bytes(sample_id, all_kinds[sample_id]))
-                _add_tar_member(tar, f"{key}.cls", str(sample_id % len(CLASS_NAMES)).encode())
+                label = sample_id % len(CLASS_NAMES)
+                _add_tar_member(tar, f"{key}.{'txt' if string_labels else 'cls'}",
+                                (CLASS_NAMES[label] if string_labels else str(label)).encode())
         paths.append(path)
     return paths
 
@@ -149,12 +158,33 @@ def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_imagefolder(directory: pathlib.Path, num_samples: int, kinds: dict[int, str] | None = None) -> list[pathlib.Path]:
-    """An image folder tree ``{class_name}/{id}.{png,jpg}``; the class of sample ``i`` is ``CLASS_NAMES[i % 3]``."""
+def make_imagefolder(
+    directory: pathlib.Path, num_samples: int, kinds: dict[int, str] | None = None, split: str | None = None
+) -> list[pathlib.Path]:
+    """An image folder tree ``[{split}/]{class_name}/{id}.{png,jpg}``; the class of sample ``i`` is
+    ``CLASS_NAMES[i % 3]`` (`datasets` builds a ClassLabel from the folder names)."""
     paths = []
     for sample_id, kind in enumerate(sample_kinds(num_samples, kinds)):
-        path = directory / CLASS_NAMES[sample_id % len(CLASS_NAMES)] / f"{sample_id:06d}{_suffix(kind)}"
+        folder = directory / split if split else directory
+        path = folder / CLASS_NAMES[sample_id % len(CLASS_NAMES)] / f"{sample_id:06d}{_suffix(kind)}"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image_bytes(sample_id, kind))
         paths.append(path)
     return paths
+
+
+def truncate(path: pathlib.Path, keep: int | None = None) -> None:
+    """Cut a shard as a partial copy does: keep its first ``keep`` bytes (default: half)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def corrupt_page(path: pathlib.Path) -> None:
+    """Overwrite the first page header of a parquet shard: its footer stays whole (a start-up check passes), reading its
+    rows fails, as a shard damaged in the middle does."""
+    import pyarrow.parquet as pq
+
+    start = pq.read_metadata(path).row_group(0).column(0).data_page_offset
+    blob = bytearray(path.read_bytes())
+    blob[start : start + 40] = b"\xff" * 40
+    path.write_bytes(bytes(blob))

@@ -233,7 +233,7 @@ def test_max_train_samples_caps_the_epoch(tmp_path: pathlib.Path) -> None:
 
 
 def test_unlabelled_data_yields_pixels_only(tmp_path: pathlib.Path) -> None:
-    make_parquet_shards(tmp_path, 8, with_labels=False)
+    make_parquet_shards(tmp_path, 8, labels=None)
     loader = build_dataloader(DataArguments(dataset_name=str(tmp_path)), "train", ID_TRANSFORM, 4, train=True)
     assert [set(batch) for batch in loader] == [{"pixel_values"}] * 2 and loader.num_classes is None
 

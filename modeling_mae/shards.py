@@ -1,0 +1,226 @@
+"""Shards that cannot be read: found before training (local files) or while streaming, named, then fatal or skipped.
+
+A partial copy or a storage hiccup truncates one shard in hundreds; pyarrow and tarfile then fail with an error that
+names no file, and `tarfile`'s stream mode can even end a cut archive early without any error. Two guards:
+
+- `find_bad_shards` checks local parquet and webdataset ``.tar`` shards before any training, cheaply: the parquet
+  magic bytes and footer (and that every column chunk lies inside the file), the tar headers (every member's data
+  inside the file, and the end-of-archive block present). `modeling_mae.data` stops with one line listing every bad
+  shard, or, with ``--skip_bad_shards``, drops them and counts them.
+- `ShardGuard` wraps the dataset builder's per-shard generator (`datasets` calls it once per shard, in whichever
+  process and worker reads that shard): a read that fails is retried, from the record where it stopped, with
+  backoff; a shard that still fails stops the stream with a `ShardReadError` naming it or, with
+  ``--skip_bad_shards``, is cut there, logged and recorded in `ShardGuard.skipped` for the loader to count. A tar
+  shard must also end with its end-of-archive blocks: `datasets` reads tars with `tarfile`'s stream mode, which ends
+  an archive cut between two members silently.
+  The records read before the failure are kept. A shard that is corrupt stays corrupt, so every reader of it (another
+  worker, a resumed run) cuts it at the same record: the disjoint split between processes and the exact resume
+  position are unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pathlib
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import ArrowBasedBuilder, DatasetBuilder
+from datasets.utils.file_utils import xopen
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+SHARD_READ_ATTEMPTS = 3
+SHARD_RETRY_DELAY_S = 2.0  # before the 2nd attempt; doubled before each later one
+PARQUET_MAGIC = b"PAR1"
+SHARD_SUFFIXES = (".parquet", ".tar")
+MAX_TAR_PADDING = 1 << 20  # zeros after a tar's last member: 2 end blocks + record padding (10 KiB; GNU tar -b: more)
+
+
+class ShardReadError(UsageError):
+    """A shard that could not be read, even after retries; the message names it."""
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message` on one line (pyarrow's messages span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """What a look at a local shard's structure found, without reading its records."""
+
+    records: int | None  # samples in the shard (None: not a parquet or tar shard, or unreadable)
+    problem: str | None  # why the shard is unreadable; None when it looks whole
+
+
+def scan_shard(path: str | pathlib.Path) -> ShardScan:
+    """Records and problem of a local shard; cached until the file changes (size or modification time)."""
+    stat = pathlib.Path(path).stat()
+    return _scan(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _scan(path: str, size: int, mtime_ns: int) -> ShardScan:
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return _scan_parquet(pathlib.Path(path), size)
+    if suffix == ".tar":
+        return _scan_tar(pathlib.Path(path), size)
+    return ShardScan(records=None, problem=None)  # not a shard format this module knows
+
+
+def _scan_parquet(path: pathlib.Path, size: int) -> ShardScan:
+    with path.open("rb") as file:
+        head = file.read(len(PARQUET_MAGIC))
+        file.seek(max(size - len(PARQUET_MAGIC), 0))
+        tail = file.read(len(PARQUET_MAGIC))
+    if size < 2 * len(PARQUET_MAGIC) or head != PARQUET_MAGIC:
+        return ShardScan(None, "not a parquet file (no PAR1 header)")
+    if tail != PARQUET_MAGIC:
+        return ShardScan(None, "truncated parquet file (no PAR1 footer)")
+    try:
+        metadata = pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as error:
+        return ShardScan(None, f"unreadable parquet footer ({describe(error)})")
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for column in range(row_group.num_columns):
+            chunk = row_group.column(column)
+            start = chunk.dictionary_page_offset or chunk.data_page_offset
+            if start + chunk.total_compressed_size > size:
+                return ShardScan(None, f"parquet row group {group} ends past the end of the file")
+    return ShardScan(metadata.num_rows, None)
+
+
+def _scan_tar(path: pathlib.Path, size: int) -> ShardScan:
+    keys = set()
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.offset_data + member.size > size:
+                    return ShardScan(None, f"truncated tar file ({member.name} is cut off)")
+                if member.isfile():
+                    keys.add(member.name.split(".", 1)[0])
+            end = tar.offset  # where tarfile stopped: an end-of-archive block, or garbage / the end of a cut file
+    except tarfile.TarError as error:
+        return ShardScan(None, f"unreadable tar file ({describe(error)})")
+    if size - end > MAX_TAR_PADDING:
+        return ShardScan(None, f"corrupt tar file (the archive stops at byte {end} of {size})")
+    with path.open("rb") as file:
+        file.seek(end)
+        rest = file.read()  # the end-of-archive blocks and the padding of the last record, all zeros
+    if rest.strip(tarfile.NUL):
+        return ShardScan(None, f"corrupt tar file (no valid header at byte {end})")
+    if len(rest) < 2 * tarfile.BLOCKSIZE:
+        return ShardScan(None, f"truncated tar file (cut at byte {size}, no end-of-archive blocks)")
+    return ShardScan(len(keys), None)
+
+
+def find_bad_shards(files: Iterable[str]) -> dict[str, str]:
+    """`{path: problem}` of the local parquet and tar shards among `files` that cannot be read whole."""
+    shards = [file for file in files if file.lower().endswith(SHARD_SUFFIXES) and pathlib.Path(file).is_file()]
+    scans = {file: scan_shard(file) for file in shards}  # not an image folder's files: they are no shards
+    return {file: scan.problem for file, scan in scans.items() if scan.problem is not None}
+
+
+# --- While streaming ---------------------------------------------------------------------------------------------
+
+
+def _num_records(item: Any) -> int:
+    return item.num_rows if isinstance(item, pa.Table) else 1  # Arrow builders yield tables, the others examples
+
+
+def _after(items: Iterator[tuple[Any, Any]], done: int) -> Iterator[tuple[Any, Any]]:
+    """`items` without their first `done` records (a table is cut where needed)."""
+    for key, item in items:
+        size = _num_records(item)
+        if done >= size:
+            done -= size
+            continue
+        yield key, item.slice(done) if done else item
+        done = 0
+
+
+def _check_tar_end(name: str) -> None:
+    """Raise if a tar shard (local or remote) does not end with the two zero blocks that close an archive."""
+    if not name.endswith(".tar"):
+        return
+    with xopen(name, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        file.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
+        if file.read() != tarfile.NUL * (2 * tarfile.BLOCKSIZE):
+            raise tarfile.ReadError(f"the archive is cut short ({size} bytes, no end-of-archive blocks)")
+
+
+def shard_name(shard: dict[str, Any]) -> str:
+    """The file a shard's generator arguments read (e.g. parquet's ``files``, webdataset's ``tar_paths``)."""
+    for value in shard.values():
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return value[0] if len(value) == 1 else f"{value[0]} (and {len(value) - 1} more files)"
+    return repr(shard)
+
+
+@dataclass
+class ShardGuard:
+    """A builder's per-shard generator with retries; then a shard that still fails is fatal or skipped (see module).
+
+    A shard given up once is read without retries (and without warnings) when it comes again (the next epoch, another
+    pass): it fails at the same record, so the stream is the same, without the waits.
+    """
+
+    generate: Callable[..., Iterator[tuple[Any, Any]]]
+    skip_bad_shards: bool
+    skipped: list[str] = field(default_factory=list)  # shards given up since the reader last took them
+    given_up: set[str] = field(default_factory=set)  # every shard given up by this reader
+
+    def __call__(self, **shard: Any) -> Iterator[tuple[Any, Any]]:
+        name, done = shard_name(shard), 0
+        attempts = 1 if name in self.given_up else SHARD_READ_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                for key, item in _after(self.generate(**shard), done):
+                    done += _num_records(item)
+                    yield key, item
+                _check_tar_end(name)
+                return
+            except Exception as error:  # noqa: BLE001 - whatever the reader raised, the shard is what failed
+                failure = describe(error)
+            if attempt < attempts:
+                delay = SHARD_RETRY_DELAY_S * 2 ** (attempt - 1)
+                logger.warning("Reading shard %s failed after %d records (%s); retrying in %g s.",
+                               name, done, failure, delay)
+                time.sleep(delay)
+        self._give_up(name, done, failure)
+
+    def take_skipped(self) -> list[str]:
+        taken, self.skipped = self.skipped, []
+        return taken
+
+    def _give_up(self, name: str, done: int, failure: str) -> None:
+        message = f"shard {name} could not be read ({SHARD_READ_ATTEMPTS} attempts, {done} records read): {failure}"
+        if not self.skip_bad_shards:
+            raise ShardReadError(f"{message}; replace the file, or pass --skip_bad_shards to go on without it")
+        if name not in self.given_up:
+            logger.warning("%s; going on without the rest of it (--skip_bad_shards)", message)
+        self.given_up.add(name)
+        self.skipped.append(name)
+
+
+def guard_shards(builder: DatasetBuilder, skip_bad_shards: bool) -> ShardGuard:
+    """Make `builder`'s streams read through a `ShardGuard` (call before `builder.as_streaming_dataset`)."""
+    name = "_generate_tables" if isinstance(builder, ArrowBasedBuilder) else "_generate_examples"
+    # The class's function, not the bound method: the instance attribute set here would shadow a bound method that a
+    # worker process gets by pickling.
+    guard = ShardGuard(functools.partial(getattr(type(builder), name), builder), skip_bad_shards)
+    setattr(builder, name, guard)
+    return guard

@@ -1,0 +1,178 @@
+"""Every flag is checked when the command line is parsed: numbers against their range, local paths for existence; a
+mistake is one line naming the flag, the value and what is allowed, with exit status 2 and no traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import types
+import typing
+
+import pytest
+
+from modeling_mae.arguments import (
+    OptimizationArguments,
+    PretrainModelArguments,
+    Range,
+    RunArguments,
+    parse_arguments,
+)
+from modeling_mae.configuration_mae import load_config
+from modeling_mae.data import DataArguments
+from modeling_mae.errors import EXIT_USAGE, UsageError, run_main
+from run_scripts.evidence import EvidenceArguments
+from run_scripts.run_finetune import (
+    AugmentationArguments,
+    FinetuneModelArguments,
+    FinetuneOptimizationArguments,
+    FinetuneRunArguments,
+)
+from run_scripts.run_knn import KnnArguments
+from run_scripts.run_knn import main as knn_main
+from run_scripts.run_linear_probe import LinearProbeArguments
+from run_scripts.visualize import VisualizeArguments
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PRETRAIN = (PretrainModelArguments, DataArguments, OptimizationArguments, RunArguments)
+# Every argument dataclass a script parses (run_knn and run_linear_probe also parse ModelArguments + DataArguments).
+ALL_ARGUMENTS = (*PRETRAIN, KnnArguments, LinearProbeArguments, FinetuneModelArguments, AugmentationArguments,
+                 FinetuneOptimizationArguments, FinetuneRunArguments, VisualizeArguments, EvidenceArguments)
+REQUIRED = {VisualizeArguments: ["--model_name_or_path", "x"]}
+
+
+def numeric_fields(cls: type) -> list[str]:
+    """Fields of type int or float, optional or in a list (bool is no number here)."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        args = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) else {hint}
+        args |= {inner for arg in list(args) for inner in typing.get_args(arg)}  # list[float]
+        if args & {int, float}:
+            names.append(field.name)
+    return names
+
+
+def outside(allowed: Range) -> float:
+    """A value just outside the range."""
+    if allowed.low is not None:
+        return allowed.low if allowed.low_open else allowed.low - 1
+    return allowed.high if allowed.high_open else allowed.high + 1
+
+
+@pytest.mark.parametrize("cls", ALL_ARGUMENTS, ids=lambda cls: cls.__name__)
+def test_every_numeric_flag_has_a_range(cls: type) -> None:
+    assert set(numeric_fields(cls)) == set(getattr(cls, "FLAG_RANGES", {})), "add the new flag to FLAG_RANGES"
+
+
+@pytest.mark.parametrize(("cls", "name"), [(cls, name) for cls in ALL_ARGUMENTS for name in numeric_fields(cls)],
+                         ids=lambda value: getattr(value, "__name__", value))
+def test_a_value_outside_a_flags_range_is_a_one_line_usage_error(cls: type, name: str) -> None:
+    allowed = cls.FLAG_RANGES[name]
+    with pytest.raises(UsageError) as raised:
+        parse_arguments((cls,), [*REQUIRED.get(cls, []), f"--{name}", f"{outside(allowed):g}"])
+    assert str(raised.value).startswith(f"--{name}=") and str(raised.value).endswith(f" is not allowed: it must be "
+                                                                                      f"{allowed}")
+    parse_arguments((cls,), REQUIRED.get(cls, []))  # the defaults are allowed
+
+
+@pytest.mark.parametrize(("flag", "value", "rule"), [
+    ("--per_device_train_batch_size", "0", ">= 1"),
+    ("--learning_rate", "-0.0001", ">= 0"),
+    ("--base_learning_rate", "nan", ">= 0"),
+    ("--mask_ratio", "1.0", "in [0, 1)"),
+    ("--num_train_epochs", "0", "> 0"),
+    ("--warmup_steps", "-1", ">= 0"),
+    ("--logging_steps", "0", ">= 1"),
+    ("--dataloader_num_workers", "-2", ">= 0"),
+    ("--max_bad_image_fraction", "1.5", "in [0, 1]"),
+])
+def test_the_pretraining_flags_users_get_wrong(flag: str, value: str, rule: str) -> None:
+    with pytest.raises(UsageError, match=rf"^{flag}=[-+\w.]+ is not allowed: it must be {re.escape(rule)}$"):
+        parse_arguments(PRETRAIN, [flag, value])
+
+
+def test_a_yaml_config_is_checked_like_the_command_line(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("gradient_accumulation_steps: 0\n")
+    with pytest.raises(UsageError, match=r"^--gradient_accumulation_steps=0 is not allowed: it must be >= 1$"):
+        parse_arguments(PRETRAIN, ["--config", str(config)])
+    with pytest.raises(UsageError, match=rf"^--config: file does not exist: {tmp_path / 'nope.yaml'}$"):
+        parse_arguments(PRETRAIN, ["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "ten", "epochs"])
+def test_checkpointing_steps_is_checked_at_parse_time(value: str) -> None:
+    with pytest.raises(UsageError, match=rf"^--checkpointing_steps='{value}' is not allowed: it must be an integer"):
+        parse_arguments(PRETRAIN, ["--checkpointing_steps", value])
+    assert parse_arguments(PRETRAIN, ["--checkpointing_steps", "epoch"])[3].checkpoint_every_epoch()
+
+
+# --- Local paths ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flag", "value", "kind"), [
+    ("--model_name_or_path", "outputs/mae-pretrain", "folder"),  # its parent, outputs/, exists here
+    ("--model_name_or_path", "./mae-pretrain", "folder"),
+    ("--model_name_or_path", "runs/a/mae-pretrain", "folder"),  # more than one "/"
+    ("--model_name_or_path", "mae_pretrain_vit_base.pth", "file"),
+    ("--model_config", "/nonexistent/config.json", "file"),
+    ("--model_config", "configs/vit.yaml", "file"),
+    ("--dataset_name", "../imagenet", "folder"),
+])
+def test_a_missing_local_path_is_named_instead_of_looked_up_on_the_hub(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, flag: str, value: str, kind: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    absolute = pathlib.Path(value).absolute()
+    with pytest.raises(UsageError) as raised:
+        parse_arguments((VisualizeArguments if "pth" in value else PretrainModelArguments, DataArguments),
+                        [flag, value] if "pth" not in value else ["--model_name_or_path", value])
+    assert str(raised.value) == f"{flag} {value}: {kind} does not exist: {absolute}"
+
+
+def test_hub_ids_and_presets_pass_the_path_check(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no folder named facebook/ or ILSVRC/ here
+    model, data, *_ = parse_arguments(PRETRAIN, ["--model_name_or_path", "facebook/vit-mae-base", "--model_config",
+                                                 "base", "--dataset_name", "ILSVRC/imagenet-1k"])
+    assert (model.model_name_or_path, data.dataset_name) == ("facebook/vit-mae-base", "ILSVRC/imagenet-1k")
+    with pytest.raises(UsageError, match=r"^--model_config bsae: no such preset \(tiny-32px, tiny, small, base"):
+        parse_arguments(PRETRAIN, ["--model_config", "bsae"])
+
+
+def test_load_config_names_a_missing_file() -> None:
+    with pytest.raises(FileNotFoundError, match=r"model config '/nonexistent/config.json': file does not exist: "
+                                                r"/nonexistent/config.json$"):
+        load_config("/nonexistent/config.json")
+
+
+# --- Through a real process ----------------------------------------------------------------------------------------
+
+
+def test_a_mistake_exits_2_with_one_line_and_no_traceback(tmp_path: pathlib.Path) -> None:
+    env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    command = [sys.executable, str(REPO / "run_scripts" / "run_mae.py"), "--per_device_train_batch_size", "0"]
+    completed = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr == "error: --per_device_train_batch_size=0 is not allowed: it must be >= 1\n"
+
+
+def test_an_evaluation_script_names_a_missing_model_folder(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_main(knn_main, ["--model_name_or_path", "./outputs/mae-pretrain"]) == EXIT_USAGE
+    assert capsys.readouterr().err == (f"error: --model_name_or_path ./outputs/mae-pretrain: folder does not exist: "
+                                       f"{tmp_path}/outputs/mae-pretrain\n")
+
+
+def test_ranges_read_like_maths() -> None:
+    assert [str(rule) for rule in (Range(low=1), Range(low=0, low_open=True), Range(0, 1, high_open=True))] == [
+        ">= 1", "> 0", "in [0, 1)"]
+    assert not Range(low=0).admits(math.inf) and not Range(low=0).admits(True) and Range(0, 1).admits(1)
