@@ -7,8 +7,8 @@ subclassing (see `PretrainModelArguments`).
 
 Every numeric flag is checked when the command line is parsed: each argument dataclass lists the values its flags
 accept in a `FLAG_RANGES` class variable (subclasses inherit it), and a flag that names a local path
-(`LOCAL_PATH_FLAGS`) must exist. A wrong value is a `UsageError`: one line naming the flag, the value and what is
-allowed, exit status 2.
+(`LOCAL_PATH_FLAGS`) must exist (offline, a Hub model must be in the cache). A wrong value is a `UsageError`: one line
+naming the flag, the value and what is allowed, exit status 2.
 """
 
 from __future__ import annotations
@@ -23,22 +23,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import huggingface_hub
 import yaml
 from transformers import HfArgumentParser
 
-from .configuration_mae import config_source_problem, missing_local_path_message
+from .configuration_mae import MAE_PRESETS, config_source_problem, missing_local_path_message
 from .errors import UsageError
 
 CONFIG_FLAG = "--config"
 DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample
 RUN_CONFIG_FILE = "run_config.yaml"  # the resolved configuration, saved with each run
 SECRET_FIELDS = ("hub_token",)
-# Flags that take a local path or a Hub id, and what is wrong with a value without asking the Hub.
-LOCAL_PATH_FLAGS: dict[str, Callable[[str], str | None]] = {
-    "model_config": config_source_problem,  # also a preset name
-    "model_name_or_path": missing_local_path_message,
-    "dataset_name": missing_local_path_message,
-}
 
 
 @dataclass(frozen=True)
@@ -257,6 +252,37 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     for arguments in parsed:
         check_arguments(arguments)
     return parsed
+
+
+def _offline_hub_problem(name: str) -> str | None:
+    """Offline, a name that is no local path can only be a Hub model in the local cache; say so if it is not there
+    (transformers would end in a 50-line "couldn't connect" traceback)."""
+    if not huggingface_hub.is_offline_mode() or name in MAE_PRESETS or pathlib.Path(name).expanduser().exists():
+        return None
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not even a valid repo id
+        cached = None
+    if isinstance(cached, str):
+        return None
+    return (f"no such local folder ({pathlib.Path(name).expanduser().absolute()}), and the Hub is offline "
+            "(HF_HUB_OFFLINE=1) with no cached model of that name")
+
+
+def _model_config_problem(name: str) -> str | None:
+    return config_source_problem(name) or _offline_hub_problem(name)
+
+
+def _model_problem(name: str) -> str | None:
+    return missing_local_path_message(name) or _offline_hub_problem(name)
+
+
+# Flags that take a local path or a Hub id, and what is wrong with a value, found without asking the Hub.
+LOCAL_PATH_FLAGS: dict[str, Callable[[str], str | None]] = {
+    "model_config": _model_config_problem,  # also a preset name
+    "model_name_or_path": _model_problem,
+    "dataset_name": missing_local_path_message,
+}
 
 
 def check_arguments(arguments: Any) -> None:

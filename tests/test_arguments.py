@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 
+import huggingface_hub
 import pytest
 
 from modeling_mae.arguments import (
@@ -42,7 +43,7 @@ PRETRAIN = (PretrainModelArguments, DataArguments, OptimizationArguments, RunArg
 # Every argument dataclass a script parses (run_knn and run_linear_probe also parse ModelArguments + DataArguments).
 ALL_ARGUMENTS = (*PRETRAIN, KnnArguments, LinearProbeArguments, FinetuneModelArguments, AugmentationArguments,
                  FinetuneOptimizationArguments, FinetuneRunArguments, VisualizeArguments, EvidenceArguments)
-REQUIRED = {VisualizeArguments: ["--model_name_or_path", "x"]}
+REQUIRED = {VisualizeArguments: ["--model_name_or_path", str(REPO)]}  # a folder that exists
 
 
 def numeric_fields(cls: type) -> list[str]:
@@ -139,11 +140,33 @@ def test_a_missing_local_path_is_named_instead_of_looked_up_on_the_hub(
 
 def test_hub_ids_and_presets_pass_the_path_check(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # no folder named facebook/ or ILSVRC/ here
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     model, data, *_ = parse_arguments(PRETRAIN, ["--model_name_or_path", "facebook/vit-mae-base", "--model_config",
                                                  "base", "--dataset_name", "ILSVRC/imagenet-1k"])
     assert (model.model_name_or_path, data.dataset_name) == ("facebook/vit-mae-base", "ILSVRC/imagenet-1k")
     with pytest.raises(UsageError, match=r"^--model_config bsae: no such preset \(tiny-32px, tiny, small, base"):
         parse_arguments(PRETRAIN, ["--model_config", "bsae"])
+
+
+def test_offline_a_model_name_must_be_a_folder_or_in_the_hub_cache(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`outputs/mae-pretrain` run from a folder without outputs/: it looks like a Hub id, and offline none can load."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UsageError) as raised:
+        parse_arguments(PRETRAIN, ["--model_name_or_path", "outputs/mae-pretrain"])
+    assert str(raised.value) == (f"--model_name_or_path outputs/mae-pretrain: no such local folder ({tmp_path}/outputs/"
+                                 "mae-pretrain), and the Hub is offline (HF_HUB_OFFLINE=1) with no cached model of that "
+                                 "name")
+    snapshot = tmp_path / "hub" / "models--outputs--mae-pretrain" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--outputs--mae-pretrain" / "refs").mkdir()
+    (tmp_path / "hub" / "models--outputs--mae-pretrain" / "refs" / "main").write_text("0" * 40)
+    assert parse_arguments(PRETRAIN, ["--model_name_or_path", "outputs/mae-pretrain"])[0].model_name_or_path
 
 
 def test_load_config_names_a_missing_file() -> None:
