@@ -226,6 +226,11 @@ def _leave_out_bad_shards(builder: DatasetBuilder, skip_bad_shards: bool) -> dic
     return {split: shards for split, shards in bad.items() if shards}
 
 
+@functools.cache  # once per process, however many loaders read the split
+def _warn_left_out(path: str, problem: str) -> None:
+    logger.warning("Going on without unreadable shard %s (%s): --skip_bad_shards", path, problem)
+
+
 def available_splits(builder: DatasetBuilder) -> list[str]:
     if builder.config.data_files:
         return [str(split) for split in builder.config.data_files]
@@ -901,7 +906,7 @@ def build_dataloader(
     if split_name is None:
         raise UsageError(f"No validation split found; available splits: {', '.join(available_splits(builder))}.")
     for path, problem in left_out.get(split_name, {}).items():
-        logger.warning("Training without unreadable shard %s (%s): --skip_bad_shards", path, problem)
+        _warn_left_out(path, problem)
     guard = guard_shards(builder, args.skip_bad_shards)
     stream = _open_stream(builder, split_name)
     features = _column_types(stream)

@@ -5,17 +5,16 @@ names no file, and `tarfile`'s stream mode can even end a cut archive early with
 
 - `find_bad_shards` checks local parquet and webdataset ``.tar`` shards before any training, cheaply: the parquet
   magic bytes and footer (and that every column chunk lies inside the file), the tar headers (every member's data
-  inside the file, and the end-of-archive block present). `modeling_mae.data` stops with one line listing every bad
-  shard, or, with ``--skip_bad_shards``, drops them and counts them.
+  inside the file, then only the zeros of the end-of-archive blocks). `modeling_mae.data` stops with one line listing
+  every bad shard, or, with ``--skip_bad_shards``, leaves them out and counts them.
 - `ShardGuard` wraps the dataset builder's per-shard generator (`datasets` calls it once per shard, in whichever
   process and worker reads that shard): a read that fails is retried, from the record where it stopped, with
-  backoff; a shard that still fails stops the stream with a `ShardReadError` naming it or, with
-  ``--skip_bad_shards``, is cut there, logged and recorded in `ShardGuard.skipped` for the loader to count. A tar
-  shard must also end with its end-of-archive blocks: `datasets` reads tars with `tarfile`'s stream mode, which ends
-  an archive cut between two members silently.
-  The records read before the failure are kept. A shard that is corrupt stays corrupt, so every reader of it (another
-  worker, a resumed run) cuts it at the same record: the disjoint split between processes and the exact resume
-  position are unaffected.
+  backoff, and a tar shard must end with its end-of-archive blocks (`datasets` reads tars with `tarfile`'s stream
+  mode, which ends an archive cut between two members silently). A shard that still fails stops the stream with a
+  `ShardReadError` naming it or, with ``--skip_bad_shards``, is cut there (the records read before are kept), logged
+  and recorded in `ShardGuard.skipped` for the loader to count. A shard that is corrupt stays corrupt, so every
+  reader of it (another worker, a resumed run) cuts it at the same record: the disjoint split between processes and
+  the exact resume position are unaffected.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ SHARD_READ_ATTEMPTS = 3
 SHARD_RETRY_DELAY_S = 2.0  # before the 2nd attempt; doubled before each later one
 PARQUET_MAGIC = b"PAR1"
 SHARD_SUFFIXES = (".parquet", ".tar")
+_GIVEN_UP: set[str] = set()  # shards this process gave up on (each DataLoader worker has its own copy)
 MAX_TAR_PADDING = 1 << 20  # zeros after a tar's last member: 2 end blocks + record padding (10 KiB; GNU tar -b: more)
 
 
@@ -174,18 +174,18 @@ def shard_name(shard: dict[str, Any]) -> str:
 class ShardGuard:
     """A builder's per-shard generator with retries; then a shard that still fails is fatal or skipped (see module).
 
-    A shard given up once is read without retries (and without warnings) when it comes again (the next epoch, another
-    pass): it fails at the same record, so the stream is the same, without the waits.
+    A shard given up once in this process is read without retries (and without warnings) when it comes again (the
+    next epoch, another pass, another loader of the split): it fails at the same record, so the stream is the same,
+    without the waits.
     """
 
     generate: Callable[..., Iterator[tuple[Any, Any]]]
     skip_bad_shards: bool
     skipped: list[str] = field(default_factory=list)  # shards given up since the reader last took them
-    given_up: set[str] = field(default_factory=set)  # every shard given up by this reader
 
     def __call__(self, **shard: Any) -> Iterator[tuple[Any, Any]]:
         name, done = shard_name(shard), 0
-        attempts = 1 if name in self.given_up else SHARD_READ_ATTEMPTS
+        attempts = 1 if name in _GIVEN_UP else SHARD_READ_ATTEMPTS
         for attempt in range(1, attempts + 1):
             try:
                 for key, item in _after(self.generate(**shard), done):
@@ -210,9 +210,9 @@ class ShardGuard:
         message = f"shard {name} could not be read ({SHARD_READ_ATTEMPTS} attempts, {done} records read): {failure}"
         if not self.skip_bad_shards:
             raise ShardReadError(f"{message}; replace the file, or pass --skip_bad_shards to go on without it")
-        if name not in self.given_up:
+        if name not in _GIVEN_UP:
             logger.warning("%s; going on without the rest of it (--skip_bad_shards)", message)
-        self.given_up.add(name)
+        _GIVEN_UP.add(name)
         self.skipped.append(name)
 
 

@@ -159,8 +159,8 @@ def test_offline_a_model_name_must_be_a_folder_or_in_the_hub_cache(
     with pytest.raises(UsageError) as raised:
         parse_arguments(PRETRAIN, ["--model_name_or_path", "outputs/mae-pretrain"])
     assert str(raised.value) == (f"--model_name_or_path outputs/mae-pretrain: no such local folder ({tmp_path}/outputs/"
-                                 "mae-pretrain), and the Hub is offline (HF_HUB_OFFLINE=1) with no cached model of that "
-                                 "name")
+                                 "mae-pretrain), and the Hub is offline (HF_HUB_OFFLINE=1) with no cached model of "
+                                 "that name")
     snapshot = tmp_path / "hub" / "models--outputs--mae-pretrain" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")

@@ -303,8 +303,9 @@ def test_a_failed_read_is_retried_from_the_record_where_it_stopped(monkeypatch: 
 
 
 def test_a_shard_given_up_fails_fast_the_next_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The next epoch reads it again, cut at the same record, without the retries' waits."""
+    """The next epoch (or another loader) reads it again, cut at the same record, without the retries' waits."""
     monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(shards, "_GIVEN_UP", set())
     reads = []
 
     def broken_examples(tar_paths: list[str]) -> Iterator[tuple[int, dict]]:
@@ -312,7 +313,8 @@ def test_a_shard_given_up_fails_fast_the_next_time(monkeypatch: pytest.MonkeyPat
         yield 0, {"id": 0}
         raise tarfile.ReadError("unexpected end of data")
 
-    guard = ShardGuard(broken_examples, skip_bad_shards=True)
-    epochs = [[example["id"] for _, example in guard(tar_paths=["/data/train-0001.tar"])] for _ in range(2)]
-    assert epochs == [[0], [0]] and len(reads) == shards.SHARD_READ_ATTEMPTS + 1
-    assert guard.take_skipped() == ["/data/train-0001.tar"] * 2 and guard.skipped == []
+    guards = [ShardGuard(broken_examples, skip_bad_shards=True) for _ in range(2)]  # e.g. the train and figure loaders
+    epochs = [[example["id"] for _, example in guard(tar_paths=["/data/train-0001.tar"])] for guard in guards * 2]
+    assert epochs == [[0]] * 4 and len(reads) == shards.SHARD_READ_ATTEMPTS + 3
+    assert [guard.take_skipped() for guard in guards] == [["/data/train-0001.tar"] * 2] * 2
+    assert guards[0].skipped == []
