@@ -38,7 +38,6 @@ from typing import Any
 # 0.2 s step into seconds, at random. Sleeping waits cost little on an idle machine. Must precede `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -50,6 +49,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
 from modeling_mae.modeling_mae import gather_tokens, loss_patch_index, random_masking  # noqa: E402
+from modeling_mae.synthetic_data import natural_jpegs  # noqa: E402
 
 # Dense bf16 peak of the card (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -160,15 +160,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_train_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], parameters: list[nn.Parameter],
-                    pixel_values: torch.Tensor, autocast_dtype: torch.dtype | None,
+                    pixel_values: torch.Tensor | Callable[[], torch.Tensor], autocast_dtype: torch.dtype | None,
                     with_optimizer: bool = True) -> Step:
-    """One forward + backward (+ AdamW) step; the same fused AdamW for every model compared."""
+    """One forward + backward (+ AdamW) step; the same fused AdamW for every model compared. `pixel_values`: the batch
+    of every step, or a function that returns the next one (a data loader's)."""
     optimizer = torch.optim.AdamW(parameters, lr=1.5e-4, weight_decay=0.05, fused=True) if with_optimizer else None
-    device_type = pixel_values.device.type
+    next_batch = pixel_values if callable(pixel_values) else lambda: pixel_values
+    device_type = parameters[0].device.type
 
     def step() -> None:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss = loss_fn(pixel_values)
+            loss = loss_fn(next_batch())
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -414,20 +416,6 @@ def sdpa_priority(names: list[str] | None) -> contextlib.AbstractContextManager:
     return sdpa_kernel([known[name] for name in names], set_priority=True)
 
 
-def synthetic_jpegs(count: int, width: int, height: int, seed: int = 0) -> list[bytes]:
-    """Photo-like JPEGs (smooth structure + sensor-like noise, quality 90: ~100 kB at 500x375, ImageNet's average)."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8))
-        smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-        noisy = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(noisy).save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
-
-
 def data_paths(image_size: int) -> dict[str, Callable[[bytes], torch.Tensor]]:
     """bytes -> normalised (3, H, W) crop: the plain path and the project's fast ones (imported lazily: the data
     module is not needed by the model sections)."""
@@ -461,7 +449,7 @@ def bench_data(args: argparse.Namespace) -> list[Results]:
         results = []
         for spec in args.jpeg_sizes:
             width, height = (int(v) for v in spec.split("x"))
-            images = synthetic_jpegs(args.data_images, width, height)
+            images = natural_jpegs(args.data_images, width, height)
             paths = data_paths(224)
             times: dict[str, list[float]] = {name: [] for name in paths}
             for round_index in range(args.data_rounds + 1):
