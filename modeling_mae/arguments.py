@@ -34,6 +34,7 @@ CONFIG_FLAG = "--config"
 DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample
 RUN_CONFIG_FILE = "run_config.yaml"  # the resolved configuration, saved with each run
 SECRET_FIELDS = ("hub_token",)
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,26 @@ class OptimizationArguments:
         default=False, metadata={"help": "Recompute activations in backward to save memory."}
     )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile."})
+    torch_compile_mode: str = field(
+        default="default",
+        metadata={
+            "help": "torch.compile mode with --torch_compile: default, reduce-overhead (CUDA graphs: fewer kernel "
+            "launches), max-autotune (also autotuned GEMMs; long compile), max-autotune-no-cudagraphs."
+        },
+    )
     max_consecutive_nonfinite: int = field(
         default=20,
         metadata={"help": "Stop (after a checkpoint) when this many micro-batches in a row have a non-finite loss."},
     )
+
+    def __post_init__(self) -> None:
+        if self.torch_compile_mode not in TORCH_COMPILE_MODES:
+            raise UsageError(
+                f"--torch_compile_mode={self.torch_compile_mode!r} is not allowed: it must be one of "
+                f"{', '.join(TORCH_COMPILE_MODES)}"
+            )
+        if self.torch_compile_mode != "default" and not self.torch_compile:
+            raise UsageError(f"--torch_compile_mode={self.torch_compile_mode!r} is not allowed without --torch_compile")
 
 
 @dataclass

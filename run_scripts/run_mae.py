@@ -154,7 +154,8 @@ def build_model(args: Arguments, config: MAEConfig) -> MAEForPreTraining:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     if args.optim.torch_compile:
-        model.compile()  # in place: parameter names (checkpoints, export) stay those of the plain model
+        # in place: parameter names (checkpoints, export) stay those of the plain model
+        model.compile(mode=args.optim.torch_compile_mode)
     return model
 
 
