@@ -726,6 +726,7 @@ def throughput_child(args: argparse.Namespace, sizes: Sizes) -> None:
     bench = build_bench(sizes, device, "default" if args.compile else None)
     record: Results = {"device": device_description(device), "model": sizes.throughput_model,
                        "batch_size": bench.batch_size, "compiled": args.compile, "step_flops": bench.flops,
+                       "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
                        "peak_flops": bench.peak, "errors": [], "skipped": []}
     data_dir = pathlib.Path(args.work_dir) / "data"
     measure(record, "synthetic", lambda: synthetic_rates(bench, sizes), record_path, args.deadline)
@@ -1034,20 +1035,21 @@ def throughput_markdown(results: Results) -> list[str]:
     if not summary:
         return []
     model_rate = summary["model_images_per_s"]
-    lines = [(f"### End-to-end training throughput: {record['model']} MAE, batch {record['batch_size']}, bf16, "
-             f"{'compiled' if record['compiled'] else 'eager'}"), "",
+    lines = [(f"### End-to-end training throughput: {record['model']} MAE, batch {record['batch_size']}, "
+              f"{record['dtype']}, {'compiled' if record['compiled'] else 'eager'}"), "",
              "| input | training img/s | of (a) | loader alone img/s | first batch s |", "|---|---|---|---|---|",
              f"| (a) synthetic tensors on the device | {model_rate:.0f} | 100% | - | - |"]
     for name, share in summary["of_model"].items():
         value = record[name]
-        label = (f"(c) decode_on {value['decode_on']}, {value['workers']} reader workers" if name.startswith("decode")
+        label = (f"(c) decode_on {value['decode_on']}, reader workers: {value['workers']}" if name.startswith("decode")
                  else f"(b) {value['workers']} decoding workers")
         lines.append(f"| {label} | {value['training']['images_per_s']:.0f} | {share:.0%} | "
                      f"{value['loader_alone']['images_per_s']:.0f} | {value['first_batch_s']:.1f} |")
     if "cores_for_90_percent" in summary:
         lines += ["", (f"Decoding workers: {summary['worker_images_per_s_per_core']:.0f} img/s per core; 90% of (a) "
                       f"needs {summary['cores_for_90_percent']} cores per GPU (workers + the training process); "
-                      f"fewest measured workers reaching it: {summary['fewest_workers_reaching_90_percent']}.")]
+                      "fewest measured workers reaching it: "
+                      f"{summary['fewest_workers_reaching_90_percent'] or 'none of those measured'}.")]
     return lines + [""] + decode_markdown(record) + mfu_markdown(results)
 
 
