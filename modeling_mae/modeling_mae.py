@@ -574,6 +574,20 @@ class MAEPreTrainedModel(PreTrainedModel):
             table = sincos_position_table(self.config.decoder_hidden_size, self.config.grid_size)
             init.copy_(module.position_embeddings, table.unsqueeze(0))
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`, then the fixed sin-cos position tables frozen again.
+
+        transformers (5.17 to 5.24) puts every loaded weight in a new `nn.Parameter`, trainable: without this, a loaded
+        model would train the tables that the paper (and a freshly built model) keeps fixed.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds a dict
+        for module in model.modules():
+            if isinstance(module, (MAEEmbeddings, MAEDecoder)):
+                module.position_embeddings.requires_grad_(False)
+        return loaded
+
     def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> None:
         """Also writes the code files, an `auto_map` for all four Auto classes and the image processor."""
         self.config.auto_map = dict(AUTO_MAP)

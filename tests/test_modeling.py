@@ -564,6 +564,20 @@ def test_save_and_load_round_trip_keeps_every_weight(index: int, tmp_path) -> No
         torch.testing.assert_close(reloaded(pixel_values, **inputs)[key], value, msg=key)
 
 
+@pytest.mark.parametrize("index", range(4), ids=["MAEModel", "MAEForPreTraining", "classifier-avg", "classifier-cls"])
+def test_a_loaded_model_trains_what_a_fresh_one_trains(index: int, tmp_path) -> None:
+    """The sin-cos tables stay frozen through `from_pretrained` (transformers makes every loaded weight trainable),
+    also through the Auto classes and with `output_loading_info`."""
+    model = every_model_class()[index]
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    assert frozen and all(name.endswith("position_embeddings") for name in frozen)
+    model.save_pretrained(tmp_path)
+    reloaded, _ = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    auto = AutoModelForPreTraining.from_pretrained(tmp_path) if index == 1 else None
+    for loaded in filter(None, (reloaded, auto)):
+        assert {name for name, parameter in loaded.named_parameters() if not parameter.requires_grad} == frozen
+
+
 MISSING_FROM_CHECKPOINT = [  # one tensor of each module whose other tensors are loaded
     "mae.embeddings.cls_token",  # the module's position table is loaded
     "mae.embeddings.patch_embeddings.projection.bias",  # the convolution's weight is loaded
