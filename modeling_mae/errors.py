@@ -7,8 +7,11 @@ for a bad command line). Every other exception keeps its traceback: it is a bug 
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +31,14 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '0')}] " if world_size > 1 else ""
 
 
+def _tell_launcher(message: str) -> None:
+    # Under torchrun (`accelerate launch` with several processes) the launcher prints a failure summary after the
+    # child's output; with this reply file its "traceback :" line is our message instead of a link to its docs.
+    reply_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if reply_file:
+        pathlib.Path(reply_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+
+
 def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
     """Run a script's `main(argv)`; a `UsageError` becomes one line on stderr and exit status 2.
 
@@ -36,6 +47,8 @@ def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = 
     try:
         main(list(sys.argv[1:] if argv is None else argv))
     except UsageError as error:
-        print(f"{_rank_prefix()}error: {error}", file=sys.stderr, flush=True)
+        message = f"{_rank_prefix()}error: {error}"
+        print(message, file=sys.stderr, flush=True)
+        _tell_launcher(message)
         return EXIT_USAGE
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from modeling_mae.errors import EXIT_USAGE, UsageError, run_main
@@ -42,3 +44,16 @@ def test_a_successful_main_exits_0():
     seen = []
     assert run_main(seen.append, ["--a", "1"]) == 0
     assert seen == [["--a", "1"]]
+
+
+def test_under_torchrun_the_error_is_also_the_launchers_reply(tmp_path, monkeypatch):
+    """torchrun prints a failure summary after the child's output; its "traceback :" line shows this reply."""
+    reply = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(reply))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def main(argv):
+        raise UsageError("bad")
+
+    assert run_main(main, []) == EXIT_USAGE
+    assert json.loads(reply.read_text())["message"] == "error: bad"
