@@ -210,6 +210,12 @@ class RunArguments:
     )
     hub_token: str | None = None
     hub_private_repo: bool = False
+    hub_upload_retries: int = field(
+        default=4, metadata={"help": "Retries of a failed upload (a failed checkpoint push never stops training)."}
+    )
+    hub_retry_wait_s: float = field(
+        default=30.0, metadata={"help": "Seconds before the first retry of an upload; doubled before each next one."}
+    )
 
     def __post_init__(self) -> None:
         self.checkpoint_interval()  # a wrong --checkpointing_steps fails now, not at the first optimizer step

@@ -2,12 +2,15 @@
 
 The recipe follows the official MAE code (facebookresearch/mae): AdamW with no weight decay on biases and 1-D
 parameters, `lr = base_lr * effective_batch / 256`, a per-step linear warmup then a half-cycle cosine to `min_lr`.
-State handling is built on Accelerate: `save_checkpoint` writes `accelerator.save_state` plus the training progress
-and each process's data-stream position into a staging folder that is renamed to `step_{N}` only once complete.
+State handling is built on Accelerate: `save_checkpoint` writes `accelerator.save_state` plus the training progress,
+the learning-rate schedule, the batch layout (JSON) and each process's data-stream position into a staging folder that
+is renamed to `step_{N}` only once complete; `load_checkpoint` loads nothing before every file of the folder passed
+`checkpoint_files.check_checkpoint_files`, and only ever weights-only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,7 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import datasets
@@ -27,10 +30,26 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (
+    SAFE_WEIGHTS_NAME,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
+
+from .checkpoint_files import (
+    UnusableFile,
+    allowed_globals,
+    check_checkpoint_files,
+    disk_is_full,
+    filesystem_of,
+    weights_only_loading,
+)
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +57,9 @@ LR_REFERENCE_BATCH = 256  # the paper scales its base learning rate per 256 imag
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 PROCESS_STATE_NAME = "process_state_{}.json"
+RNG_STATE_NAME = "random_states_{}.pkl"  # Accelerate's, one per process
+LR_SCHEDULER_KEY = "lr_scheduler"  # trainer_state keys besides the caller's progress
+BATCH_LAYOUT_KEY = "batch_layout"
 TRAIN_LOADER_STATE = "train_loader"  # the process_state key of the training data-stream position
 
 PROGRESS_LOG_SECONDS = 30.0  # away from a terminal, a progress line this often instead of one per refresh
@@ -112,7 +134,8 @@ def build_optimizer(
 class WarmupCosineSchedule:
     """Multiplier of the peak lr at an optimizer step: linear warmup from 0, then half-cycle cosine to `min_lr_ratio`.
 
-    A callable object rather than a lambda, so `LambdaLR.state_dict()` saves it with the checkpoint.
+    A callable object rather than a lambda, so that `LambdaLR.state_dict()` holds its fields (plain JSON) and a resume
+    can tell whether the flags changed the schedule.
     """
 
     warmup_steps: int
@@ -133,6 +156,26 @@ def build_scheduler(
     """Per-optimizer-step `WarmupCosineSchedule`; step it only when an optimizer step really happened."""
     min_lr_ratio = min_lr / peak_lr if peak_lr > 0 else 0.0
     return LambdaLR(optimizer, WarmupCosineSchedule(warmup_steps, total_steps, min_lr_ratio))
+
+
+def restore_scheduler(scheduler: LambdaLR, saved: Mapping[str, Any]) -> None:
+    """Continue at the saved step of this run's schedule, warning when the flags changed it.
+
+    The flags win, as in the official code (which recomputes the lr from its arguments at every step): resuming a
+    diverged run with a lower --base_learning_rate must lower it. Unchanged flags give the uninterrupted run's lr.
+    """
+    current = scheduler.state_dict()
+    if (saved["base_lrs"], saved["lr_lambdas"]) != (current["base_lrs"], current["lr_lambdas"]):
+        logger.warning(
+            "the learning-rate schedule differs from the checkpoint's (peak lr %s, %s then; %s, %s now): going on "
+            "with this run's flags",
+            saved["base_lrs"][0], saved["lr_lambdas"][0], current["base_lrs"][0], current["lr_lambdas"][0],
+        )
+    step = saved["last_epoch"]
+    lrs = [base_lr * schedule(step) for base_lr, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**current, "last_epoch": step, "_step_count": saved["_step_count"], "_last_lr": lrs})
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
 
 
 @dataclass(frozen=True)
@@ -269,25 +312,32 @@ def tracker_values(values: Mapping[str, Any]) -> dict[str, int | float | str | b
 # ------------------------------------------------------------------------------------------------------ loss safeguard
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses: the run diverged."""
+class NonFiniteLossError(UsageError):
+    """Too many consecutive non-finite losses: the run diverged (one line: the message says how to go on)."""
 
 
 class NonFiniteLossGuard:
-    """Counts non-finite losses: the caller skips those micro-batches, and stops after `max_consecutive` in a row."""
+    """Counts non-finite losses: the caller skips those micro-batches, and stops after `max_consecutive` in a row.
+
+    Remembers the optimizer step at which the current streak began: the weights of that step already give non-finite
+    losses, so only a checkpoint saved before it is a state to resume from.
+    """
 
     def __init__(self, max_consecutive: int, total: int = 0) -> None:
         self.max_consecutive = max_consecutive
         self.total = total
         self.consecutive = 0
+        self.streak_start_step = 0
 
-    def update(self, finite: bool) -> bool:
-        """Record one micro-batch; returns `finite`."""
+    def update(self, finite: bool, step: int = 0) -> bool:
+        """Record one micro-batch of optimizer step `step` (steps completed before it); returns `finite`."""
         if finite:
             self.consecutive = 0
-        else:
-            self.total += 1
-            self.consecutive += 1
+            return finite
+        if self.consecutive == 0:
+            self.streak_start_step = step
+        self.total += 1
+        self.consecutive += 1
         return finite
 
     @property
@@ -455,6 +505,74 @@ def iterate_in_lockstep(
 # -------------------------------------------------------------------------------------------------------- checkpoints
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run splits its effective batch. The data stream is split by process and the learning rate follows the
+    effective batch, so a resume continues exactly only with the same processes, per-process batch and accumulation."""
+
+    num_processes: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    num_machines: int = 1  # recorded, not compared: nothing depends on how processes spread over machines
+
+    @property
+    def effective_batch_size(self) -> int:
+        return effective_batch_size(self.per_device_batch_size, self.gradient_accumulation_steps, self.num_processes)
+
+    def differs_from(self, other: BatchLayout) -> bool:
+        return (self.num_processes, self.per_device_batch_size, self.gradient_accumulation_steps) != (
+            other.num_processes,
+            other.per_device_batch_size,
+            other.gradient_accumulation_steps,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_processes} process(es) x {self.per_device_batch_size} images x "
+            f"{self.gradient_accumulation_steps} accumulation step(s) = effective batch {self.effective_batch_size}"
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return {**asdict(self), "effective_batch_size": self.effective_batch_size}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> BatchLayout:
+        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+
+
+def machine_count(num_processes: int, environ: Mapping[str, str] = os.environ) -> int:
+    """Machines of the launch. Accelerate's state has no node count; the launchers say how many processes each machine
+    runs (torchrun, hence `accelerate launch`: LOCAL_WORLD_SIZE; DeepSpeed's launcher: LOCAL_SIZE)."""
+    per_machine = environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE")
+    return math.ceil(num_processes / int(per_machine)) if per_machine else 1
+
+
+def batch_layout(accelerator: Accelerator, per_device_batch_size: int, gradient_accumulation_steps: int) -> BatchLayout:
+    return BatchLayout(
+        accelerator.num_processes,
+        per_device_batch_size,
+        gradient_accumulation_steps,
+        machine_count(accelerator.num_processes),
+    )
+
+
+class ResumableLoader(Protocol):
+    """What a checkpoint needs of `data.ImageStreamLoader` (typed structurally: this module does not import data)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Resumable:
+    """What a checkpoint saves besides Accelerate's state (model, optimizer, RNG) and the caller's progress."""
+
+    scheduler: LambdaLR
+    train_loader: ResumableLoader
+    layout: BatchLayout
+
+
 def checkpoint_step(path: pathlib.Path) -> int | None:
     match = CHECKPOINT_PATTERN.match(path.name)
     return int(match.group(1)) if match else None
@@ -469,6 +587,12 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[pathlib.Path]:
     return sorted(complete, key=lambda p: checkpoint_step(p) or 0)
 
 
+def newest_checkpoint_before(output_dir: str | os.PathLike[str], step: int) -> pathlib.Path | None:
+    """The newest complete checkpoint of `output_dir` saved before optimizer step `step`."""
+    older = [path for path in list_checkpoints(output_dir) if (checkpoint_step(path) or 0) < step]
+    return older[-1] if older else None
+
+
 def resolve_resume_checkpoint(
     resume_from_checkpoint: str | None, output_dir: str | os.PathLike[str]
 ) -> pathlib.Path | None:
@@ -480,7 +604,10 @@ def resolve_resume_checkpoint(
         return checkpoints[-1] if checkpoints else None
     path = pathlib.Path(resume_from_checkpoint)
     if not (path / TRAINER_STATE_NAME).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
+        raise UsageError(
+            f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE_NAME} in "
+            f"{path.resolve()}); pass a step_N folder or latest"
+        )
     return path
 
 
@@ -488,15 +615,17 @@ def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | os.PathLike[str],
     step: int,
-    trainer_state: dict[str, Any],
-    process_state: dict[str, Any],
+    progress: Mapping[str, Any],
+    resumable: Resumable,
     total_limit: int | None = None,
 ) -> pathlib.Path:
     """Save the full training state to `output_dir/step_{step}`; call it on every process.
 
-    `trainer_state` (identical on all processes: step, epoch, counters) is written by the main process,
-    `process_state` (e.g. this process's data-stream position) by each process. Everything goes to a staging
-    folder first, renamed to `step_{step}` at the end, so a crash mid-save never leaves a complete-looking folder.
+    `trainer_state.json` (written by the main process) holds `progress` (identical on all processes), the
+    learning-rate schedule and the batch layout; each process writes its data-stream position. Everything goes to a
+    staging folder first, renamed to `step_{step}` at the end, so a crash mid-save never leaves a complete-looking
+    folder; a full disk removes the staging folder and raises a `UsageError` that says the previous checkpoint is
+    intact.
     """
     output_dir = pathlib.Path(output_dir)
     final = output_dir / f"step_{step}"
@@ -507,16 +636,42 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save
         shutil.rmtree(final, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    write_json(staging / PROCESS_STATE_NAME.format(accelerator.process_index), process_state)
-    accelerator.wait_for_everyone()
+    with reporting_full_disk(output_dir, staging, step):
+        accelerator.save_state(str(staging))
+        process_state = {TRAIN_LOADER_STATE: resumable.train_loader.state_dict()}
+        write_json(staging / PROCESS_STATE_NAME.format(accelerator.process_index), process_state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            trainer_state = {
+                **progress,
+                LR_SCHEDULER_KEY: resumable.scheduler.state_dict(),
+                BATCH_LAYOUT_KEY: resumable.layout.to_json(),
+            }
+            write_json(staging / TRAINER_STATE_NAME, trainer_state)
     if accelerator.is_main_process:
-        write_json(staging / TRAINER_STATE_NAME, trainer_state)
         os.replace(staging, final)
         if total_limit is not None:
             rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def reporting_full_disk(output_dir: pathlib.Path, staging: pathlib.Path, step: int) -> Iterator[None]:
+    """A write that runs out of space becomes a `UsageError` naming the filesystem; its staging folder is removed."""
+    try:
+        yield
+    except Exception as error:
+        if not disk_is_full(error, output_dir):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # gives the space back; the previous checkpoints are untouched
+        previous = newest_checkpoint_before(output_dir, step + 1)
+        intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise UsageError(
+            f"no space left on {filesystem_of(output_dir)} while saving checkpoint step_{step} to {output_dir}; "
+            f"{intact}. Free some space (or keep fewer checkpoints with --checkpoints_total_limit) and rerun with "
+            "--resume_from_checkpoint latest"
+        ) from error
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike[str], total_limit: int) -> None:
@@ -527,44 +682,90 @@ def rotate_checkpoints(output_dir: str | os.PathLike[str], total_limit: int) -> 
         shutil.rmtree(old)
 
 
-def load_checkpoint(
-    accelerator: Accelerator, checkpoint: str | os.PathLike[str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore `accelerator.load_state` and return (trainer_state, this process's process_state)."""
-    checkpoint = pathlib.Path(checkpoint)
-    accelerator.load_state(str(checkpoint))
-    trainer_state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
-    process_file = checkpoint / PROCESS_STATE_NAME.format(accelerator.process_index)
-    if not process_file.is_file():
-        raise FileNotFoundError(f"{process_file} missing: resume with the same number of processes as the checkpoint")
-    return trainer_state, json.loads(process_file.read_text())
+def read_trainer_state(checkpoint: pathlib.Path, layout: BatchLayout) -> dict[str, Any]:
+    """`trainer_state.json` of a checkpoint of this version, saved with `layout`; anything else is a `UsageError`."""
+    path = checkpoint / TRAINER_STATE_NAME
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} cannot be read ({error}); {resume_elsewhere(checkpoint)}") from error
+    if not {LR_SCHEDULER_KEY, BATCH_LAYOUT_KEY} <= state.keys():
+        raise UsageError(
+            f"{path} has no {LR_SCHEDULER_KEY} or {BATCH_LAYOUT_KEY}: {checkpoint} was written by an older version of "
+            "modeling_mae, whose checkpoints kept the learning-rate schedule in a pickle, which is no longer loaded"
+        )
+    saved = BatchLayout.from_json(state[BATCH_LAYOUT_KEY])
+    if saved.differs_from(layout):
+        raise UsageError(
+            f"{checkpoint} was saved by {saved.describe()}; this run has {layout.describe()}. A resume continues "
+            f"exactly only with the same layout: launch {saved.num_processes} process(es) (accelerate launch "
+            f"--num_processes {saved.num_processes}) with --per_device_train_batch_size {saved.per_device_batch_size} "
+            f"--gradient_accumulation_steps {saved.gradient_accumulation_steps}, or start a new run in another "
+            "--output_dir"
+        )
+    return state
 
 
-class ResumableLoader(Protocol):
-    """What a resume needs of `data.ImageStreamLoader` (typed structurally: this module does not import data)."""
+def check_process_files(checkpoint: pathlib.Path, layout: BatchLayout) -> None:
+    """Every process's own files are there; when one is missing, say what most likely happened."""
+    for index in range(layout.num_processes):
+        for name in (PROCESS_STATE_NAME.format(index), RNG_STATE_NAME.format(index)):
+            if not (checkpoint / name).is_file():
+                raise UsageError(
+                    f"{checkpoint / name} is missing: process {index} writes it into the checkpoint folder, so when "
+                    f"processes run on several machines (this run: {layout.num_machines}), output_dir must be on a "
+                    f"filesystem that all of them share; {resume_elsewhere(checkpoint)}"
+                )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+def resume_elsewhere(checkpoint: pathlib.Path) -> str:
+    """How to go on without `checkpoint`: from the checkpoint before it, when there is one."""
+    step = checkpoint_step(checkpoint)
+    previous = newest_checkpoint_before(checkpoint.parent, step) if step is not None else None
+    if previous is None:
+        return "no earlier checkpoint is in that folder: start again without --resume_from_checkpoint"
+    return f"resume from the previous one with --resume_from_checkpoint {previous}"
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: pathlib.Path, resumable: Resumable) -> dict[str, Any]:
+    """Restore a checkpoint into the accelerator's objects and `resumable`; returns the saved progress.
+
+    Nothing is loaded before every file passed `check_checkpoint_files`, and every load is weights-only.
+    """
+    trainer_state = read_trainer_state(checkpoint, resumable.layout)
+    check_process_files(checkpoint, resumable.layout)
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    allowed = allowed_globals(deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED)
+    try:
+        check_checkpoint_files(checkpoint, allowed, model_weights=None if sharded else SAFE_WEIGHTS_NAME)
+    except UnusableFile as error:
+        raise UsageError(f"{error}; {resume_elsewhere(checkpoint)}") from error
+    with weights_only_loading(allowed):
+        accelerator.load_state(str(checkpoint))
+    restore_scheduler(resumable.scheduler, trainer_state.pop(LR_SCHEDULER_KEY))
+    del trainer_state[BATCH_LAYOUT_KEY]
+    process_state = json.loads((checkpoint / PROCESS_STATE_NAME.format(accelerator.process_index)).read_text())
+    resumable.train_loader.load_state_dict(process_state[TRAIN_LOADER_STATE])
+    return trainer_state
 
 
 def resume_training(
     accelerator: Accelerator,
     resume_from_checkpoint: str | None,
     output_dir: str | os.PathLike[str],
-    train_loader: ResumableLoader,
+    resumable: Resumable,
 ) -> tuple[pathlib.Path, dict[str, Any]] | None:
-    """Restore `--resume_from_checkpoint` (weights, optimizer, registered scheduler, RNG, the loader's stream position).
+    """Restore `--resume_from_checkpoint`: weights, optimizer, RNG, the learning-rate schedule, the stream position.
 
-    Returns (checkpoint, trainer_state), or None to start from scratch ("latest" with no checkpoint yet included).
+    Returns (checkpoint, saved progress), or None to start from scratch ("latest" with no checkpoint yet included).
     """
     path = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
     if path is None:
         if resume_from_checkpoint:
             logger.info("no checkpoint in %s yet: starting from scratch", output_dir)
         return None
-    trainer_state, process_state = load_checkpoint(accelerator, path)
-    train_loader.load_state_dict(process_state[TRAIN_LOADER_STATE])
-    return path, trainer_state
+    return path, load_checkpoint(accelerator, path, resumable)
 
 
-def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
     pathlib.Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

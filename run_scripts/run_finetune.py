@@ -16,6 +16,7 @@ card, `all_results.json` (`eval_accuracy`, `eval_top5_accuracy`) and, with `--pu
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import pathlib
 import sys
@@ -57,16 +58,17 @@ from modeling_mae.evaluation import (
     split_loader,
     summarize,
 )
-from modeling_mae.hub import HubUploader, default_repo_name, export_model
+from modeling_mae.hub import build_uploader, export_model
 from modeling_mae.model_card import finetuning_card, write_model_card
 from modeling_mae.training import (
-    TRAIN_LOADER_STATE,
+    BatchLayout,
+    Resumable,
     TrainingPlan,
+    batch_layout,
     build_accelerator,
     build_optimizer,
     build_scheduler,
     configure_logging,
-    effective_batch_size,
     iterate_in_lockstep,
     move_to_device,
     plan_training,
@@ -220,6 +222,11 @@ class Loop:
     plan: TrainingPlan
     args: Arguments
     metric: ClassificationMetric
+    layout: BatchLayout
+
+    @property
+    def resumable(self) -> Resumable:
+        return Resumable(self.scheduler, self.train_loader, self.layout)
 
     def epoch_budget(self, progress: FinetuneProgress) -> int:
         """Micro-batches left in this epoch: whole optimizer steps, never past the run's last step."""
@@ -280,13 +287,13 @@ def finish_epoch(loop: Loop, progress: FinetuneProgress, eval_loader: ImageStrea
 def checkpoint(loop: Loop, progress: FinetuneProgress) -> None:
     run = loop.args.run
     path = save_checkpoint(loop.accelerator, run.output_dir, progress.completed_steps, asdict(progress),
-                           {TRAIN_LOADER_STATE: loop.train_loader.state_dict()}, run.checkpoints_total_limit)
+                           loop.resumable, run.checkpoints_total_limit)
     loop.accelerator.print(f"step {progress.completed_steps}: saved {path}")
 
 
 def resume(loop: Loop) -> FinetuneProgress:
     resumed = resume_training(loop.accelerator, loop.args.run.resume_from_checkpoint, loop.args.run.output_dir,
-                              loop.train_loader)
+                              loop.resumable)
     if resumed is None:
         return FinetuneProgress()
     path, trainer_state = resumed
@@ -299,12 +306,12 @@ def train(loop: Loop, eval_loader: ImageStreamLoader) -> FinetuneProgress:
     progress = resume(loop)
     bar = progress_bar(loop.plan.num_epochs, "fine-tuning", progress.epoch, "epoch",
                        enabled=loop.accelerator.is_local_main_process)
-    while progress.epoch < loop.plan.num_epochs:
-        loop.train_loader.set_epoch(progress.epoch)  # keeps a stream position loaded for this epoch
-        train_one_epoch(loop, progress)
-        finish_epoch(loop, progress, eval_loader)
-        bar.update(1)
-    bar.close()
+    with contextlib.closing(bar):  # closed on an error too: the error stays the last line printed
+        while progress.epoch < loop.plan.num_epochs:
+            loop.train_loader.set_epoch(progress.epoch)  # keeps a stream position loaded for this epoch
+            train_one_epoch(loop, progress)
+            finish_epoch(loop, progress, eval_loader)
+            bar.update(1)
     return progress
 
 
@@ -341,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                     run.report_to if run.with_tracking else None)
     configure_logging(accelerator)
     metric = ClassificationMetric(accelerator, args.metric.metric)  # a wrong --metric fails now, not after hours
+    uploader = build_uploader(run, accelerator.is_main_process)  # a push that cannot work fails before training
     start = time.perf_counter()
     set_seed(run.seed)  # identical weights on every process
     # The loaders come first (the classifier needs the class names), so the resolution is read off the config.
@@ -359,25 +367,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     plan = plan_training(len(train_loader), optim.gradient_accumulation_steps, optim.num_train_epochs,
                          optim.max_train_steps, optim.warmup_epochs, optim.warmup_steps)
-    batch = effective_batch_size(optim.per_device_train_batch_size, optim.gradient_accumulation_steps,
-                                 accelerator.num_processes)
-    learning_rate = optim.learning_rate or scaled_learning_rate(optim.base_learning_rate, batch)
+    layout = batch_layout(accelerator, optim.per_device_train_batch_size, optim.gradient_accumulation_steps)
+    learning_rate = optim.learning_rate or scaled_learning_rate(optim.base_learning_rate, layout.effective_batch_size)
     optimizer = build_optimizer(
         model, learning_rate, optim.weight_decay, (optim.adam_beta1, optim.adam_beta2), optim.adam_epsilon,
         lr_scale_fn=layer_decay_lr_scale_fn(model.config.num_hidden_layers, args.model.layer_decay),
         no_weight_decay=FINETUNE_NO_WEIGHT_DECAY,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Not prepared (Accelerate would step it once per process), but saved and restored with the checkpoints.
+    # Not prepared (Accelerate would step it once per process) nor registered with Accelerate (which would pickle
+    # it): its state is saved in trainer_state.json.
     scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, learning_rate, optim.min_lr)
-    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         pathlib.Path(run.output_dir).mkdir(parents=True, exist_ok=True)
         save_resolved_config(arguments_to_dict(args.model, args.data, args.augment, optim, run, args.metric),
                              pathlib.Path(run.output_dir) / RUN_CONFIG_FILE)
 
     accelerator.init_trackers(run.tracker_project_name)  # a no-op without --with_tracking
-    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, mixer, plan, args, metric)
+    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, mixer, plan, args, metric, layout)
     progress = train(loop, eval_loader)
     history = progress.history
 
@@ -388,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_steps": progress.completed_steps,
         "train_epochs": len(history),
         "learning_rate": learning_rate,
-        "effective_batch_size": batch,
+        "effective_batch_size": layout.effective_batch_size,
         "model": describe_model(args.model.model_name_or_path, args.model.model_config, run.seed),
         "seed": run.seed,
         "num_processes": accelerator.num_processes,
@@ -400,14 +407,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if accelerator.is_main_process:
         card_metrics = {key: value for key, value in metrics.items() if key != "history"}
         write_model_card(run.output_dir, model_card(args, accelerator.unwrap_model(model), card_metrics))
-        if run.push_to_hub:
-            uploader = HubUploader(run.hub_model_id or default_repo_name(run.output_dir), run.hub_token,
-                                   run.hub_private_repo)
-            uploader.upload(run.output_dir, "End of fine-tuning")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     print_outputs(accelerator, f"Done: fine-tuning, {len(history)} epochs, {summarize(metrics)}",
                   {"model": run.output_dir, "results": results})
+    if uploader is not None:  # last: a push that fails for good raises once everything is saved locally
+        uploader.upload(run.output_dir, "End of fine-tuning")
     return metrics
 
 

@@ -10,6 +10,7 @@ that the other flags override. See docs/training.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
@@ -44,26 +45,28 @@ from modeling_mae.data import (
     resolve_split_name,
 )
 from modeling_mae.errors import run_main
-from modeling_mae.hub import HubUploader, default_repo_name, export_model
+from modeling_mae.hub import HubUploader, build_uploader, export_model
 from modeling_mae.model_card import pretraining_card, write_model_card
 from modeling_mae.training import (
-    TRAIN_LOADER_STATE,
+    BatchLayout,
     LossWindow,
     NonFiniteLossError,
     NonFiniteLossGuard,
     ProgressBar,
+    Resumable,
     Throughput,
     TrainingPlan,
     TrainingProgress,
+    batch_layout,
     build_accelerator,
     build_optimizer,
     build_scheduler,
     configure_logging,
-    effective_batch_size,
     fill_deepspeed_config,
     iterate_in_lockstep,
     loss_is_finite_everywhere,
     move_to_device,
+    newest_checkpoint_before,
     plan_training,
     progress_bar,
     resume_training,
@@ -109,6 +112,7 @@ class Trainer:
     plan: TrainingPlan
     learning_rate: float
     uploader: HubUploader | None
+    layout: BatchLayout
     validation_losses: dict[int, float] = field(default_factory=dict)  # by optimizer step
 
     @property
@@ -124,6 +128,10 @@ class Trainer:
     @property
     def unwrapped(self) -> MAEForPreTraining:
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def resumable(self) -> Resumable:
+        return Resumable(self.scheduler, self.train_loader, self.layout)
 
 
 # ------------------------------------------------------------------------------------------------------------- builders
@@ -207,14 +215,18 @@ def setup(args: Arguments) -> Trainer:
         args.run.report_to if args.run.with_tracking else None,
     )
     configure_logging(accelerator, logger)
+    layout = batch_layout(
+        accelerator, args.optim.per_device_train_batch_size, args.optim.gradient_accumulation_steps
+    )
     logger.info(
         "%d process(es) on %d machine(s), %s, device %s, mixed precision %s",
-        accelerator.num_processes,
-        accelerator.state.num_nodes if hasattr(accelerator.state, "num_nodes") else 1,
+        layout.num_processes,
+        layout.num_machines,
         accelerator.distributed_type,
         accelerator.device,
         accelerator.mixed_precision,
     )
+    uploader = build_uploader(args.run, accelerator.is_main_process)  # a push that cannot work fails before training
     set_seed(args.run.seed)  # identical initial weights on every process
     config = build_config(args.model)
     model = build_model(args, config)
@@ -228,10 +240,9 @@ def setup(args: Arguments) -> Trainer:
         args.optim.warmup_epochs,
         args.optim.warmup_steps,
     )
-    batch = effective_batch_size(
-        args.optim.per_device_train_batch_size, args.optim.gradient_accumulation_steps, accelerator.num_processes
+    learning_rate = args.optim.learning_rate or scaled_learning_rate(
+        args.optim.base_learning_rate, layout.effective_batch_size
     )
-    learning_rate = args.optim.learning_rate or scaled_learning_rate(args.optim.base_learning_rate, batch)
     optimizer = build_optimizer(
         model,
         learning_rate,
@@ -241,16 +252,12 @@ def setup(args: Arguments) -> Trainer:
     )
     fill_deepspeed_config(accelerator, args.optim.per_device_train_batch_size, args.optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Not prepared: Accelerate would step it once per process. Stepped once per optimizer step, saved by save_state.
+    # Not prepared (Accelerate would step it once per process) nor registered with Accelerate (which would pickle
+    # it): stepped once per optimizer step, its state saved in trainer_state.json.
     scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, learning_rate, args.optim.min_lr)
-    accelerator.register_for_checkpointing(scheduler)
     logger.info(
-        "effective batch %d (%d per process x %d accumulation x %d processes), lr %.3g, %d steps (%s per epoch), "
-        "%d warmup steps",
-        batch,
-        args.optim.per_device_train_batch_size,
-        args.optim.gradient_accumulation_steps,
-        accelerator.num_processes,
+        "%s, lr %.3g, %d steps (%s per epoch), %d warmup steps",
+        layout.describe(),
         learning_rate,
         plan.total_steps,
         plan.steps_per_epoch,
@@ -268,15 +275,9 @@ def setup(args: Arguments) -> Trainer:
         figure_batch,
         plan,
         learning_rate,
-        build_uploader(args.run, accelerator),
+        uploader,
+        layout,
     )
-
-
-def build_uploader(run_args: RunArguments, accelerator: Accelerator) -> HubUploader | None:
-    if not (run_args.push_to_hub and accelerator.is_main_process):
-        return None
-    repo_id = run_args.hub_model_id or default_repo_name(run_args.output_dir)
-    return HubUploader(repo_id, token=run_args.hub_token, private=run_args.hub_private_repo)
 
 
 # ------------------------------------------------------------------------------------------------------------- the loop
@@ -303,10 +304,10 @@ def train(trainer: Trainer, progress: TrainingProgress) -> TrainingProgress:
         ),
     )
     trainer.model.train()
-    while progress.completed_steps < total_steps:
-        if train_epoch(trainer, progress, loop):
-            finish_epoch(trainer, progress, loop.losses)
-    loop.bar.close()
+    with contextlib.closing(loop.bar):  # closed on an error too: the error stays the last line printed
+        while progress.completed_steps < total_steps:
+            if train_epoch(trainer, progress, loop):
+                finish_epoch(trainer, progress, loop.losses)
     loop.losses.flush(accelerator, progress)
     return progress
 
@@ -348,7 +349,7 @@ def train_micro_batch(trainer: Trainer, progress: TrainingProgress, batch: dict[
     with accelerator.accumulate(trainer.model):
         noise = mask_noise(trainer, progress, pixel_values.shape[0])
         loss = trainer.model(pixel_values, noise=noise, logits_to_keep="masked").loss  # the loss's patches only
-        finite = loop.guard.update(loss_is_finite_everywhere(accelerator, loss))
+        finite = loop.guard.update(loss_is_finite_everywhere(accelerator, loss), progress.completed_steps)
         if finite:
             accelerator.backward(loss)
             loop.losses.add_micro_batch(loss.item())
@@ -489,23 +490,34 @@ def checkpoint(trainer: Trainer, progress: TrainingProgress, losses: LossWindow)
         trainer.output_dir,
         progress.completed_steps,
         asdict(progress),
-        {TRAIN_LOADER_STATE: trainer.train_loader.state_dict()},
+        trainer.resumable,
         trainer.args.run.checkpoints_total_limit,
     )
     logger.info("step %d: saved %s", progress.completed_steps, path)
     if trainer.args.run.push_to_hub:
-        export(trainer, progress, final=False)
+        export(trainer, progress)
+        if trainer.uploader is not None:
+            trainer.uploader.upload_in_background(
+                trainer.output_dir, f"Training in progress, step {progress.completed_steps}"
+            )
     return path
 
 
 def stop_diverged(trainer: Trainer, progress: TrainingProgress, loop: LoopState) -> None:
-    # The skipped micro-batches never reached the weights: the checkpoint holds the last finite state.
-    path = checkpoint(trainer, progress, loop.losses)
+    """Stop, naming the newest checkpoint saved before the streak began: the weights of the step the streak began at
+    already give non-finite losses, so that step's checkpoint (or any later one) would diverge again."""
+    start = loop.guard.streak_start_step
+    good = newest_checkpoint_before(trainer.output_dir, start)
+    resume = (
+        f"resume from {good}, the newest checkpoint saved before it (--resume_from_checkpoint {good}), with"
+        if good is not None
+        else f"no checkpoint was saved before step {start} (--checkpointing_steps N keeps some): start again with"
+    )
     raise NonFiniteLossError(
-        f"{loop.guard.consecutive} consecutive micro-batches had a non-finite loss ({loop.guard.total} in total) at "
-        f"step {progress.completed_steps}: training diverged. The last good state is in {path}; lower the learning "
-        "rate (--base_learning_rate), raise --warmup_epochs, clip gradients (--max_grad_norm) or use bf16 instead of "
-        "fp16."
+        f"{loop.guard.consecutive} consecutive micro-batches had a non-finite loss ({loop.guard.total} in total) from "
+        f"step {start} on: training diverged. {resume[0].upper()}{resume[1:]} a lower learning rate "
+        "(--base_learning_rate or --learning_rate), a longer warmup (--warmup_epochs), gradient clipping "
+        "(--max_grad_norm) or bf16 instead of fp16."
     )
 
 
@@ -549,8 +561,8 @@ def model_card(trainer: Trainer, progress: TrainingProgress, metrics: dict[str, 
     )
 
 
-def export(trainer: Trainer, progress: TrainingProgress, final: bool, metrics: dict[str, Any] | None = None) -> None:
-    """Write the `from_pretrained` folder (+ card) to output_dir and push it (checkpoints: in the background)."""
+def export(trainer: Trainer, progress: TrainingProgress, metrics: dict[str, Any] | None = None) -> None:
+    """Write the `from_pretrained` folder (+ card, + results at the end) to output_dir; call on every process."""
     if trainer.uploader is not None:
         trainer.uploader.wait()  # its files are about to be rewritten
     export_model(trainer.accelerator, trainer.model, trainer.output_dir)
@@ -558,9 +570,6 @@ def export(trainer: Trainer, progress: TrainingProgress, final: bool, metrics: d
         write_model_card(trainer.output_dir, model_card(trainer, progress, metrics))
         if metrics is not None:
             write_json(trainer.output_dir / RESULTS_FILE, metrics)
-        if trainer.uploader is not None:
-            message = "End of training" if final else f"Training in progress, step {progress.completed_steps}"
-            trainer.uploader.upload(trainer.output_dir, message, background=not final)
     trainer.accelerator.wait_for_everyone()
 
 
@@ -569,7 +578,7 @@ def export(trainer: Trainer, progress: TrainingProgress, final: bool, metrics: d
 
 def resume(trainer: Trainer) -> TrainingProgress:
     resumed = resume_training(
-        trainer.accelerator, trainer.args.run.resume_from_checkpoint, trainer.output_dir, trainer.train_loader
+        trainer.accelerator, trainer.args.run.resume_from_checkpoint, trainer.output_dir, trainer.resumable
     )
     if resumed is None:
         return TrainingProgress()
@@ -596,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runtime = time.perf_counter() - start_time
     figure = save_figure(trainer, progress.completed_steps)
     metrics = results(trainer, progress, runtime, progress.train_samples - start_samples)
-    export(trainer, progress, final=True, metrics=metrics)
+    export(trainer, progress, metrics=metrics)
     accelerator.end_training()
     accelerator.print(
         f"Done: {progress.completed_steps} steps, final loss {progress.last_loss}\n"
@@ -604,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"  reconstruction: {figure.resolve()}\n"
         f"  results:        {(trainer.output_dir / RESULTS_FILE).resolve()}"
     )
+    if trainer.uploader is not None:  # last: a push that fails for good raises once everything is saved locally
+        trainer.uploader.upload(trainer.output_dir, "End of training")
     return metrics
 
 

@@ -1,6 +1,8 @@
 """`accelerate launch` with 2 CPU processes: DDP (gloo) matches one process, DeepSpeed ZeRO-2/3 train, checkpoint,
-resume and export a loadable model. FSDP2 (which Accelerate runs on GPUs only) with torch's `fully_shard` on 2 CPU
-processes, sharded as Accelerate shards it, gives the unsharded model's gradients."""
+resume (and refuse a poisoned shard) and export a loadable model; 2 machines are counted, and a resume on another
+number of processes or with a process's file missing stops in one line. FSDP2 (which Accelerate runs on GPUs only)
+with torch's `fully_shard` on 2 CPU processes, sharded as Accelerate shards it, gives the unsharded model's
+gradients."""
 
 from __future__ import annotations
 
@@ -17,9 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from conftest import tiny_config
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.multiprocessing import spawn
+from test_checkpoint_faults import poison
 from test_training import (
     REPO,
     RUN_MAE,
@@ -29,8 +29,12 @@ from test_training import (
     run_main,
     weights,
 )
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.multiprocessing import spawn
 
 from modeling_mae import MAEForPreTraining
+from modeling_mae.errors import UsageError
 
 ACCELERATE = shutil.which("accelerate", path=str(pathlib.Path(sys.executable).parent)) or "accelerate"
 LAUNCH_TIMEOUT_S = 300  # DeepSpeed's first CPU run also compiles its shared-memory collective op
@@ -42,31 +46,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(launch_flags: list[str], script_flags: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [
+def launch_command(launch_flags: list[str], script_flags: list[str], port: int | None = None) -> list[str]:
+    """`accelerate launch` of run_mae.py on 2 processes (on one machine unless `launch_flags` say otherwise)."""
+    return [
         ACCELERATE,
         "launch",
-        *launch_flags,
         "--num_processes",
         "2",
         "--num_machines",
         "1",
+        *launch_flags,
         "--mixed_precision",
         "no",
         "--main_process_port",
-        str(free_port()),
+        str(port or free_port()),
         str(RUN_MAE),
         *script_flags,
     ]
+
+
+def launch(
+    launch_flags: list[str], script_flags: list[str], env: dict[str, str], succeed: bool = True
+) -> subprocess.CompletedProcess[str]:
     completed = subprocess.run(
-        command,
+        launch_command(launch_flags, script_flags),
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
         capture_output=True,
         text=True,
         timeout=LAUNCH_TIMEOUT_S,
+        check=False,
     )
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-5000:]
+    assert (completed.returncode == 0) == succeed, completed.stdout[-2000:] + completed.stderr[-5000:]
     assert "2 process(es)" in completed.stderr
     return completed
 
@@ -108,6 +119,59 @@ def test_deepspeed_zero_trains_checkpoints_resumes_and_exports(
     assert (results["train_steps"], results["train_samples"], results["num_processes"]) == (4, 64, 2)
     assert_same_weights(weights(output), uninterrupted, atol=1e-6)
     assert_loadable(output, uninterrupted)
+
+    # DeepSpeed's checkpoint engine unpickles its shards with weights_only=False: a poisoned one must not run.
+    shard = output / "step_2" / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "the-payload-ran"
+    poison(shard, marker, archive=True)
+    refused = launch(launch_flags, [*flags, "--resume_from_checkpoint", str(output / "step_2")], env, succeed=False)
+    assert f"error: {shard} cannot be loaded safely: it holds an object other than tensors" in refused.stderr
+    assert not marker.exists()
+
+
+def test_two_machines_then_one_process_then_a_lost_process_file(data_dir, model_config, tmp_path) -> None:
+    """A 2-machine launch (two launchers on this host) logs 2 machines and records them. Resuming its checkpoint on 1
+    process is refused in one line; on 2 processes with a process's state file missing (what a filesystem that the
+    machines do not share leaves), the line says so, and torchrun's summary ends with it."""
+    output = tmp_path / "run"
+    flags = run_args(data_dir, model_config, output, "--per_device_train_batch_size", "4", "--max_train_steps", "2")
+    flags += ["--checkpointing_steps", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    port = free_port()
+    machines = [
+        subprocess.Popen(
+            launch_command(
+                ["--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"],
+                flags,
+                port,
+            ),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=LAUNCH_TIMEOUT_S) for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "2 process(es) on 2 machine(s)" in outputs[0][1]
+    checkpoint = output / "step_2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["batch_layout"]["num_machines"] == 2
+
+    with pytest.raises(UsageError, match=r"saved by 2 process\(es\) x 4 images .* this run has 1 process\(es\) x 4 "):
+        run_main([*flags, "--resume_from_checkpoint", str(checkpoint)])
+
+    (checkpoint / "process_state_1.json").unlink()
+    refused = launch(["--multi_gpu"], [*flags, "--resume_from_checkpoint", str(checkpoint)], env, succeed=False)
+    error = (
+        f"error: {checkpoint / 'process_state_1.json'} is missing: process 1 writes it into the checkpoint folder, "
+        "so when processes run on several machines (this run: 1), output_dir must be on a filesystem that all of "
+        "them share"
+    )
+    assert f"[rank 0] {error}" in refused.stderr
+    summary = refused.stderr[refused.stderr.index("Root Cause (first observed failure):") :]
+    assert f"traceback : [rank 0] {error}" in summary or f"traceback : [rank 1] {error}" in summary
 
 
 def shard_like_accelerate(model: MAEForPreTraining, layer_class: str) -> None:

@@ -458,10 +458,11 @@ def test_finetune_push_to_hub_offline(
     FakeHfApi.remote, FakeHfApi.calls = tmp_path / "remote", []
     FakeHfApi.remote.mkdir()
     monkeypatch.setattr("modeling_mae.hub.HfApi", FakeHfApi)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub needs no network
     finetune_main([
         "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "run"),
         "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--push_to_hub", "--hub_model_id",
-        "someone/tiny-mae-classifier",
+        "someone/tiny-mae-classifier", "--hub_token", "hf_test",
     ])
     assert FakeHfApi.calls[0]["call"] == "create_repo" and FakeHfApi.calls[0]["repo_id"] == "someone/tiny-mae-classifier"
     assert [call["call"] for call in FakeHfApi.calls].count("upload_folder") >= 1

@@ -14,9 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import Future
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -35,6 +35,7 @@ from modeling_mae.arguments import (
     parse_arguments,
 )
 from modeling_mae.data import DataArguments
+from modeling_mae.errors import UsageError
 from modeling_mae.training import (
     LossWindow,
     NonFiniteLossError,
@@ -46,6 +47,7 @@ from modeling_mae.training import (
     list_checkpoints,
     plan_training,
     resolve_resume_checkpoint,
+    restore_scheduler,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -168,11 +170,22 @@ def test_warmup_cosine_schedule_and_its_state() -> None:
     for _ in range(6):
         optimizer.step()
         scheduler.step()
-    restored = build_scheduler(torch.optim.AdamW([parameter], lr=2.0), warmup_steps=1, total_steps=2, peak_lr=2.0)
-    restored.load_state_dict(scheduler.state_dict())  # the schedule object itself travels with the checkpoint
-    assert restored.lr_lambdas[0] == schedule
-    assert restored.get_last_lr() == pytest.approx(scheduler.get_last_lr())
     assert scheduler.get_last_lr()[0] == pytest.approx(2.0 * schedule(6))
+    saved = json.loads(json.dumps(scheduler.state_dict()))  # as trainer_state.json keeps it
+
+    def restored(peak_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+        optimizer = torch.optim.AdamW([parameter], lr=peak_lr)
+        fresh = build_scheduler(optimizer, warmup_steps=4, total_steps=12, peak_lr=peak_lr, min_lr=0.1 * peak_lr)
+        restore_scheduler(fresh, saved)
+        fresh.optimizer.step()
+        fresh.step()
+        return fresh
+
+    same = restored(2.0)  # the same flags: the uninterrupted run's lr, step after step
+    assert (same.last_epoch, same.get_last_lr()[0]) == (7, pytest.approx(2.0 * schedule(7)))
+    lower = restored(0.5)  # a lower --learning_rate on resume (e.g. after a divergence) takes effect at once
+    assert lower.get_last_lr()[0] == pytest.approx(0.5 * schedule(7))
+    assert lower.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * schedule(7))
 
 
 def test_plan_training_from_epochs_or_steps() -> None:
@@ -188,11 +201,12 @@ def test_plan_training_from_epochs_or_steps() -> None:
 
 def test_nonfinite_guard_counts_and_stops_after_a_streak() -> None:
     guard = NonFiniteLossGuard(max_consecutive=3)
-    for finite in (True, False, False, True, False, False):
-        guard.update(finite)
+    for step, finite in enumerate((True, False, False, True, False, False)):
+        guard.update(finite, step)
         assert not guard.diverged
-    guard.update(False)
+    guard.update(False, 6)
     assert guard.diverged and guard.total == 5
+    assert guard.streak_start_step == 4  # where the streak of the last three began
 
 
 def test_loss_window_averages_micro_batches_then_steps() -> None:
@@ -219,7 +233,7 @@ def test_only_complete_checkpoints_are_resumed(tmp_path: pathlib.Path) -> None:
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_10"]
     assert resolve_resume_checkpoint("latest", tmp_path).name == "step_10"
     assert resolve_resume_checkpoint("latest", tmp_path / "nothing-yet") is None
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match="step_12: not a complete checkpoint"):
         resolve_resume_checkpoint(str(tmp_path / "step_12"), tmp_path)
 
 
@@ -398,17 +412,20 @@ def test_epoch_checkpoints_with_gradient_accumulation(data_dir, model_config, tm
 def test_nonfinite_losses_are_skipped_then_stop_the_run(data_dir, model_config, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(MAEForPreTraining, "forward_loss", lambda self, pixels, logits, mask: logits.sum() * math.nan)
     output = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
-        run_main(run_args(data_dir, model_config, output, "--max_consecutive_nonfinite", "3"))
-    state = json.loads((output / "step_0" / "trainer_state.json").read_text())
-    assert (state["completed_steps"], state["nonfinite_losses"]) == (0, 3)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive .* from step 0 on: .* No checkpoint was saved before"):
+        run_main(
+            run_args(data_dir, model_config, output, "--max_consecutive_nonfinite", "3", "--checkpointing_steps", "1")
+        )
+    assert list_checkpoints(output) == []  # the diverged weights are not saved: they would diverge again
 
 
 class FakeHfApi:
-    """Stands in for `huggingface_hub.HfApi`: uploads copy the files upload_folder would send into `remote/`."""
+    """Stands in for `huggingface_hub.HfApi`: uploads copy the files upload_folder would send into `remote/`; the
+    first `failures` uploads raise, as a dropped connection does."""
 
-    remote: pathlib.Path
-    calls: list[dict[str, Any]] = []
+    remote: ClassVar[pathlib.Path]
+    calls: ClassVar[list[dict[str, Any]]] = []
+    failures: ClassVar[int] = 0
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
@@ -417,68 +434,19 @@ class FakeHfApi:
         self.calls.append({"call": "create_repo", "repo_id": repo_id, "private": private})
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
-    def upload_folder(
-        self,
-        *,
-        repo_id: str,
-        folder_path: str,
-        commit_message: str,
-        ignore_patterns: list[str],
-        run_as_future: bool = False,
-    ) -> Any:
+    def upload_folder(self, *, repo_id: str, folder_path: str, commit_message: str, ignore_patterns: list[str]) -> None:
+        background = threading.current_thread() is not threading.main_thread()
+        self.calls.append({"call": "upload_folder", "message": commit_message, "background": background})
+        if FakeHfApi.failures > 0:
+            FakeHfApi.failures -= 1
+            raise ConnectionError("Connection reset by peer")
         folder = pathlib.Path(folder_path)
         files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
         selected = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
         for name in selected:
             (self.remote / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / name, self.remote / name)
-        self.calls.append(
-            {
-                "call": "upload_folder",
-                "repo_id": repo_id,
-                "files": selected,
-                "future": run_as_future,
-                "message": commit_message,
-            }
-        )
-        if not run_as_future:
-            return None
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
-
-
-def test_push_to_hub_offline(data_dir, model_config, tmp_path, monkeypatch, hf_home) -> None:
-    FakeHfApi.remote, FakeHfApi.calls = tmp_path / "remote", []
-    FakeHfApi.remote.mkdir()
-    monkeypatch.setattr("modeling_mae.hub.HfApi", FakeHfApi)
-    output = tmp_path / "run"
-    run_main(
-        run_args(
-            data_dir,
-            model_config,
-            output,
-            "--push_to_hub",
-            "--hub_model_id",
-            "someone/tiny-mae",
-            "--hub_token",
-            "secret",
-            "--checkpointing_steps",
-            "3",
-        )
-    )
-    uploads = [call for call in FakeHfApi.calls if call["call"] == "upload_folder"]
-    assert FakeHfApi.calls[0] == {"call": "create_repo", "repo_id": "someone/tiny-mae", "private": False}
-    assert [(u["future"], u["message"]) for u in uploads] == [
-        (True, "Training in progress, step 3"),
-        (True, "Training in progress, step 6"),
-        (False, "End of training"),
-    ]
-    checkpoint_files = set(EXPORTED_FILES) - {"all_results.json", "reconstruction.png"}
-    assert set(uploads[0]["files"]) == checkpoint_files  # no results or figure yet, never the step_* state
-    assert set(uploads[-1]["files"]) == EXPORTED_FILES | {"reconstruction_step6.png"}
-    assert "secret" not in (FakeHfApi.remote / "run_config.yaml").read_text()
-    assert_loadable(FakeHfApi.remote, weights(output))
+        self.calls[-1]["files"] = selected
 
 
 def test_sigkill_then_resume_latest(data_dir, model_config, tmp_path) -> None:

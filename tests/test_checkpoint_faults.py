@@ -1,0 +1,258 @@
+"""Checkpoints under faults, in one process: a poisoned pickle never runs, a resume with another batch layout is
+refused, a damaged checkpoint is named with the one to use instead, a full disk keeps the previous checkpoint, and a
+diverged run names a checkpoint it can really go on from. Each failure is one `UsageError` line.
+
+The multi-process cases (DeepSpeed shards, 2 -> 1 processes, a missing process file) are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import pathlib
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator
+from conftest import tiny_config
+from test_training import RUN_MAE, assert_same_weights, run_args, run_main, weights
+
+from modeling_mae.checkpoint_files import FULL_DISK_FREE_BYTES, PICKLE_SUFFIXES, UnusableFile, check_checkpoint_files
+from modeling_mae.errors import UsageError
+from modeling_mae.training import NonFiniteLossError, list_checkpoints, machine_count
+
+PAGE = 4096
+
+
+class Payload:
+    """What a hostile checkpoint file holds: unpickling it runs code (here, it creates the file `marker`)."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return exec, (f"import pathlib; pathlib.Path({str(self.marker)!r}).touch()",)
+
+
+def poison(path: pathlib.Path, marker: pathlib.Path, archive: bool) -> None:
+    """Replace `path` by a payload: a `torch.save` archive (what the file normally is) or a bare pickle."""
+    if archive:
+        torch.save({"state": Payload(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(Payload(marker)))
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, model_config, tmp_path_factory) -> pathlib.Path:
+    """A finished 6-step run with checkpoints step_3 and step_6 (tests copy what they change)."""
+    output = tmp_path_factory.mktemp("straight") / "run"
+    run_main(run_args(data_dir, model_config, output, "--checkpointing_steps", "3"))
+    return output
+
+
+def copy_run(straight: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    copy = tmp_path / "run"
+    shutil.copytree(straight, copy)
+    return copy
+
+
+# ------------------------------------------------------------------------------------------------ running no code
+
+
+RESUMED_PICKLES = ["optimizer.bin", "random_states_0.pkl"]  # every pickle of a one-process checkpoint, checked below
+
+
+@pytest.mark.parametrize("archive", [True, False], ids=["torch-archive", "bare-pickle"])
+@pytest.mark.parametrize("name", [*RESUMED_PICKLES, "custom_checkpoint_0.pkl"])
+def test_a_poisoned_pickle_in_a_checkpoint_never_runs(
+    name, archive, straight, data_dir, model_config, tmp_path
+) -> None:
+    """Each pickle a resume could load, and the one Accelerate unpickles with weights_only=False for registered
+    objects (planted): the payload never runs, and the resume stops on one line naming the file."""
+    assert sorted(p.name for p in (straight / "step_3").iterdir() if p.suffix in PICKLE_SUFFIXES) == RESUMED_PICKLES
+    checkpoint = copy_run(straight, tmp_path) / "step_3"
+    marker = tmp_path / "the-payload-ran"
+    poison(checkpoint / name, marker, archive)
+    flags = run_args(data_dir, model_config, tmp_path / "resumed", "--resume_from_checkpoint", str(checkpoint))
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(checkpoint / name))} (cannot be loaded safely|is an obj)"):
+        run_main(flags)
+    assert not marker.exists()
+
+
+def test_a_poisoned_dcp_metadata_file_never_runs(tmp_path) -> None:
+    """FSDP's sharded checkpoints go through torch.distributed.checkpoint, which unpickles its `.metadata` with plain
+    `pickle`: a real one passes the check, a poisoned one is refused before DCP reads it."""
+    checkpoint = tmp_path / "step_1"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    for folder, state in (("pytorch_model_fsdp_0", model.state_dict()), ("optimizer_0", optimizer.state_dict())):
+        dcp.save(state, checkpoint_id=checkpoint / folder)  # the layout Accelerate's FSDP save writes
+    check_checkpoint_files(checkpoint, allowed=[], model_weights=None)
+
+    marker = tmp_path / "the-payload-ran"
+    poison(checkpoint / "optimizer_0" / ".metadata", marker, archive=False)
+    with pytest.raises(UnusableFile, match=r"optimizer_0/.metadata cannot be loaded safely: .* \(builtins.exec\)"):
+        check_checkpoint_files(checkpoint, allowed=[], model_weights=None)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ the batch layout
+
+
+def layout(batch: int, accumulation: int) -> str:
+    effective = batch * accumulation
+    return f"1 process(es) x {batch} images x {accumulation} accumulation step(s) = effective batch {effective}"
+
+
+@pytest.mark.parametrize(
+    "change, now",
+    [(("--per_device_train_batch_size", "4"), layout(4, 1)), (("--gradient_accumulation_steps", "2"), layout(8, 2))],
+)
+def test_a_resume_with_another_batch_layout_is_refused(change, now, straight, data_dir, model_config, tmp_path) -> None:
+    """The lr follows the effective batch and the stream is split by process: another layout cannot continue
+    exactly. (Another number of processes: test_distributed.py.)"""
+    checkpoint = straight / "step_3"
+    with pytest.raises(UsageError) as refused:
+        run_main(run_args(data_dir, model_config, tmp_path, "--resume_from_checkpoint", str(checkpoint), *change))
+    assert str(refused.value) == (
+        f"{checkpoint} was saved by {layout(8, 1)}; this run has {now}. A resume continues exactly only with the same "
+        "layout: launch 1 process(es) (accelerate launch --num_processes 1) with --per_device_train_batch_size 8 "
+        "--gradient_accumulation_steps 1, or start a new run in another --output_dir"
+    )
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["batch_layout"] == {
+        "num_processes": 1,
+        "num_machines": 1,
+        "per_device_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "effective_batch_size": 8,
+    }
+
+
+def test_machine_count_from_the_launchers_environment() -> None:
+    assert machine_count(1, {}) == 1  # no launcher
+    assert machine_count(16, {"LOCAL_WORLD_SIZE": "8"}) == 2  # torchrun (accelerate launch)
+    assert machine_count(16, {"LOCAL_SIZE": "4"}) == 4  # DeepSpeed's launcher
+
+
+# ------------------------------------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.mark.parametrize("damage, problem", [("truncate", "is damaged"), ("delete", "is missing")])
+def test_a_damaged_newest_checkpoint_names_its_file_and_the_previous_checkpoint(
+    damage, problem, straight, data_dir, model_config, tmp_path
+) -> None:
+    output = copy_run(straight, tmp_path)
+    weights_file = output / "step_6" / "model.safetensors"
+    if damage == "truncate":
+        weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    else:
+        weights_file.unlink()
+    flags = run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest", "--max_train_steps", "8")
+    with pytest.raises(UsageError) as refused:
+        run_main(flags)
+    message = str(refused.value)
+    assert message.startswith(f"{weights_file} {problem}")
+    assert message.endswith(f"resume from the previous one with --resume_from_checkpoint {output / 'step_3'}")
+
+
+# ------------------------------------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
+    straight, data_dir, model_config, tmp_path, monkeypatch
+) -> None:
+    """Fault injection: the second save runs out of space half-way. The run stops in one line; the previous
+    checkpoint is intact, and resuming from it gives the uninterrupted run's weights."""
+    save_state = Accelerator.save_state
+
+    def save_state_until_the_disk_fills(self: Accelerator, output_dir: str, **kwargs: object) -> None:
+        staging = pathlib.Path(output_dir)
+        if list_checkpoints(staging.parent):
+            staging.mkdir(parents=True, exist_ok=True)
+            (staging / "model.safetensors").write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_state(self, output_dir, **kwargs)
+
+    output = tmp_path / "run"
+    flags = run_args(data_dir, model_config, output, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    monkeypatch.setattr(Accelerator, "save_state", save_state_until_the_disk_fills)
+    with pytest.raises(UsageError, match=r"^no space left on .+ while saving checkpoint step_6 to "):
+        run_main(flags)
+    assert [path.name for path in output.iterdir() if "step_" in path.name] == ["step_3"]  # the partial save is gone
+    monkeypatch.undo()
+    assert run_main(flags)["train_steps"] == 6
+    assert_same_weights(weights(output), weights(straight))
+
+
+def can_mount_a_private_tmpfs() -> bool:
+    """A user namespace with its own mounts: a tmpfs mounted there is seen by nobody else and needs no root."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", "/mnt"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+def allocated(path: pathlib.Path) -> int:
+    """Bytes a file takes on a tmpfs: whole pages."""
+    return math.ceil(path.stat().st_size / PAGE) * PAGE
+
+
+@pytest.mark.skipif(not can_mount_a_private_tmpfs(), reason="unshare -rm cannot mount a tmpfs here")
+def test_a_full_disk_for_real_names_the_filesystem_and_keeps_the_previous_checkpoint(data_dir, tmp_path) -> None:
+    """A run on a tmpfs that holds step_3, then fills up in the middle of step_6's optimizer.bin, where torch.save
+    fails with a message that says nothing of space ("unexpected pos ..."). The filesystem is named, step_3 is kept,
+    the partial step_6 removed. (A model of a few MB, so that the tmpfs is larger than the "disk is full" margin.)"""
+    model_config = tmp_path / "model" / "config.json"
+    tiny_config(hidden_size=128, intermediate_size=512).save_pretrained(model_config.parent)
+    reference = tmp_path / "reference"
+    run_main(run_args(data_dir, model_config, reference, "--checkpointing_steps", "3", "--max_train_steps", "3"))
+    step = reference / "step_3"
+    size = sum(allocated(path) for path in step.iterdir()) + allocated(reference / "run_config.yaml")
+    size += allocated(step / "model.safetensors") + allocated(step / "optimizer.bin") // 2
+    assert size > 4 * FULL_DISK_FREE_BYTES
+    mount, kept = tmp_path / "tmpfs", tmp_path / "kept"
+    mount.mkdir()
+    flags = run_args(data_dir, model_config, mount / "run", "--checkpointing_steps", "3")
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs {mount} && {sys.executable} {RUN_MAE} {' '.join(flags)}; "
+        f"status=$?; cp -a {mount / 'run'} {kept}; exit $status"
+    )
+    completed = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, check=False)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on tmpfs (mounted at {mount}) while saving checkpoint step_6 to {mount / 'run'}; the "
+        f"previous checkpoint {mount / 'run' / 'step_3'} is intact. Free some space (or keep fewer checkpoints with "
+        "--checkpoints_total_limit) and rerun with --resume_from_checkpoint latest"
+    )
+    assert sorted(path.name for path in kept.iterdir() if "step_" in path.name) == ["step_3"]
+    assert_same_weights(weights(kept / "step_3"), weights(step))
+
+
+# ------------------------------------------------------------------------------------------------------- divergence
+
+
+def test_a_diverged_run_names_a_checkpoint_it_can_go_on_from(data_dir, model_config, tmp_path) -> None:
+    """An absurd lr blows the weights up at the second step (the first warmup step has lr 0); the weights it saves
+    from then on give non-finite losses. The error names step_1, and resuming it with a sane lr trains to the end."""
+    output = tmp_path / "run"
+    common = ("--checkpointing_steps", "1", "--max_consecutive_nonfinite", "3", "--warmup_steps", "2")
+    with pytest.raises(NonFiniteLossError) as diverged:
+        run_main(run_args(data_dir, model_config, output, *common, "--learning_rate", "1e12"))
+    assert "from step 2 on: training diverged" in str(diverged.value)
+    assert f"Resume from {output / 'step_1'}, the newest checkpoint saved before it" in str(diverged.value)
+    assert [path.name for path in list_checkpoints(output)] == ["step_1", "step_2"]
+
+    flags = [*common, "--learning_rate", "1e-3", "--resume_from_checkpoint", str(output / "step_1")]
+    results = run_main(run_args(data_dir, model_config, output, *flags))
+    assert results["train_steps"] == 6 and math.isfinite(results["final_loss"])
+    assert results["nonfinite_losses"] == 0  # the count restarts with the state of step_1
