@@ -25,7 +25,7 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 # Training state stays local: checkpoints (and their staging folders) and tracker logs that are still being written.
-UPLOAD_IGNORE_PATTERNS = ["step_*", ".step_*", "runs/*"]
+UPLOAD_IGNORE_PATTERNS = ("step_*", ".step_*", "runs/*")
 
 
 def export_model(accelerator: Accelerator, model: nn.Module, output_dir: str | os.PathLike[str]) -> None:
@@ -105,12 +105,12 @@ class HubUploader:
                 "token (`hf auth login`, HF_TOKEN or --hub_token), the network and --hub_model_id. Nothing was trained"
             ) from error
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
-        self._pending: tuple[Future[None], str, str] | None = None  # (upload, folder, commit message)
+        self._pending: Future[None] | None = None
 
     def upload_in_background(self, folder: str | os.PathLike[str], commit_message: str) -> None:
+        """Start an upload and return; if every try fails, a warning says so as it happens, and training goes on."""
         self.wait()
-        future = self._executor.submit(self._upload_with_retries, str(folder), commit_message)
-        self._pending = (future, str(folder), commit_message)
+        self._pending = self._executor.submit(self._upload_or_warn, str(folder), commit_message)
         logger.info("Uploading %s to %s in the background (%s)", folder, self.repo_id, commit_message)
 
     def upload(self, folder: str | os.PathLike[str], commit_message: str) -> None:
@@ -127,12 +127,14 @@ class HubUploader:
         logger.info("Uploaded %s to %s (%s)", folder, self.repo_id, commit_message)
 
     def wait(self) -> None:
-        """Block until the background upload (if any) is done; a failure becomes a warning, training goes on."""
-        if self._pending is None:
-            return
-        (future, folder, commit_message), self._pending = self._pending, None
+        """Block until the background upload (if any) is done."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _upload_or_warn(self, folder: str, commit_message: str) -> None:
         try:
-            future.result()
+            self._upload_with_retries(folder, commit_message)
         except Exception as error:  # noqa: BLE001 - a failed checkpoint push must never stop training
             logger.warning(
                 "The Hub upload %r to %s failed after %d tries (%s); training goes on, the next checkpoint and the "
@@ -148,7 +150,7 @@ class HubUploader:
                     repo_id=self.repo_id,
                     folder_path=folder,
                     commit_message=commit_message,
-                    ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+                    ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),  # a copy: upload_folder appends to it
                 )
                 return
             except Exception as error:  # 5xx, dropped connections, timeouts: all worth another try
