@@ -167,15 +167,22 @@ def restore_scheduler(scheduler: LambdaLR, saved: Mapping[str, Any]) -> None:
     current = scheduler.state_dict()
     if (saved["base_lrs"], saved["lr_lambdas"]) != (current["base_lrs"], current["lr_lambdas"]):
         logger.warning(
-            "the learning-rate schedule differs from the checkpoint's (peak lr %s, %s then; %s, %s now): going on "
-            "with this run's flags",
-            saved["base_lrs"][0], saved["lr_lambdas"][0], current["base_lrs"][0], current["lr_lambdas"][0],
+            "the learning-rate schedule differs from the checkpoint's (then: %s; now: %s): going on with this run's "
+            "flags",
+            _describe_schedule(saved),
+            _describe_schedule(current),
         )
     step = saved["last_epoch"]
     lrs = [base_lr * schedule(step) for base_lr, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     scheduler.load_state_dict({**current, "last_epoch": step, "_step_count": saved["_step_count"], "_last_lr": lrs})
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
+
+
+def _describe_schedule(state: Mapping[str, Any]) -> str:
+    """`peak lr 0.0015, min_lr_ratio 0, total_steps 100, warmup_steps 10` (the first parameter group's)."""
+    fields = sorted((state["lr_lambdas"][0] or {}).items())
+    return ", ".join([f"peak lr {state['base_lrs'][0]:.3g}", *(f"{name} {value:g}" for name, value in fields)])
 
 
 @dataclass(frozen=True)

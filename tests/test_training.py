@@ -158,7 +158,7 @@ def test_param_groups_decay_only_matrices_and_apply_lr_scale() -> None:
     assert grouped == sum(1 for p in model.parameters() if p.requires_grad)  # fixed sin-cos tables are left out
 
 
-def test_warmup_cosine_schedule_and_its_state() -> None:
+def test_warmup_cosine_schedule_and_its_state(caplog: pytest.LogCaptureFixture) -> None:
     schedule = WarmupCosineSchedule(warmup_steps=4, total_steps=12, min_lr_ratio=0.1)
     assert [schedule(step) for step in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert schedule(8) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
@@ -183,9 +183,11 @@ def test_warmup_cosine_schedule_and_its_state() -> None:
 
     same = restored(2.0)  # the same flags: the uninterrupted run's lr, step after step
     assert (same.last_epoch, same.get_last_lr()[0]) == (7, pytest.approx(2.0 * schedule(7)))
+    assert not caplog.records
     lower = restored(0.5)  # a lower --learning_rate on resume (e.g. after a divergence) takes effect at once
     assert lower.get_last_lr()[0] == pytest.approx(0.5 * schedule(7))
     assert lower.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * schedule(7))
+    assert "(then: peak lr 2, min_lr_ratio 0.1, total_steps 12, warmup_steps 4; now: peak lr 0.5," in caplog.text
 
 
 def test_plan_training_from_epochs_or_steps() -> None:
