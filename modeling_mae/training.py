@@ -676,8 +676,8 @@ def reporting_full_disk(output_dir: pathlib.Path, staging: pathlib.Path, step: i
         intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise UsageError(
             f"no space left on {filesystem_of(output_dir)} while saving checkpoint step_{step} to {output_dir}; "
-            f"{intact}. Free some space (or keep fewer checkpoints with --checkpoints_total_limit) and rerun with "
-            "--resume_from_checkpoint latest"
+            f"{intact}. Free some space (a save needs room for one more checkpoint beside the --checkpoints_total_limit "
+            "kept ones) and rerun with --resume_from_checkpoint latest"
         ) from error
 
 

@@ -231,8 +231,8 @@ def test_a_full_disk_for_real_names_the_filesystem_and_keeps_the_previous_checkp
     assert completed.returncode == 2, completed.stderr[-3000:]
     assert completed.stderr.strip().splitlines()[-1] == (
         f"error: no space left on tmpfs (mounted at {mount}) while saving checkpoint step_6 to {mount / 'run'}; the "
-        f"previous checkpoint {mount / 'run' / 'step_3'} is intact. Free some space (or keep fewer checkpoints with "
-        "--checkpoints_total_limit) and rerun with --resume_from_checkpoint latest"
+        f"previous checkpoint {mount / 'run' / 'step_3'} is intact. Free some space (a save needs room for one more "
+        "checkpoint beside the --checkpoints_total_limit kept ones) and rerun with --resume_from_checkpoint latest"
     )
     assert sorted(path.name for path in kept.iterdir() if "step_" in path.name) == ["step_3"]
     assert_same_weights(weights(kept / "step_3"), weights(step))
