@@ -175,7 +175,8 @@ class RunArguments:
 
     FLAG_RANGES: ClassVar[dict[str, Range]] = {
         "seed": SEED, "checkpoints_total_limit": AT_LEAST_ONE, "logging_steps": AT_LEAST_ONE,
-        "log_images_steps": AT_LEAST_ONE, "eval_steps": AT_LEAST_ONE,
+        "log_images_steps": AT_LEAST_ONE, "eval_steps": AT_LEAST_ONE, "hub_upload_retries": NON_NEGATIVE,
+        "hub_retry_wait_s": NON_NEGATIVE,
     }
 
     output_dir: str = field(default="outputs/mae-pretrain", metadata={"help": "Model, checkpoints, logs and results."})
