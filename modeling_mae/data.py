@@ -317,11 +317,16 @@ class _Labels:
     column: str
     names: tuple[str, ...] | None = None  # ClassLabel's names, or the sorted string labels; None for integer labels
     ids: dict[str, int] | None = None  # string label -> class id (string labels only)
+    count: int | None = None  # integer labels without names: the number of classes the user gave, if any
 
     def problem(self, value: Any) -> str | None:
-        """Why a record with this label value cannot be used; None when `id_of` gives its class."""
+        """Why a record with this label value cannot be used; None when `id_of` gives its class. An integer label at or
+        above the `count` the user gave is their mistake, not the record's: a `UsageError`."""
         if value is None:
             return "no label"
+        if self.count is not None and isinstance(value, int) and value >= self.count:
+            raise UsageError(f"Label {value} is no class id of the {self.count} classes --num_labels gives (0 to "
+                             f"{self.count - 1}): pass the data's number of classes as --num_labels.")
         if self.id_of(value) is not None:
             return None
         return f"label {value!r} is not a class of the train split" if self.ids else f"label {value!r} is no class id"
@@ -338,17 +343,19 @@ class _Labels:
 
 
 def _resolve_labels(
-    builder: DatasetBuilder, args: DataArguments, split_name: str, stream: IterableDataset, features: dict[str, Any]
+    builder: DatasetBuilder, args: DataArguments, split_name: str, stream: IterableDataset, features: dict[str, Any],
+    num_classes: int | None,
 ) -> _Labels | None:
-    """The label column and its encoding: a ClassLabel's ids, integers as they are, or strings mapped to ids by sorted
-    unique name over the train split (the same on every process and for every split)."""
+    """The label column and its encoding: a ClassLabel's ids, integers as they are (checked against `num_classes` when
+    given), or strings mapped to ids by sorted unique name over the train split (the same on every process and for
+    every split)."""
     column = _detect_column(features, args.label_column_name, ClassLabel, LABEL_COLUMN_CANDIDATES, "Label")
     if column is None:
         return None
     if isinstance(features[column], ClassLabel):
-        return _Labels(column, tuple(features[column].names))
+        return _checked_count(_Labels(column, tuple(features[column].names)), num_classes)
     if not _holds_strings(features[column], stream, column):
-        return _Labels(column)
+        return _Labels(column, count=num_classes)
     train_split = _pick_split("train", args, available_splits(builder))
     names = sorted(_label_names(builder, train_split, column))
     if split_name != train_split:
@@ -361,7 +368,15 @@ def _resolve_labels(
             )
     logger.info("Labels in column %r are strings: %d classes, numbered by sorted name over the %r split.",
                 column, len(names), train_split)
-    return _Labels(column, tuple(names), {name: index for index, name in enumerate(names)})
+    return _checked_count(_Labels(column, tuple(names), {name: index for index, name in enumerate(names)}), num_classes)
+
+
+def _checked_count(labels: _Labels, num_classes: int | None) -> _Labels:
+    """Named labels fix the number of classes themselves: a different --num_labels is a mistake, not an override."""
+    if num_classes is not None and labels.names is not None and num_classes != len(labels.names):
+        raise UsageError(f"--num_labels {num_classes}, but the labels of column {labels.column!r} name "
+                         f"{len(labels.names)} classes: drop --num_labels (the names give the classes).")
+    return labels
 
 
 def _holds_strings(feature: Any, stream: IterableDataset, column: str) -> bool:
@@ -885,6 +900,7 @@ def build_dataloader(
     num_processes: int = 1,
     drop_last: bool | None = None,
     labels: bool = True,
+    num_classes: int | None = None,
     min_image_size: int = 1,
 ) -> ImageStreamLoader:
     """The loader of ``split`` ("train" or "validation") for process ``process_index`` of ``num_processes``.
@@ -894,7 +910,8 @@ def build_dataloader(
     each image in one step from its encoded bytes. With ``args.decode_on`` a device and a transform that has a
     ``device_augment`` (the pretraining one), batches are decoded and augmented on that device and come out there.
     ``labels=False`` never reads the label column (pretraining); otherwise batches carry class ids when the data has
-    labels (see `_resolve_labels`). Images whose width or height is below ``min_image_size`` (pass the model's patch
+    labels (see `_resolve_labels`; ``num_classes``, when given, must match named labels and bound integer ones).
+    Images whose width or height is below ``min_image_size`` (pass the model's patch
     size) are skipped and counted.
     Raises `UsageError` for an unknown dataset, a missing split or column (listing what exists), an empty folder, bad
     local shards, validation labels the train split lacks, or a ``decode_on`` that is no usable device.
@@ -913,7 +930,8 @@ def build_dataloader(
     image_column = _detect_column(features, args.image_column_name, ImageFeature, IMAGE_COLUMN_CANDIDATES, "Image")
     if image_column is None:
         raise UsageError(f"No image column found; available columns: {', '.join(features)}. Pass --image_column_name.")
-    columns = _Columns(image_column, _resolve_labels(builder, args, split_name, stream, features) if labels else None)
+    label_columns = _resolve_labels(builder, args, split_name, stream, features, num_classes) if labels else None
+    columns = _Columns(image_column, label_columns)
     max_samples = args.max_train_samples if split == "train" else args.max_eval_samples
     override = args.num_train_samples if split == "train" else None
     num_samples = _epoch_samples(_split_size(builder, split_name), override, max_samples)

@@ -375,13 +375,16 @@ def split_loader(
     *,
     train: bool,
     seed: int = 0,
+    num_classes: int | None = None,
     min_image_size: int = 1,
 ) -> ImageStreamLoader:
     """This process's share of `split` ("train" or "validation") with its labels (raises a `UsageError` when the data
-    has none); evaluation loaders keep every sample once. Pass the model's patch size as `min_image_size`."""
+    has none); evaluation loaders keep every sample once. Pass the model's patch size as `min_image_size`, and the
+    user's number of classes, if any, as `num_classes` (see `build_dataloader`)."""
     loader = build_dataloader(
         data_args, split, transform, batch_size, train=train, seed=seed,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes, min_image_size=min_image_size,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes, num_classes=num_classes,
+        min_image_size=min_image_size,
     )
     if not loader.has_labels:
         raise UsageError(f"No label column found in the {split} split (looked for a ClassLabel feature, then a column "

@@ -102,7 +102,8 @@ class FinetuneModelArguments(ModelArguments):
         default=True, metadata={"help": "Fine-tune the position table, as the official code does (timm's pos_embed)."}
     )
     num_labels: int | None = field(
-        default=None, metadata={"help": "Classes, when the dataset's label column is no ClassLabel (e.g. webdataset)"}
+        default=None, metadata={"help": "Classes, when the labels are integer ids without names (e.g. webdataset); a label "
+                                    "at or above it is an error. Named labels (ClassLabel, strings) give their own."}
     )
 
 
@@ -355,12 +356,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     source_config = load_config(args.model.model_name_or_path or args.model.model_config or DEFAULT_MODEL_CONFIG,
                                 args.model.config_overrides)
     image_size = (args.model.image_size,) * 2 if args.model.image_size else source_config.image_size
-    patch = max(source_config.patch_size)
+    patch, num_labels = max(source_config.patch_size), args.model.num_labels
     train_loader = split_loader(accelerator, args.data, "train", finetune_transform(image_size),
-                                optim.per_device_train_batch_size, train=True, seed=run.seed, min_image_size=patch)
+                                optim.per_device_train_batch_size, train=True, seed=run.seed, num_classes=num_labels,
+                                min_image_size=patch)
     eval_loader = split_loader(accelerator, args.data, "validation", eval_transform(image_size),
-                               optim.per_device_eval_batch_size, train=False, min_image_size=patch)
-    class_names = resolve_class_names(train_loader, args.model.num_labels)
+                               optim.per_device_eval_batch_size, train=False, num_classes=num_labels,
+                               min_image_size=patch)
+    class_names = resolve_class_names(train_loader, num_labels)
     model = build_classifier(args.model, class_names)
     set_seed(run.seed, device_specific=True)  # then different augmentations per process
     mixer = mixup_cutmix(len(class_names), args.augment.mixup, args.augment.cutmix, args.augment.label_smoothing)

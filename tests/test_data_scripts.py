@@ -7,7 +7,7 @@ import math
 import pathlib
 
 import pytest
-from data_fixtures import CLASS_NAMES, corrupt_page, make_imagefolder, make_parquet_shards, truncate
+from data_fixtures import CLASS_NAMES, corrupt_page, make_imagefolder, make_parquet_shards, make_webdataset, truncate
 from test_evaluation import pretrained  # noqa: F401 - the fixture: a random tiny MAE saved once
 from test_training import run_args, run_main
 
@@ -89,3 +89,35 @@ def test_a_bad_shard_stops_pretraining_in_one_line_naming_it(
     assert error.startswith("error: ") and "--skip_bad_shards" in error
     assert str(paths[3 if found == "while streaming" else 1]) in error
     assert not (tmp_path / "run" / "all_results.json").exists()
+
+
+def finetune_exit(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Fine-tuning's exit status and the last line it wrote to stderr."""
+    status = run_script(finetune_main, args)
+    return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_fine_tuning_integer_labels_takes_num_labels_and_checks_it(
+    tmp_path: pathlib.Path, pretrained: pathlib.Path, capsys: pytest.CaptureFixture  # noqa: F811 - the fixture
+) -> None:
+    make_webdataset(tmp_path / "data", 18, split="train")  # .cls files: ids 0, 1, 2 without names
+    make_webdataset(tmp_path / "data", 9, split="validation")
+    common = ["--dataset_name", str(tmp_path / "data"), "--model_name_or_path", str(pretrained),
+              "--per_device_train_batch_size", "6", "--num_train_epochs", "1", "--mixup", "0", "--cutmix", "0"]
+    status, error = finetune_exit([*common, "--output_dir", str(tmp_path / "none")], capsys)
+    assert status == EXIT_USAGE and "pass --num_labels" in error
+    status, error = finetune_exit([*common, "--output_dir", str(tmp_path / "two"), "--num_labels", "2"], capsys)
+    assert status == EXIT_USAGE and error.startswith("error: Label 2 is no class id") and "--num_labels" in error
+    assert not (tmp_path / "two" / "all_results.json").exists()
+    results = finetune_main([*common, "--output_dir", str(tmp_path / "three"), "--num_labels", "3"])
+    assert results["eval_samples"] == 9
+    assert MAEForImageClassification.from_pretrained(tmp_path / "three").config.id2label == {0: "0", 1: "1", 2: "2"}
+
+
+def test_fine_tuning_named_labels_refuse_another_num_labels(
+    tmp_path: pathlib.Path, pretrained: pathlib.Path, capsys: pytest.CaptureFixture  # noqa: F811 - the fixture
+) -> None:
+    names = make_labelled(tmp_path / "data", "string")
+    status, error = finetune_exit(["--dataset_name", str(tmp_path / "data"), "--model_name_or_path", str(pretrained),
+                                   "--output_dir", str(tmp_path / "run"), "--num_labels", "5"], capsys)
+    assert status == EXIT_USAGE and f"name {len(names)} classes: drop --num_labels" in error
