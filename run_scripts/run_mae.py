@@ -68,6 +68,7 @@ from modeling_mae.training import (
     move_to_device,
     newest_checkpoint_before,
     plan_training,
+    print_outputs,
     progress_bar,
     resume_training,
     save_checkpoint,
@@ -607,12 +608,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     metrics = results(trainer, progress, runtime, progress.train_samples - start_samples)
     export(trainer, progress, metrics=metrics)
     accelerator.end_training()
-    accelerator.print(
-        f"Done: {progress.completed_steps} steps, final loss {progress.last_loss}\n"
-        f"  model:          {trainer.output_dir.resolve()}\n"
-        f"  reconstruction: {figure.resolve()}\n"
-        f"  results:        {(trainer.output_dir / RESULTS_FILE).resolve()}"
-    )
+    print_outputs(accelerator, f"Done: {progress.completed_steps} steps, final loss {progress.last_loss}",
+                  {"model": trainer.output_dir, "reconstruction": figure, "results": trainer.output_dir / RESULTS_FILE})
     if trainer.uploader is not None:  # last: a push that fails for good raises once everything is saved locally
         trainer.uploader.upload(trainer.output_dir, "End of training")
     return metrics

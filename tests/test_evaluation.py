@@ -22,7 +22,7 @@ from data_fixtures import image_bytes, make_parquet_shards
 from official_mae import interpolate_pos_embed
 from PIL import Image, ImageFont
 from test_distributed import free_port
-from test_training import FakeHfApi, assert_same_weights, weights
+from test_training import FakeHfApi, assert_same_weights, printed_paths, weights
 from torch.multiprocessing import start_processes
 from transformers import AutoModelForImageClassification
 
@@ -287,12 +287,6 @@ def test_resize_model_resolution_is_the_official_interpolation(tmp_path: pathlib
 
 
 # ---------------------------------------------------------------------------------------------------- the scripts
-
-
-def printed_paths(text: str) -> dict[str, str]:
-    """The `  label: path` lines a script ends with."""
-    return {label.strip(): path.strip() for label, path in
-            (line.split(":", 1) for line in text.splitlines() if line.startswith("  "))}
 
 
 def test_knn_script_from_pretrained_and_random_init(

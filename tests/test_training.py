@@ -116,6 +116,12 @@ def run_main(argv: list[str]) -> dict[str, Any]:
         GradientState._reset_state()
 
 
+def printed_paths(text: str) -> dict[str, str]:
+    """The `  label: path` lines a script ends with."""
+    return {label.strip(): path.strip() for label, path in
+            (line.split(":", 1) for line in text.splitlines() if line.startswith("  "))}
+
+
 def weights(folder: pathlib.Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
@@ -288,7 +294,7 @@ def test_paper_presets(preset: str, model_config: str, epochs: int) -> None:
 # ---------------------------------------------------------------------------------------------------------- end to end
 
 
-def test_end_to_end_exports_a_loadable_model(data_dir, model_config, tmp_path, hf_home) -> None:
+def test_end_to_end_exports_a_loadable_model(data_dir, model_config, tmp_path, hf_home, capsys) -> None:
     output = tmp_path / "run"
     results = run_main(
         run_args(
@@ -316,6 +322,9 @@ def test_end_to_end_exports_a_loadable_model(data_dir, model_config, tmp_path, h
     assert (results["train_steps"], results["train_samples"], results["skipped_images"]) == (6, 48, 0)
     assert math.isfinite(results["train_loss"]) and math.isfinite(results["eval_loss"])
     assert json.loads((output / "all_results.json").read_text()) == results
+    assert printed_paths(capsys.readouterr().out) == {  # where everything went, whatever the working directory
+        "model": str(output.resolve()), "reconstruction": str((output / "reconstruction.png").resolve()),
+        "results": str((output / "all_results.json").resolve())}
     assert EXPORTED_FILES | {"reconstruction_step3.png", "reconstruction_step6.png"} <= {
         p.name for p in output.iterdir()
     }
