@@ -8,19 +8,17 @@
 3. the masking-ratio ablation: shorter pretrainings at several ratios, each scored by a linear probe;
 4. a reconstruction figure of the pretrained model (`visualize.py`).
 
-Every stage is a subprocess running the documented command; a stage whose `all_results.json` exists is reused
-(`--force` reruns everything), so an interrupted run continues where it stopped. The table is written to
-`output_dir/evidence.md` and the numbers to `output_dir/evidence.json`.
+Every stage is the documented command, run in this process by `modeling_mae.stages.StageRunner` (its output in
+`output_dir/STAGE.log`); a stage whose `all_results.json` exists is reused (`--force` reruns everything), so an
+interrupted run continues where it stopped. The table is written to `output_dir/evidence.md` and the numbers to
+`output_dir/evidence.json`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,10 +34,9 @@ from modeling_mae.arguments import (
     parse_arguments,
 )
 from modeling_mae.errors import run_main
+from modeling_mae.stages import Stage, StageRunner, script_main
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
-RESULTS_FILE = "all_results.json"
-STAGE_TIME_FILE = "stage_time.json"
 
 
 @dataclass
@@ -65,7 +62,7 @@ class EvidenceArguments:
         metadata={"help": "Base lr of the other fine-tuning rows: the paper's 1e-3 (ViT-L/H) is tuned for 50-100 "
                           "epochs and, scaled to a 64-image batch, barely moves the new head in a few hundred steps."})
     num_threads: int | None = field(
-        default=None, metadata={"help": "OMP_NUM_THREADS of every stage (on a busy 2-core CPU, 1 was 3.5x faster)."})
+        default=None, metadata={"help": "torch threads of every stage (on a busy 2-core CPU, 1 was 3.5x faster)."})
     force: bool = field(default=False, metadata={"help": "Rerun stages that already have results."})
     parts: list[str] = field(
         default_factory=lambda: ["main", "ablation"],
@@ -73,74 +70,28 @@ class EvidenceArguments:
                           "figure are written when both are run."})
 
 
-@dataclass
-class Stage:
-    name: str
-    script: str
-    argv: list[str]
-
-    def command(self) -> str:
-        return " ".join(["python", f"run_scripts/{self.script}", *self.argv])
-
-
-def run_stage(stage: Stage, output_dir: pathlib.Path, args: EvidenceArguments) -> dict[str, Any]:
-    """Run (or reuse) one stage; returns its results plus `wall_seconds`."""
-    folder = output_dir / stage.name
-    results_path = folder / RESULTS_FILE
-    if args.force or not results_path.is_file():
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        if args.num_threads is not None:
-            env.update(OMP_NUM_THREADS=str(args.num_threads), MKL_NUM_THREADS=str(args.num_threads))
-        print(f"[{time.strftime('%H:%M:%S')}] {stage.command()}", flush=True)
-        start = time.perf_counter()
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(output_dir / f"{stage.name}.log", "w") as log:
-            subprocess.run([sys.executable, str(SCRIPTS / stage.script), *stage.argv], env=env, check=True,
-                           stdout=log, stderr=subprocess.STDOUT)
-        (folder / STAGE_TIME_FILE).write_text(json.dumps({"wall_seconds": time.perf_counter() - start}))
-    results = json.loads(results_path.read_text())
-    timing = folder / STAGE_TIME_FILE
-    # Stages started by hand before this script existed have no timing file: their own runtime stands in.
-    fallback = results.get("train_runtime") or results.get("runtime") or results.get("eval_runtime")
-    results["wall_seconds"] = json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else fallback
-    return results
-
-
-def pretrain_stage(
-    name: str, output_dir: pathlib.Path, args: EvidenceArguments, mask_ratio: float, schedule: Sequence[str] = ()
-) -> Stage:
+def pretrain_stage(name: str, args: EvidenceArguments, mask_ratio: float, schedule: Sequence[str] = ()) -> Stage:
     """`run_mae.py` with its defaults (tiny-32px on the embedded sample), a masking ratio and a schedule."""
-    return Stage(name, "run_mae.py", ["--output_dir", str(output_dir / name), "--mask_ratio", f"{mask_ratio:g}",
-                                      "--seed", str(args.seed), "--logging_steps", "20", *schedule])
+    return Stage(name, "run_mae.py", ("--mask_ratio", f"{mask_ratio:g}", "--seed", str(args.seed),
+                                      "--logging_steps", "20", *schedule))
 
 
-def downstream_stages(
-    init: str, model_flags: list[str], output_dir: pathlib.Path, args: EvidenceArguments
-) -> list[Stage]:
+def downstream_stages(init: str, model_flags: Sequence[str], args: EvidenceArguments) -> list[Stage]:
     """k-NN, linear probe and fine-tuning of one initialisation, with identical flags whatever the init."""
-    seed = ["--seed", str(args.seed)]
+    seed = ("--seed", str(args.seed))
+    finetune = (*model_flags, *seed, "--max_train_samples", str(args.finetune_samples))
+    short = ("--num_train_epochs", f"{args.finetune_epochs:g}")
+    lr = ("--base_learning_rate", f"{args.short_budget_base_lr:g}")
+    no_mix = ("--mixup", "0", "--cutmix", "0")
     return [
-        Stage(f"knn_{init}", "run_knn.py", [*model_flags, "--output_dir", str(output_dir / f"knn_{init}"), *seed]),
-        Stage(f"linprobe_{init}", "run_linear_probe.py",
-              [*model_flags, "--output_dir", str(output_dir / f"linprobe_{init}"), *seed]),
-        Stage(f"linprobe-mean_{init}", "run_linear_probe.py",
-              [*model_flags, "--output_dir", str(output_dir / f"linprobe-mean_{init}"), *seed, "--pooling", "mean"]),
-        Stage(f"finetune_{init}", "run_finetune.py",
-              [*model_flags, "--output_dir", str(output_dir / f"finetune_{init}"), *seed,
-               "--max_train_samples", str(args.finetune_samples), "--num_train_epochs", f"{args.finetune_epochs:g}"]),
-        Stage(f"finetune-lr_{init}", "run_finetune.py",
-              [*model_flags, "--output_dir", str(output_dir / f"finetune-lr_{init}"), *seed,
-               "--max_train_samples", str(args.finetune_samples), "--num_train_epochs", f"{args.finetune_epochs:g}",
-               "--base_learning_rate", f"{args.short_budget_base_lr:g}"]),
-        Stage(f"finetune-nomix_{init}", "run_finetune.py",
-              [*model_flags, "--output_dir", str(output_dir / f"finetune-nomix_{init}"), *seed,
-               "--max_train_samples", str(args.finetune_samples), "--num_train_epochs", f"{args.finetune_epochs:g}",
-               "--base_learning_rate", f"{args.short_budget_base_lr:g}", "--mixup", "0", "--cutmix", "0"]),
+        Stage(f"knn_{init}", "run_knn.py", (*model_flags, *seed)),
+        Stage(f"linprobe_{init}", "run_linear_probe.py", (*model_flags, *seed)),
+        Stage(f"linprobe-mean_{init}", "run_linear_probe.py", (*model_flags, *seed, "--pooling", "mean")),
+        Stage(f"finetune_{init}", "run_finetune.py", (*finetune, *short)),
+        Stage(f"finetune-lr_{init}", "run_finetune.py", (*finetune, *short, *lr)),
+        Stage(f"finetune-nomix_{init}", "run_finetune.py", (*finetune, *short, *lr, *no_mix)),
         Stage(f"finetune-long_{init}", "run_finetune.py",
-              [*model_flags, "--output_dir", str(output_dir / f"finetune-long_{init}"), *seed,
-               "--max_train_samples", str(args.finetune_samples),
-               "--num_train_epochs", f"{args.long_finetune_epochs:g}",
-               "--base_learning_rate", f"{args.short_budget_base_lr:g}", "--mixup", "0", "--cutmix", "0"]),
+              (*finetune, "--num_train_epochs", f"{args.long_finetune_epochs:g}", *lr, *no_mix)),
     ]
 
 
@@ -179,38 +130,30 @@ def render_table(
     return "\n".join(rows) + "\n"
 
 
-def run_main_comparison(output_dir: pathlib.Path, args: EvidenceArguments) -> dict[str, dict[str, Any]]:
+def run_main_comparison(runner: StageRunner, args: EvidenceArguments) -> dict[str, dict[str, Any]]:
     """Pretraining, then every protocol on the pretrained encoder and on a random init."""
-    schedule = ["--num_train_epochs", f"{args.pretrain_epochs:g}"]
-    results = {"pretrain": run_stage(pretrain_stage("pretrain", output_dir, args, 0.75, schedule), output_dir, args)}
-    initialisations = {"mae": ["--model_name_or_path", str(output_dir / "pretrain")],
-                       "random": ["--model_config", args.model_config]}
+    schedule = ("--num_train_epochs", f"{args.pretrain_epochs:g}")
+    results = {"pretrain": runner.run(pretrain_stage("pretrain", args, 0.75, schedule))}
+    initialisations = {"mae": ("--model_name_or_path", str(runner.folder("pretrain"))),
+                       "random": ("--model_config", args.model_config)}
     for init, flags in initialisations.items():
-        for stage in downstream_stages(init, flags, output_dir, args):
-            results[stage.name] = run_stage(stage, output_dir, args)
+        for stage in downstream_stages(init, flags, args):
+            results[stage.name] = runner.run(stage)
     return results
 
 
-def run_ablation(output_dir: pathlib.Path, args: EvidenceArguments) -> dict[float, dict[str, Any]]:
+def run_ablation(runner: StageRunner, args: EvidenceArguments) -> dict[float, dict[str, Any]]:
     """A shorter pretraining per masking ratio, each scored by the same linear probe."""
     ablation: dict[float, dict[str, Any]] = {}
     for ratio in args.ablation_mask_ratios:
         name = f"ablation_mask{ratio:g}"
-        schedule = ["--num_train_epochs", f"{args.ablation_epochs:g}",
-                    "--warmup_epochs", f"{args.ablation_warmup_epochs:g}"]
-        pretrained = run_stage(pretrain_stage(name, output_dir, args, ratio, schedule), output_dir, args)
+        schedule = ("--num_train_epochs", f"{args.ablation_epochs:g}",
+                    "--warmup_epochs", f"{args.ablation_warmup_epochs:g}")
+        pretrained = runner.run(pretrain_stage(name, args, ratio, schedule))
         probe = Stage(f"ablation_linprobe_mask{ratio:g}", "run_linear_probe.py",
-                      ["--model_name_or_path", str(output_dir / name),
-                       "--output_dir", str(output_dir / f"ablation_linprobe_mask{ratio:g}"), "--seed", str(args.seed)])
-        ablation[ratio] = {**run_stage(probe, output_dir, args), "pretrain_loss": pretrained["final_loss"],
-                           "pretrain_wall_seconds": pretrained["wall_seconds"]}
+                      ("--model_name_or_path", str(runner.folder(name)), "--seed", str(args.seed)))
+        ablation[ratio] = {**runner.run(probe), "pretrain_loss": pretrained["final_loss"]}
     return ablation
-
-
-def total_wall_seconds(main_results: dict[str, dict[str, Any]], ablation: dict[float, dict[str, Any]]) -> float:
-    """CPU wall time of every stage, summed (reused stages count with the time they took when they ran)."""
-    return sum(result["wall_seconds"] for result in main_results.values()) + sum(
-        result["wall_seconds"] + result["pretrain_wall_seconds"] for result in ablation.values())
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -218,18 +161,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (args,) = parse_arguments((EvidenceArguments,), argv)
     output_dir = pathlib.Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    main_results = run_main_comparison(output_dir, args) if "main" in args.parts else {}
-    ablation = run_ablation(output_dir, args) if "ablation" in args.parts else {}
+    runner = StageRunner(SCRIPTS, output_dir, force=args.force, num_threads=args.num_threads)
+    main_results = run_main_comparison(runner, args) if "main" in args.parts else {}
+    ablation = run_ablation(runner, args) if "ablation" in args.parts else {}
     if not (main_results and ablation):
         return {"main": main_results, "ablation": ablation}
 
-    subprocess.run([sys.executable, str(SCRIPTS / "visualize.py"), "--model_name_or_path", str(output_dir / "pretrain"),
-                    "--output", str(output_dir / "reconstruction.png"), "--seed", str(args.seed)], check=True,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    script_main(SCRIPTS / "visualize.py")(["--model_name_or_path", str(runner.folder("pretrain")),
+                                           "--output", str(output_dir / "reconstruction.png"),
+                                           "--seed", str(args.seed)])
     table = render_table(main_results, ablation, args)
     (output_dir / "evidence.md").write_text(table)
     collected = {"main": main_results, "ablation": {f"{ratio:g}": result for ratio, result in ablation.items()},
-                 "total_stage_wall_seconds": total_wall_seconds(main_results, ablation), "seed": args.seed}
+                 "total_stage_wall_seconds": runner.total_wall_seconds, "seed": args.seed}
     (output_dir / "evidence.json").write_text(json.dumps(collected, indent=2, default=str))
     print(table)
     return collected

@@ -1,0 +1,160 @@
+"""Studies built from the run scripts: chains of stages, each one script's `main(argv)` run in this process.
+
+`run_scripts/evidence.py` (does pretraining help?) and `run_scripts/scaling_study.py` (does it help more as the model
+grows?) are such chains: pretrainings, then evaluations of what they wrote. A `StageRunner` runs each `Stage` with
+the output it prints in `output_dir/NAME.log` and its results in `output_dir/NAME/all_results.json`. A stage whose
+results exist is reused, so an interrupted study continues where it stopped; a stage found with results of other
+arguments is an error (its inputs may have changed under the stages after it), unless `force` reruns everything.
+
+Stages run in this process rather than as subprocesses: a stage of the CI's smoke study takes about a second, a fresh
+Python importing torch, transformers and datasets several.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import importlib.util
+import json
+import os
+import pathlib
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+
+RESULTS_FILE = "all_results.json"
+STAGE_RECORD_FILE = "stage.json"  # the arguments a stage ran with and how long it took
+
+ScriptMain = Callable[[Sequence[str]], Any]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One run of a script: its folder under the study's output_dir and its flags (the runner adds --output_dir)."""
+
+    name: str
+    script: str  # a file name in the scripts folder, e.g. "run_mae.py"
+    argv: tuple[str, ...]
+
+    def command(self, folder: pathlib.Path) -> str:
+        """The same run as a shell command, for the log and for a user repeating one stage by hand."""
+        return shlex.join(["python", f"run_scripts/{self.script}", *self.argv, "--output_dir", str(folder)])
+
+
+@functools.cache
+def script_main(path: pathlib.Path) -> ScriptMain:
+    """The `main(argv)` of a script file (run scripts are no package: loaded by path, once)."""
+    spec = importlib.util.spec_from_file_location(f"_stage_script_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"{path} is not a Python script")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while the script is executed
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@contextlib.contextmanager
+def output_to(path: pathlib.Path) -> Iterator[None]:
+    """Send everything this process writes to stdout and stderr (print, logging, tqdm, C libraries) to `path`.
+
+    At the file-descriptor level, as a subprocess's output would be: a logging handler created during a stage keeps
+    writing to `sys.stderr`, which stays the same object, so nothing points at a closed file after the stage.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(path, "w") as log:
+            for fd in saved:
+                os.dup2(log.fileno(), fd)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def release_memory() -> None:
+    """Free what a finished stage left behind (its models and optimizer states) before the next one starts."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class StageRunner:
+    """Runs or reuses the stages of one study, all under `output_dir`."""
+
+    def __init__(
+        self, scripts_dir: pathlib.Path, output_dir: pathlib.Path, *, force: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        self.scripts_dir = scripts_dir
+        self.output_dir = output_dir
+        self.force = force
+        self.num_threads = num_threads
+        self.stage_seconds: dict[str, float] = {}  # of every stage run or reused, as long as it took when it ran
+
+    def folder(self, name: str) -> pathlib.Path:
+        """Where stage `name` writes (and what later stages read, e.g. a pretrained model)."""
+        return self.output_dir / name
+
+    def run(self, stage: Stage) -> dict[str, Any]:
+        """The stage's `all_results.json`, plus `wall_seconds`: the time it took when it ran."""
+        folder = self.folder(stage.name)
+        if self.force or not self._reusable(stage):
+            self._execute(stage, folder)
+        results = json.loads((folder / RESULTS_FILE).read_text())
+        results["wall_seconds"] = json.loads((folder / STAGE_RECORD_FILE).read_text())["wall_seconds"]
+        self.stage_seconds[stage.name] = results["wall_seconds"]
+        return results
+
+    @property
+    def total_wall_seconds(self) -> float:
+        """The study's compute time: every stage's wall time, summed."""
+        return sum(self.stage_seconds.values())
+
+    def _reusable(self, stage: Stage) -> bool:
+        folder = self.folder(stage.name)
+        record_path = folder / STAGE_RECORD_FILE
+        # Results without a record: the stage was stopped between the two writes; run it again.
+        if not (record_path.is_file() and (folder / RESULTS_FILE).is_file()):
+            return False
+        recorded = json.loads(record_path.read_text())["argv"]
+        if recorded != list(stage.argv):
+            raise UsageError(
+                f"{folder} holds the results of other arguments ({shlex.join(recorded)}), not of "
+                f"{shlex.join(stage.argv)}: pass --force to rerun every stage, or choose another --output_dir"
+            )
+        return True
+
+    def _execute(self, stage: Stage, folder: pathlib.Path) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {stage.command(folder)}", flush=True)
+        main = script_main(self.scripts_dir / stage.script)
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / STAGE_RECORD_FILE).unlink(missing_ok=True)
+        log = self.output_dir / f"{stage.name}.log"
+        start = time.perf_counter()
+        try:
+            with output_to(log):
+                main([*stage.argv, "--output_dir", str(folder)])
+        except Exception:
+            print(f"stage {stage.name} failed; its output: {log}", file=sys.stderr, flush=True)
+            raise
+        finally:
+            release_memory()
+        record = {"argv": list(stage.argv), "wall_seconds": time.perf_counter() - start}
+        (folder / STAGE_RECORD_FILE).write_text(json.dumps(record))
