@@ -16,6 +16,7 @@ from PIL import Image
 
 from modeling_mae.errors import UsageError
 from modeling_mae.stages import Stage, StageRunner
+from run_scripts import make_sample_data
 from run_scripts.make_sample_data import main as make_data_main
 from run_scripts.scaling_study import (
     MAE_LABEL,
@@ -212,7 +213,9 @@ def write_idx(path: pathlib.Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
-def test_make_sample_data_full_writes_every_image_in_order_outside_the_package(tmp_path: pathlib.Path) -> None:
+def test_make_sample_data_full_writes_every_image_in_order_outside_the_package(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(0)
     source = tmp_path / "idx"
     source.mkdir()
@@ -232,7 +235,9 @@ def test_make_sample_data_full_writes_every_image_in_order_outside_the_package(t
         assert all(np.array_equal(image, original) for image, original in zip(decoded, images, strict=True))
     assert "# Fashion-MNIST (full)" in (output / "README.md").read_text()
 
+    package = tmp_path / "modeling_mae"  # stands in for the package: the guard must not write into the real one
+    monkeypatch.setattr(make_sample_data, "PACKAGE_DIR", package)
     with pytest.raises(UsageError, match="inside the package"):
-        make_data_main(["--full", "--source", str(source), "--output", "modeling_mae/sample_data/full"])
+        make_data_main(["--full", "--source", str(source), "--output", str(package / "sample_data" / "full")])
     with pytest.raises(UsageError, match="apt-get install -y dataset-fashion-mnist"):
         make_data_main(["--full", "--source", str(tmp_path / "nowhere"), "--output", str(output)])
