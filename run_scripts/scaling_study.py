@@ -1,9 +1,13 @@
 """Does MAE pretraining pay off more as the model grows? The paper's model-size and schedule figures in miniature.
 
-    python run_scripts/scaling_study.py --budget smoke      # seconds: what CI runs
-    python run_scripts/scaling_study.py --budget cpu --num_threads 1                        # ~2 h on 2 idle cores
+    python run_scripts/scaling_study.py --budget smoke                     # CI: ~20 s of CPU time
+    python run_scripts/scaling_study.py --budget cpu --num_threads 1       # ~1.3 h on one idle core
+    python run_scripts/make_sample_data.py --full                          # all of Fashion-MNIST, for --budget gpu
     ACCELERATE_MIXED_PRECISION=bf16 python run_scripts/scaling_study.py --budget gpu \\
-        --dataset_name data/fashion_mnist_full                                             # one H100/H200
+        --dataset_name outputs/fashion_mnist_full                          # one H100/H200: ~11 min (estimated)
+
+Seeds can run in parallel processes on the same `--output_dir` (`--seeds 0 2` and `--seeds 1` on two cores); one
+more run with every seed then writes the complete table, reusing every stage.
 
 For a ladder of three encoder sizes and several seeds, on the same data with the same augmentations:
 (a) supervised training from a random init with the fine-tuning recipe ("scratch");
@@ -156,7 +160,7 @@ BUDGETS = {
         names=("ViT-Ti", "ViT-S", "ViT-B"), widths=(192, 384, 768), heads=(3, 6, 12), depth=12,
         decoder_overrides="decoder_hidden_size=256,decoder_num_hidden_layers=4,decoder_num_attention_heads=8,"
                           "decoder_intermediate_size=1024",
-        seeds=(0, 1, 2), pretrain_epochs=8, finetune_epochs=3, sweep_epochs=(2, 4, 8), batch_size=256,
+        seeds=(0, 1, 2), pretrain_epochs=8, finetune_epochs=2, sweep_epochs=(2, 4, 8), batch_size=256,
         eval_batch_size=256, dataloader_num_workers=8,
     ),
 }
@@ -164,8 +168,8 @@ BUDGETS = {
 
 @dataclass
 class StudyArguments:
-    budget: str = field(metadata={"help": "smoke (CI, seconds), cpu (~2 h on 2 idle cores) or gpu (one H100/H200).",
-                                  "choices": list(BUDGETS)})
+    budget: str = field(metadata={"help": "smoke (CI, seconds), cpu (~1.3 h on one idle core) or gpu (~11 min on one "
+                                          "H100/H200, estimated).", "choices": list(BUDGETS)})
     output_dir: str = field(default="outputs/scaling-study", metadata={"help": "Stages, table and figures."})
     dataset_name: str | None = field(
         default=None, metadata={"help": "Data of every stage (default: the embedded 10k/2k Fashion-MNIST sample; "
@@ -247,6 +251,10 @@ def cell(accuracies: Sequence[float]) -> dict[str, Any]:
     return {"values": percents, "n": len(percents), "mean": statistics.fmean(percents), "std": std}
 
 
+def format_parameters(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"
+
+
 def format_cell(summary: dict[str, Any]) -> str:
     spread = "n/a" if summary["std"] is None else f"{summary['std']:.1f}"
     return f"{summary['mean']:.1f} ± {spread}"
@@ -282,7 +290,7 @@ def render_table(summary: dict[str, Any], budget_line: str, sweep_rung: str) -> 
         cells = size["cells"]
         gain = cells["mae"]["mean"] - cells["scratch"]["mean"]
         rows.append(f"| {size['name']} ({size['width']} wide, {size['depth']} blocks) | "
-                    f"{size['parameters'] / 1e6:.2f}M | " + " | ".join(format_cell(cells[key]) for key in PROTOCOLS)
+                    f"{format_parameters(size['parameters'])} | " + " | ".join(format_cell(cells[key]) for key in PROTOCOLS)
                     + f" | {gain:+.1f} |")
     scratch = summary["sizes"][1]["cells"]["scratch"]
     lengths = summary["sweep"]
@@ -319,9 +327,10 @@ def plot_model_size(summary: dict[str, Any], path: pathlib.Path, title: str) -> 
         axes.errorbar(parameters, [c["mean"] for c in cells], yerr=[c["std"] or 0.0 for c in cells], fmt=style,
                       capsize=4, label=label)
     axes.set_xscale("log")
-    axes.set_xticks(parameters, [f"{size['name']}\n{size['parameters'] / 1e6:.2f}M" for size in summary["sizes"]])
+    axes.set_xticks(parameters, [f"{size['name']}\n{format_parameters(size['parameters'])}" for size in summary["sizes"]])
     axes.minorticks_off()
-    axes.set(xlabel="encoder parameters", ylabel="top-1 accuracy (%)", title=title)
+    axes.set(xlabel="encoder parameters", ylabel="top-1 accuracy (%)")
+    axes.set_title(title, fontsize="medium")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
@@ -343,7 +352,8 @@ def plot_pretraining_epochs(summary: dict[str, Any], path: pathlib.Path, title: 
     spread = scratch["std"] or 0.0
     axes.axhspan(scratch["mean"] - spread, scratch["mean"] + spread, color="gray", alpha=0.15)
     axes.set_xticks(epochs, [f"{value:g}" for value in epochs])
-    axes.set(xlabel="pretraining epochs", ylabel="fine-tuned top-1 accuracy (%)", title=title)
+    axes.set(xlabel="pretraining epochs", ylabel="fine-tuned top-1 accuracy (%)")
+    axes.set_title(title, fontsize="medium")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
@@ -372,9 +382,11 @@ def write_outputs(output_dir: pathlib.Path, summary: dict[str, Any], name: str, 
     numbers = {**summary, "budget": name, "budget_description": line, "recipe": list(RECIPE_RULES),
                "stage_wall_seconds": wall_seconds}
     (output_dir / NUMBERS_FILE).write_text(json.dumps(numbers, indent=2))
-    data = args.dataset_name or "Fashion-MNIST sample"
-    plot_model_size(summary, output_dir / SIZE_FIGURE, f"{data}, 32 px: fine-tuned top-1 vs model size")
-    plot_pretraining_epochs(summary, output_dir / EPOCHS_FIGURE, f"{sweep_rung}: fine-tuned top-1 vs pretraining")
+    data = f"{pathlib.Path(args.dataset_name).name if args.dataset_name else 'Fashion-MNIST sample'}, 32 px"
+    seeds = f"mean ± std of {len(summary['seeds'])} seeds"
+    plot_model_size(summary, output_dir / SIZE_FIGURE, f"Fine-tuned top-1 vs model size\n{data}, {seeds}")
+    plot_pretraining_epochs(summary, output_dir / EPOCHS_FIGURE,
+                            f"{sweep_rung}: fine-tuned top-1 vs pretraining length\n{data}, {seeds}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def test_the_table_puts_every_cell_in_its_column_and_the_gain_of_mae() -> None:
     assert columns[2:6] == list(PROTOCOLS.values()) and columns[6] == "MAE gain"
     row = next(line for line in table.splitlines() if line.startswith("| ViT-96 "))
     values = [value.strip() for value in row.strip("|").split("|")]
-    assert values[1] == "0.67M"
+    assert values[1] == "670k"
     assert values[2:7] == ["61.0 ± 1.0", "75.0 ± 2.0", "70.0 ± 3.0", "65.0 ± n/a", "+14.0"]
     sweep = next(line for line in table.splitlines() if line.startswith("| fine-tuned top-1 % |"))
     # The middle size's scratch run is the 0-epoch point, then the pretraining lengths in order.
