@@ -317,49 +317,50 @@ def pyplot() -> Any:
     return plt
 
 
-def plot_model_size(summary: dict[str, Any], path: pathlib.Path, title: str) -> Any:
-    """Top-1 against encoder parameters (log scale), MAE and scratch with ±1 std error bars; returns the figure."""
-    plt = pyplot()
-    figure, axes = plt.subplots(figsize=(5, 4), dpi=150)
-    parameters = [size["parameters"] for size in summary["sizes"]]
-    for key, label, style in (("mae", MAE_LABEL, "o-"), ("scratch", SCRATCH_LABEL, "s--")):
-        cells = [size["cells"][key] for size in summary["sizes"]]
-        axes.errorbar(parameters, [c["mean"] for c in cells], yerr=[c["std"] or 0.0 for c in cells], fmt=style,
-                      capsize=4, label=label)
-    axes.set_xscale("log")
-    axes.set_xticks(parameters, [f"{size['name']}\n{format_parameters(size['parameters'])}" for size in summary["sizes"]])
-    axes.minorticks_off()
-    axes.set(xlabel="encoder parameters", ylabel="top-1 accuracy (%)")
+def new_figure() -> tuple[Any, Any]:
+    return pyplot().subplots(figsize=(5, 4), dpi=150)
+
+
+def draw_cells(axes: Any, x: Sequence[float], cells: Sequence[dict[str, Any]], style: str, label: str) -> None:
+    """Mean top-1 of each cell, with an error bar of ±1 sample std (none for a single seed)."""
+    axes.errorbar(x, [c["mean"] for c in cells], yerr=[c["std"] or 0.0 for c in cells], fmt=style, capsize=4,
+                  label=label)
+
+
+def save_figure(figure: Any, axes: Any, path: pathlib.Path, xlabel: str, title: str) -> Any:
+    axes.set(xlabel=xlabel, ylabel="fine-tuned top-1 accuracy (%)")
     axes.set_title(title, fontsize="medium")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
+    pyplot().close(figure)
     return figure
+
+
+def plot_model_size(summary: dict[str, Any], path: pathlib.Path, title: str) -> Any:
+    """Top-1 against encoder parameters (log scale), MAE and scratch with error bars; returns the figure."""
+    figure, axes = new_figure()
+    parameters = [size["parameters"] for size in summary["sizes"]]
+    for key, label, style in (("mae", MAE_LABEL, "o-"), ("scratch", SCRATCH_LABEL, "s--")):
+        draw_cells(axes, parameters, [size["cells"][key] for size in summary["sizes"]], style, label)
+    axes.set_xscale("log")
+    axes.set_xticks(parameters, [f"{size['name']}\n{format_parameters(size['parameters'])}" for size in summary["sizes"]])
+    axes.minorticks_off()
+    return save_figure(figure, axes, path, "encoder parameters", title)
 
 
 def plot_pretraining_epochs(summary: dict[str, Any], path: pathlib.Path, title: str) -> Any:
     """Fine-tuned top-1 of the sweep size against pretraining epochs, the scratch run as a band; returns the figure."""
-    plt = pyplot()
-    figure, axes = plt.subplots(figsize=(5, 4), dpi=150)
+    figure, axes = new_figure()
     epochs = [float(length) for length in summary["sweep"]]
-    cells = list(summary["sweep"].values())
-    axes.errorbar(epochs, [c["mean"] for c in cells], yerr=[c["std"] or 0.0 for c in cells], fmt="o-", capsize=4,
-                  label=MAE_LABEL)
+    draw_cells(axes, epochs, list(summary["sweep"].values()), "o-", MAE_LABEL)
     scratch = summary["sizes"][1]["cells"]["scratch"]
     axes.axhline(scratch["mean"], color="gray", linestyle="--", label=SCRATCH_LABEL)
     spread = scratch["std"] or 0.0
     axes.axhspan(scratch["mean"] - spread, scratch["mean"] + spread, color="gray", alpha=0.15)
     axes.set_xticks(epochs, [f"{value:g}" for value in epochs])
-    axes.set(xlabel="pretraining epochs", ylabel="fine-tuned top-1 accuracy (%)")
-    axes.set_title(title, fontsize="medium")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return figure
+    return save_figure(figure, axes, path, "pretraining epochs", title)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
