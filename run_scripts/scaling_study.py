@@ -369,7 +369,7 @@ def plot_pretraining_epochs(summary: dict[str, Any], path: pathlib.Path, title: 
 def budget_line(name: str, budget: Budget, args: StudyArguments, images: dict[str, int]) -> str:
     """The budget in epochs and images, the image counts as the stages reported them."""
     data = args.dataset_name or "the embedded Fashion-MNIST sample"
-    return (f"`--budget {name}` on {data} ({images['train']} training images, {images['validation']} validation); "
+    return (f"`--budget {name}` on {data} ({images['train']:,} training images, {images['validation']:,} validation); "
             f"pretraining {budget.pretrain_epochs:g} epochs ({budget.pretrain_epochs * images['train']:,.0f} images), "
             f"fine-tuning {budget.finetune_epochs:g} epochs ({budget.finetune_epochs * images['train']:,.0f} images), "
             f"batch {budget.batch_size}")
