@@ -273,8 +273,11 @@ def summarise(
     for rung in rungs:
         cells = {key: cell([results[rung.name][key]["eval_accuracy"] for results in per_seed.values()])
                  for key in PROTOCOLS}
+        # The last epoch's training loss says whether fine-tuning got anywhere (chance: ln 10 = 2.30).
+        losses = {key: statistics.fmean(results[rung.name][key]["train_loss"] for results in per_seed.values())
+                  for key in ("scratch", "mae")}
         sizes.append({**asdict(rung), "finetune_base_lr": rung.finetune_base_lr,
-                      "parameters": encoder_parameters(rung), "cells": cells})
+                      "parameters": encoder_parameters(rung), "cells": cells, "finetune_train_loss": losses})
     lengths = sorted({epochs for results in sweep.values() for epochs in results})
     schedule = {f"{epochs:g}": cell([results[epochs]["eval_accuracy"] for results in sweep.values()])
                 for epochs in lengths}
@@ -292,6 +295,9 @@ def render_table(summary: dict[str, Any], budget_line: str, sweep_rung: str) -> 
         rows.append(f"| {size['name']} ({size['width']} wide, {size['depth']} blocks) | "
                     f"{format_parameters(size['parameters'])} | " + " | ".join(format_cell(cells[key]) for key in PROTOCOLS)
                     + f" | {gain:+.1f} |")
+    losses = "; ".join(f"{size['name']} {size['finetune_train_loss']['scratch']:.2f} from scratch, "
+                       f"{size['finetune_train_loss']['mae']:.2f} from MAE" for size in summary["sizes"])
+    rows += ["", f"Fine-tuning loss in the last epoch, mean over seeds (chance: 2.30): {losses}."]
     scratch = summary["sizes"][1]["cells"]["scratch"]
     lengths = summary["sweep"]
     rows += ["", f"| {sweep_rung}: pretraining epochs | 0 (from scratch) | " + " | ".join(lengths) + " |",

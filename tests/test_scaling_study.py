@@ -38,7 +38,8 @@ def hand_summary() -> dict:
         return {"scratch": {"mean": scratch, "std": 1.0}, "mae": {"mean": mae, "std": 2.0},
                 "linprobe": {"mean": mae - 5, "std": 3.0}, "knn": {"mean": mae - 10, "std": None}}
 
-    sizes = [{"name": f"ViT-{width}", "width": width, "depth": 6, "parameters": parameters, "cells": cells(s, m)}
+    sizes = [{"name": f"ViT-{width}", "width": width, "depth": 6, "parameters": parameters, "cells": cells(s, m),
+              "finetune_train_loss": {"scratch": 2.0, "mae": 1.5}}
              for width, parameters, s, m in ((48, 170_000, 60.0, 70.0), (96, 670_000, 61.0, 75.0),
                                              (192, 2_690_000, 62.0, 80.0))]
     sweep = {"1": {"mean": 65.0, "std": 0.5}, "2": {"mean": 70.0, "std": 1.5}, "4": {"mean": 75.0, "std": 2.0}}
@@ -71,6 +72,7 @@ def test_the_table_puts_every_cell_in_its_column_and_the_gain_of_mae() -> None:
     assert CELL.findall(sweep) == [("61.0", "1.0"), ("65.0", "0.5"), ("70.0", "1.5"), ("75.0", "2.0")]
     assert "| ViT-96: pretraining epochs | 0 (from scratch) | 1 | 2 | 4 |" in table
     assert "a budget line; seeds 0, 1, 2." in table
+    assert "ViT-96 2.00 from scratch, 1.50 from MAE;" in table
 
 
 # --------------------------------------------------------------------------------------------------------- figures
@@ -124,6 +126,9 @@ def test_smoke_study_writes_every_cell_from_its_stages_and_reuses_them(tmp_path:
             got = size["cells"][key]
             assert got["values"] == pytest.approx([a, b]) and got["n"] == 2, (size["name"], key)
             assert (got["mean"], got["std"]) == pytest.approx(((a + b) / 2, abs(a - b) / math.sqrt(2)))
+        scratch_losses = [json.loads((tmp_path / f"finetune-scratch_{size['name'].lower()}_s{seed}" / "all_results.json")
+                                     .read_text())["train_loss"] for seed in (0, 1)]
+        assert size["finetune_train_loss"]["scratch"] == pytest.approx(sum(scratch_losses) / 2)
     for epochs in ("0.5", "1"):  # the sweep: the middle size after each pretraining length
         seeds = [stage_accuracy(tmp_path / f"finetune-mae_vit-16_ep{epochs}_s{seed}") for seed in (0, 1)]
         assert summary["sweep"][epochs]["values"] == pytest.approx(seeds)
