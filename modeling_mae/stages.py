@@ -5,6 +5,7 @@ grows?) are such chains: pretrainings, then evaluations of what they wrote. A `S
 the output it prints in `output_dir/NAME.log` and its results in `output_dir/NAME/all_results.json`. A stage whose
 results exist is reused, so an interrupted study continues where it stopped; a stage found with results of other
 arguments is an error (its inputs may have changed under the stages after it), unless `force` reruns everything.
+Records write the study's own folder as `{output_dir}`, so a study moved or copied elsewhere is still reused.
 
 Stages run in this process rather than as subprocesses: a stage of the CI's smoke study takes about a second, a fresh
 Python importing torch, transformers and datasets several.
@@ -32,6 +33,7 @@ from .errors import UsageError
 
 RESULTS_FILE = "all_results.json"
 STAGE_RECORD_FILE = "stage.json"  # the arguments a stage ran with and how long it took
+STUDY_FOLDER = "{output_dir}"  # the study's folder in a record's arguments (a later stage reads an earlier one's)
 
 ScriptMain = Callable[[Sequence[str]], Any]
 
@@ -131,13 +133,19 @@ class StageRunner:
         # Results without a record: the stage was stopped between the two writes; run it again.
         if not (record_path.is_file() and (folder / RESULTS_FILE).is_file()):
             return False
-        recorded = json.loads(record_path.read_text())["argv"]
-        if recorded != list(stage.argv):
+        recorded, expected = json.loads(record_path.read_text())["argv"], self._recorded_form(stage.argv)
+        if recorded != expected:
             raise UsageError(
                 f"{folder} holds the results of other arguments ({shlex.join(recorded)}), not of "
-                f"{shlex.join(stage.argv)}: pass --force to rerun every stage, or choose another --output_dir"
+                f"{shlex.join(expected)}: pass --force to rerun every stage, or choose another --output_dir"
             )
         return True
+
+    def _recorded_form(self, argv: Sequence[str]) -> list[str]:
+        """`argv` as records keep it: a path into this study's folder starts with `STUDY_FOLDER`, not with where the
+        folder is now, so that the record still matches after the study is moved or copied."""
+        prefix = f"{self.output_dir}{os.sep}"
+        return [STUDY_FOLDER + os.sep + arg.removeprefix(prefix) if arg.startswith(prefix) else arg for arg in argv]
 
     def _execute(self, stage: Stage, folder: pathlib.Path) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {stage.command(folder)}", flush=True)
@@ -156,5 +164,5 @@ class StageRunner:
             raise
         finally:
             release_memory()
-        record = {"argv": list(stage.argv), "wall_seconds": time.perf_counter() - start}
+        record = {"argv": self._recorded_form(stage.argv), "wall_seconds": time.perf_counter() - start}
         (folder / STAGE_RECORD_FILE).write_text(json.dumps(record))

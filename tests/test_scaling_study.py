@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -197,6 +198,20 @@ def test_stage_runner_logs_a_stage_reuses_it_and_refuses_results_of_other_argume
         runner.run(Stage("one", "counting.py", ("--flag", "2")))
     StageRunner(scripts, output_dir, force=True).run(Stage("one", "counting.py", ("--flag", "2")))
     assert runs(output_dir) == 2
+
+
+def test_a_copied_study_reuses_the_stages_that_read_its_own_folders(scripts: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    def reader(study: pathlib.Path) -> Stage:  # a stage fed by an earlier stage's folder, as a fine-tuning is
+        return Stage("reader", "counting.py", ("--model_name_or_path", str(study / "pretrain")))
+
+    original, copy = tmp_path / "study", tmp_path / "copy"
+    original.mkdir()
+    StageRunner(scripts, original).run(reader(original))
+    shutil.copytree(original, copy)
+    StageRunner(scripts, copy).run(reader(copy))
+    assert runs(copy) == 1  # reused where it was copied to
+    with pytest.raises(UsageError, match="other arguments"):  # the copy's stage did not read the original's folder
+        StageRunner(scripts, copy).run(reader(original))
 
 
 def test_a_failed_stage_leaves_no_record_and_runs_again(scripts: pathlib.Path, tmp_path: pathlib.Path) -> None:
