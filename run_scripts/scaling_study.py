@@ -33,10 +33,10 @@ import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from modeling_mae import MAEModel, load_config
-from modeling_mae.arguments import DEFAULT_MODEL_CONFIG, parse_arguments
+from modeling_mae.arguments import AT_LEAST_ONE, DEFAULT_MODEL_CONFIG, SEED, Range, parse_arguments
 from modeling_mae.errors import UsageError, run_main
 from modeling_mae.stages import Stage, StageRunner
 
@@ -168,6 +168,8 @@ BUDGETS = {
 
 @dataclass
 class StudyArguments:
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {"seeds": SEED, "num_threads": AT_LEAST_ONE}
+
     budget: str = field(metadata={"help": "smoke (CI, seconds), cpu (~1.3 h on one idle core) or gpu (~11 min on one "
                                           "H100/H200, estimated).", "choices": list(BUDGETS)})
     output_dir: str = field(default="outputs/scaling-study", metadata={"help": "Stages, table and figures."})

@@ -36,14 +36,17 @@ from run_scripts.run_finetune import (
 from run_scripts.run_knn import KnnArguments
 from run_scripts.run_knn import main as knn_main
 from run_scripts.run_linear_probe import LinearProbeArguments
+from run_scripts.scaling_study import StudyArguments
 from run_scripts.visualize import VisualizeArguments
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = (PretrainModelArguments, DataArguments, OptimizationArguments, RunArguments)
 # Every argument dataclass a script parses (run_knn and run_linear_probe also parse ModelArguments + DataArguments).
 ALL_ARGUMENTS = (*PRETRAIN, KnnArguments, LinearProbeArguments, FinetuneModelArguments, AugmentationArguments,
-                 FinetuneOptimizationArguments, FinetuneRunArguments, VisualizeArguments, EvidenceArguments)
-REQUIRED = {VisualizeArguments: ["--model_name_or_path", str(REPO)]}  # a folder that exists
+                 FinetuneOptimizationArguments, FinetuneRunArguments, VisualizeArguments, EvidenceArguments,
+                 StudyArguments)
+REQUIRED = {VisualizeArguments: ["--model_name_or_path", str(REPO)],  # a folder that exists
+            StudyArguments: ["--budget", "smoke"]}
 
 
 def numeric_fields(cls: type) -> list[str]:
