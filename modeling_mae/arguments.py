@@ -7,8 +7,9 @@ subclassing (see `PretrainModelArguments`).
 
 Every numeric flag is checked when the command line is parsed: each argument dataclass lists the values its flags
 accept in a `FLAG_RANGES` class variable (subclasses inherit it), and a flag that names a local path
-(`LOCAL_PATH_FLAGS`) must exist (offline, a Hub model must be in the cache). A wrong value is a `UsageError`: one line
-naming the flag, the value and what is allowed, exit status 2.
+(`LOCAL_PATH_FLAGS`) must exist; a model name that is no local path must be a model on the Hub (one request, or the
+Hub cache when the Hub is offline or cannot be reached). A wrong value is a `UsageError`: one line naming the flag,
+the value and what is allowed, exit status 2.
 """
 
 from __future__ import annotations
@@ -25,10 +26,20 @@ from typing import Any, ClassVar
 
 import huggingface_hub
 import yaml
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HFValidationError
 from transformers import HfArgumentParser
 
-from .configuration_mae import MAE_PRESETS, config_source_problem, missing_local_path_message
+from .configuration_mae import (
+    MAE_PRESETS,
+    MAEConfig,
+    config_source_problem,
+    load_config,
+    missing_local_path_message,
+    parse_overrides,
+)
 from .errors import UsageError
+from .shards import describe
 
 CONFIG_FLAG = "--config"
 DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample
@@ -89,6 +100,14 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": 'Attention kernel: "sdpa" or "eager" (default: the library\'s choice).'}
     )
+
+    def __post_init__(self) -> None:
+        path = pathlib.Path(self.model_name_or_path or "").expanduser()
+        if self.model_name_or_path and path.is_file():  # e.g. its config.json: from_pretrained fails on a file
+            raise UsageError(
+                f"--model_name_or_path {self.model_name_or_path}: a file, not a model folder: pass the folder that "
+                f"holds it ({path.absolute().parent}), or a config alone as --model_config (random init)"
+            )
 
 
 @dataclass
@@ -236,6 +255,21 @@ class RunArguments:
         return int(self.checkpointing_steps)
 
 
+def load_model_config(source: str, config_overrides: str | None = None, **flags: Any) -> MAEConfig:
+    """The config of `source` (a preset, config.json, folder or Hub id) with `--config_overrides` applied, then the
+    dedicated flags' `flags` (which win over it).
+
+    A config that cannot build a model (an unknown field, `patch_size=0`, a width its heads do not divide: MAEConfig
+    validates every field when it is built) is a `UsageError`. The model library raises `ValueError`: its
+    configuration_mae.py travels alone as Hub remote code, without this package's errors.
+    """
+    try:
+        return load_config(source, {**parse_overrides(config_overrides), **flags})
+    except (ValueError, TypeError) as error:  # TypeError: a value of another type (`mask_ratio=abc`, `image_size=null`)
+        given = f" with --config_overrides {config_overrides}" if config_overrides else ""
+        raise UsageError(f"the model config ({source}{given}) cannot build a model: {error}") from error
+
+
 def load_yaml_config(path: str | pathlib.Path) -> dict[str, Any]:
     """A flat `{flag_name: value}` mapping; an empty file is an empty mapping."""
     if not pathlib.Path(path).expanduser().is_file():
@@ -278,27 +312,50 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None 
     return parsed
 
 
-def _offline_hub_problem(name: str) -> str | None:
-    """Offline, a name that is no local path can only be a Hub model in the local cache; say so if it is not there
-    (transformers would end in a 50-line "couldn't connect" traceback)."""
-    if not huggingface_hub.is_offline_mode() or name in MAE_PRESETS or pathlib.Path(name).expanduser().exists():
+def not_local_nor_on_hub(name: str, hub: str) -> str:
+    """What is wrong with a name that is neither a local folder nor usable from the Hub: `hub` says why not."""
+    return f"no such local folder ({pathlib.Path(name).expanduser().absolute()}), and {hub}"
+
+
+def hub_unavailable(what: str, error: BaseException | None = None) -> str:
+    """`the Hub is offline (HF_HUB_OFFLINE=1) ...` or `the Hub (URL) could not be reached (why) ...`, for a `what`."""
+    if error is None:
+        return f"the Hub is offline (HF_HUB_OFFLINE=1) with no cached {what} of that name"
+    return (f"the Hub ({hf_constants.ENDPOINT}) could not be reached ({describe(error)}), with no cached {what} of "
+            "that name")
+
+
+def _hub_model_problem(name: str) -> str | None:
+    """Why `name`, which is no local path, cannot be loaded as a Hub model: the Hub does not know it, or it cannot be
+    reached (or is offline) and the model is not in the local cache. One request, not retried: transformers would
+    retry for half a minute, then end in a 50-line "couldn't connect" or "not a valid model identifier" traceback."""
+    if name in MAE_PRESETS or pathlib.Path(name).expanduser().exists():
         return None
     try:
-        cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
-    except ValueError:  # not even a valid repo id
-        cached = None
-    if isinstance(cached, str):
+        if huggingface_hub.is_offline_mode():
+            return None if _cached(name) else not_local_nor_on_hub(name, hub_unavailable("model"))
+        known = huggingface_hub.HfApi().repo_exists(name)  # True for a gated one, False for a private one
+    except HFValidationError as error:  # a name the Hub would never accept
+        return not_local_nor_on_hub(name, f"it is no Hub model id either ({describe(error)})")
+    except Exception as error:  # noqa: BLE001 - no network, a timeout, a 5xx: what is in the cache still loads
+        return None if _cached(name) else not_local_nor_on_hub(name, hub_unavailable("model", error))
+    if known:
         return None
-    return (f"no such local folder ({pathlib.Path(name).expanduser().absolute()}), and the Hub is offline "
-            "(HF_HUB_OFFLINE=1) with no cached model of that name")
+    return not_local_nor_on_hub(
+        name, f"the Hub ({hf_constants.ENDPOINT}) has no model of that name (a private one needs `hf auth login`)"
+    )
+
+
+def _cached(name: str) -> bool:
+    return isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str)
 
 
 def _model_config_problem(name: str) -> str | None:
-    return config_source_problem(name) or _offline_hub_problem(name)
+    return config_source_problem(name) or _hub_model_problem(name)
 
 
 def _model_problem(name: str) -> str | None:
-    return missing_local_path_message(name) or _offline_hub_problem(name)
+    return missing_local_path_message(name) or _hub_model_problem(name)
 
 
 # Flags that take a local path or a Hub id, and what is wrong with a value, found without asking the Hub.

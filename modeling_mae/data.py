@@ -37,12 +37,13 @@ import pyarrow.parquet as pq
 import torch
 from datasets import ClassLabel, DatasetBuilder, IterableDataset, Value, load_dataset_builder
 from datasets import Image as ImageFeature
+from datasets import config as datasets_config
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetNotFoundError
 from datasets.utils.file_utils import xopen
 from PIL import Image
 
-from .arguments import AT_LEAST_ONE, NON_NEGATIVE, PROBABILITY, Range
+from .arguments import AT_LEAST_ONE, NON_NEGATIVE, PROBABILITY, Range, hub_unavailable, not_local_nor_on_hub
 from .configuration_mae import missing_local_path_message
 from .errors import UsageError
 from .shards import SHARD_SUFFIXES, ShardGuard, describe, find_bad_shards, guard_shards, scan_shard
@@ -199,13 +200,16 @@ def _load_checked_source(args: DataArguments) -> tuple[DatasetBuilder, dict[str,
 
 
 def _load_hub_builder(name: str, config_name: str | None) -> DatasetBuilder:
+    """The builder of a Hub dataset; a name the Hub does not know, or cannot be asked about, is a `UsageError`."""
     try:
         return load_dataset_builder(name, config_name)
     except DatasetNotFoundError as error:
-        raise UsageError(
-            f"Unknown dataset {name!r}: neither a local folder nor a dataset on the Hugging Face Hub ({error}). For a "
-            "gated dataset such as ILSVRC/imagenet-1k, accept its terms on the Hub and log in (`hf auth login`)."
-        ) from error
+        hub = (f"the Hub ({datasets_config.HF_ENDPOINT}) has no dataset of that name, or none you can access: for a "
+               "gated dataset such as ILSVRC/imagenet-1k, accept its terms on the Hub and log in (`hf auth login`)")
+        raise UsageError(f"--dataset_name {name}: {not_local_nor_on_hub(name, hub)}") from error
+    except ConnectionError as error:  # offline, or no network: `datasets` found no cached copy either
+        hub = hub_unavailable("dataset", None if datasets_config.HF_HUB_OFFLINE else error)
+        raise UsageError(f"--dataset_name {name}: {not_local_nor_on_hub(name, hub)}") from error
 
 
 def _leave_out_bad_shards(builder: DatasetBuilder, skip_bad_shards: bool) -> dict[str, dict[str, str]]:

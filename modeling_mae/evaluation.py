@@ -30,8 +30,8 @@ import transformers
 from accelerate import Accelerator
 from torch import nn
 
-from .arguments import DEFAULT_MODEL_CONFIG
-from .configuration_mae import MAEConfig, load_config, parse_overrides
+from .arguments import DEFAULT_MODEL_CONFIG, load_model_config
+from .configuration_mae import MAEConfig
 from .data import DataArguments, ImageStreamLoader, build_dataloader
 from .errors import UsageError
 from .modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, resize_position_table
@@ -63,10 +63,11 @@ def load_encoder(
     A random init is what the "from scratch" baselines use: seed before calling for reproducible weights.
     """
     if model_name_or_path:
-        return from_pretrained_quietly(MAEModel, model_name_or_path, **parse_overrides(config_overrides))
+        config = load_model_config(model_name_or_path, config_overrides)
+        return from_pretrained_quietly(MAEModel, model_name_or_path, config=config)
     if model_config is None:
         raise ValueError("pass --model_name_or_path (pretrained weights) or --model_config (random init)")
-    return MAEModel(load_config(model_config, config_overrides))
+    return MAEModel(load_model_config(model_config, config_overrides))
 
 
 def from_pretrained_quietly(model_class: type[LoadedModel], source: str, **kwargs: Any) -> LoadedModel:

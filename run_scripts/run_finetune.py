@@ -41,6 +41,7 @@ from modeling_mae.arguments import (
     Range,
     RunArguments,
     arguments_to_dict,
+    load_model_config,
     parse_arguments,
     save_resolved_config,
 )
@@ -353,8 +354,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     set_seed(run.seed)  # identical weights on every process
     # The loaders come first (the classifier needs the class names), so the resolution is read off the config.
-    source_config = load_config(args.model.model_name_or_path or args.model.model_config or DEFAULT_MODEL_CONFIG,
-                                args.model.config_overrides)
+    source_config = load_model_config(args.model.model_name_or_path or args.model.model_config or DEFAULT_MODEL_CONFIG,
+                                      args.model.config_overrides)  # a wrong --config_overrides fails here
     image_size = (args.model.image_size,) * 2 if args.model.image_size else source_config.image_size
     patch, num_labels = max(source_config.patch_size), args.model.num_labels
     train_loader = split_loader(accelerator, args.data, "train", finetune_transform(image_size),

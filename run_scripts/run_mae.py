@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from modeling_mae import MAEConfig, MAEForPreTraining, build_image_processor, load_config, parse_overrides
+from modeling_mae import MAEConfig, MAEForPreTraining, build_image_processor
 from modeling_mae.arguments import (
     DEFAULT_MODEL_CONFIG,
     RUN_CONFIG_FILE,
@@ -32,6 +32,7 @@ from modeling_mae.arguments import (
     PretrainModelArguments,
     RunArguments,
     arguments_to_dict,
+    load_model_config,
     parse_arguments,
     save_resolved_config,
     without_secrets,
@@ -145,11 +146,9 @@ def model_source(model_args: PretrainModelArguments) -> str:
 def build_config(model_args: PretrainModelArguments) -> MAEConfig:
     """`--model_config` (else the config of `--model_name_or_path`, else tiny-32px) + overrides; the dedicated
     `--mask_ratio`/`--norm_pix_loss` flags win over `--config_overrides`."""
-    overrides = parse_overrides(model_args.config_overrides)
-    for name in ("mask_ratio", "norm_pix_loss"):
-        if getattr(model_args, name) is not None:
-            overrides[name] = getattr(model_args, name)
-    return load_config(model_source(model_args), overrides=overrides)
+    flags = {name: getattr(model_args, name) for name in ("mask_ratio", "norm_pix_loss")}
+    given = {name: value for name, value in flags.items() if value is not None}
+    return load_model_config(model_source(model_args), model_args.config_overrides, **given)
 
 
 def build_model(args: Arguments, config: MAEConfig) -> MAEForPreTraining:

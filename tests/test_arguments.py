@@ -15,6 +15,8 @@ import typing
 
 import huggingface_hub
 import pytest
+from accelerate.state import AcceleratorState, GradientState
+from conftest import tiny_config, use_hub
 
 from modeling_mae.arguments import (
     OptimizationArguments,
@@ -24,7 +26,7 @@ from modeling_mae.arguments import (
     parse_arguments,
 )
 from modeling_mae.configuration_mae import load_config
-from modeling_mae.data import DataArguments
+from modeling_mae.data import DataArguments, build_dataloader
 from modeling_mae.errors import EXIT_USAGE, UsageError, run_main
 from run_scripts.evidence import EvidenceArguments
 from run_scripts.run_finetune import (
@@ -33,9 +35,12 @@ from run_scripts.run_finetune import (
     FinetuneOptimizationArguments,
     FinetuneRunArguments,
 )
+from run_scripts.run_finetune import main as finetune_main
 from run_scripts.run_knn import KnnArguments
 from run_scripts.run_knn import main as knn_main
 from run_scripts.run_linear_probe import LinearProbeArguments
+from run_scripts.run_linear_probe import main as linear_probe_main
+from run_scripts.run_mae import main as pretrain_main
 from run_scripts.scaling_study import StudyArguments
 from run_scripts.visualize import VisualizeArguments
 
@@ -141,14 +146,26 @@ def test_a_missing_local_path_is_named_instead_of_looked_up_on_the_hub(
     assert str(raised.value) == f"{flag} {value}: {kind} does not exist: {absolute}"
 
 
-def test_hub_ids_and_presets_pass_the_path_check(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_ids_and_presets_pass_the_path_check(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, hub_server
+) -> None:
     monkeypatch.chdir(tmp_path)  # no folder named facebook/ or ILSVRC/ here
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub_server.models = {"facebook/vit-mae-base"}
     model, data, *_ = parse_arguments(PRETRAIN, ["--model_name_or_path", "facebook/vit-mae-base", "--model_config",
                                                  "base", "--dataset_name", "ILSVRC/imagenet-1k"])
     assert (model.model_name_or_path, data.dataset_name) == ("facebook/vit-mae-base", "ILSVRC/imagenet-1k")
     with pytest.raises(UsageError, match=r"^--model_config bsae: no such preset \(tiny-32px, tiny, small, base"):
         parse_arguments(PRETRAIN, ["--model_config", "bsae"])
+
+
+def cache_model(monkeypatch: pytest.MonkeyPatch, hub_cache: pathlib.Path, repo_id: str) -> None:
+    """A Hub cache (HF_HUB_CACHE) holding `repo_id`'s config.json, as a download leaves it."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
 
 
 def test_offline_a_model_name_must_be_a_folder_or_in_the_hub_cache(
@@ -157,19 +174,99 @@ def test_offline_a_model_name_must_be_a_folder_or_in_the_hub_cache(
     """`outputs/mae-pretrain` run from a folder without outputs/: it looks like a Hub id, and offline none can load."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(UsageError) as raised:
         parse_arguments(PRETRAIN, ["--model_name_or_path", "outputs/mae-pretrain"])
     assert str(raised.value) == (f"--model_name_or_path outputs/mae-pretrain: no such local folder ({tmp_path}/outputs/"
                                  "mae-pretrain), and the Hub is offline (HF_HUB_OFFLINE=1) with no cached model of "
                                  "that name")
-    snapshot = tmp_path / "hub" / "models--outputs--mae-pretrain" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (tmp_path / "hub" / "models--outputs--mae-pretrain" / "refs").mkdir()
-    (tmp_path / "hub" / "models--outputs--mae-pretrain" / "refs" / "main").write_text("0" * 40)
+    cache_model(monkeypatch, tmp_path / "hub", "outputs/mae-pretrain")
     assert parse_arguments(PRETRAIN, ["--model_name_or_path", "outputs/mae-pretrain"])[0].model_name_or_path
+
+
+def test_online_a_model_name_must_be_a_folder_or_a_model_on_the_hub(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, hub_server
+) -> None:
+    """The same mistake with the Hub online, as a new user has it: the Hub answers 404 for that name (one request,
+    instead of transformers' 60-line traceback), or cannot be reached (79 lines after half a minute of retries);
+    a model already in the Hub cache still loads then."""
+    monkeypatch.chdir(tmp_path)
+    missing = f"--model_name_or_path outputs/mae-pretrain: no such local folder ({tmp_path}/outputs/mae-pretrain), and"
+    for flag in ("--model_name_or_path", "--model_config"):
+        with pytest.raises(UsageError) as raised:
+            parse_arguments(PRETRAIN, [flag, "outputs/mae-pretrain"])
+        assert str(raised.value) == (f"{missing.replace('--model_name_or_path', flag)} the Hub "
+                                     f"({huggingface_hub.constants.ENDPOINT}) has no model of that name (a private "
+                                     "one needs `hf auth login`)")
+
+    use_hub(monkeypatch, "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(UsageError) as raised:
+        parse_arguments(PRETRAIN, ["--model_name_or_path", "outputs/mae-pretrain"])
+    assert str(raised.value) == (f"{missing} the Hub (http://127.0.0.1:9) could not be reached (ConnectError: [Errno "
+                                 "111] Connection refused), with no cached model of that name")
+    cache_model(monkeypatch, tmp_path / "hub", "outputs/mae-pretrain")
+    assert parse_arguments(PRETRAIN, ["--model_name_or_path", "outputs/mae-pretrain"])[0].model_name_or_path
+
+
+def test_a_dataset_name_that_is_neither_a_folder_nor_on_the_hub_is_one_line(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, hub_server
+) -> None:
+    """`--dataset_name data/imagenet` run from a folder without data/: the Hub has no such dataset, or is offline
+    (a 33-line ConnectionError traceback before)."""
+    monkeypatch.chdir(tmp_path)
+    missing = f"--dataset_name data/imagenet: no such local folder ({tmp_path}/data/imagenet), and"
+    with pytest.raises(UsageError) as raised:
+        build_dataloader(DataArguments(dataset_name="data/imagenet"), "train", lambda image: image, 2, train=True)
+    assert str(raised.value) == (f"{missing} the Hub ({huggingface_hub.constants.ENDPOINT}) has no dataset of that "
+                                 "name, or none you can access: for a gated dataset such as ILSVRC/imagenet-1k, "
+                                 "accept its terms on the Hub and log in (`hf auth login`)")
+    monkeypatch.undo()  # offline, as the tests run
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as raised:
+        build_dataloader(DataArguments(dataset_name="data/imagenet"), "train", lambda image: image, 2, train=True)
+    assert str(raised.value) == f"{missing} the Hub is offline (HF_HUB_OFFLINE=1) with no cached dataset of that name"
+
+
+def test_a_config_file_is_no_model_folder(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model_name_or_path run/config.json` (transformers would unpickle it: a 34-line torch.load traceback)."""
+    tiny_config().save_pretrained(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as raised:
+        parse_arguments(PRETRAIN, ["--model_name_or_path", "run/config.json"])
+    assert str(raised.value) == (f"--model_name_or_path run/config.json: a file, not a model folder: pass the folder "
+                                 f"that holds it ({tmp_path}/run), or a config alone as --model_config (random init)")
+
+
+def script_error(main: typing.Callable[[list[str]], object], argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """What a script prints to stderr when it exits with status 2 (`run_main`, as `python script.py` runs it)."""
+    try:
+        assert run_main(main, argv) == EXIT_USAGE
+    finally:  # the scripts build an Accelerator: the next one must start clean
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ("no_such_field=3", r"unknown config field\(s\) \['no_such_field'\]; known fields: \[.*\]"),
+    ("patch_size=0", r"patch_size \(0, 0\) must divide image_size \(16, 16\)"),
+    ("num_attention_heads=3", "num_attention_heads=3 must divide hidden_size=32"),
+    ("hidden_size", "config override 'hidden_size' is not of the form key=value"),
+    ("mask_ratio=abc", "'<=' not supported between instances of 'float' and 'str'"),
+])
+@pytest.mark.parametrize("main", [pretrain_main, finetune_main, knn_main, linear_probe_main],
+                         ids=["run_mae", "run_finetune", "run_knn", "run_linear_probe"])
+def test_a_config_override_mistake_is_one_line(
+    main, overrides: str, problem: str, model_config: pathlib.Path, tmp_path: pathlib.Path, capsys
+) -> None:
+    """MAEConfig validates itself when built and raises ValueError (it travels as Hub remote code, without our
+    errors); each script turns that into one line naming the config and the overrides, before reading any data."""
+    argv = ["--model_config", str(model_config), "--config_overrides", overrides, "--output_dir", str(tmp_path)]
+    assert re.fullmatch(
+        rf"error: the model config \({re.escape(str(model_config))} with --config_overrides {overrides}\) cannot "
+        rf"build a model: {problem}\n",
+        script_error(main, argv, capsys),
+    )
 
 
 def test_load_config_names_a_missing_file() -> None:

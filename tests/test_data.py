@@ -379,7 +379,7 @@ def test_user_errors_are_clear(tmp_path: pathlib.Path, monkeypatch: pytest.Monke
         raise DatasetNotFoundError("missing")
 
     monkeypatch.setattr(data, "load_dataset_builder", not_found)
-    with pytest.raises(ValueError, match="Unknown dataset .*hf auth login"):
+    with pytest.raises(ValueError, match=r"^--dataset_name someone/no-such-dataset: no such local folder .*hf auth"):
         build_dataloader(DataArguments(dataset_name="someone/no-such-dataset"), "train", ID_TRANSFORM, 2, train=True)
 
 

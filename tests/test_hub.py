@@ -12,11 +12,11 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
+from conftest import serve_http
 from huggingface_hub import constants as hf_constants
 from test_training import EXPORTED_FILES, RUN_MAE, FakeHfApi, assert_loadable, run_args, run_main, weights
 
@@ -122,14 +122,8 @@ class FailingHub(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def failing_hub() -> Iterator[str]:
     FailingHub.authorizations = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailingHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        thread.join()
+    with serve_http(FailingHub) as endpoint:
+        yield endpoint
 
 
 def test_a_hub_that_fails_mid_run_costs_no_training_and_leaks_no_token(
