@@ -175,7 +175,8 @@ class OptimizationArguments:
     )
     max_consecutive_nonfinite: int = field(
         default=20,
-        metadata={"help": "Stop (after a checkpoint) when this many micro-batches in a row have a non-finite loss."},
+        metadata={"help": "Stop when this many micro-batches in a row have a non-finite loss (naming a checkpoint to "
+                          "resume from)."},
     )
 
     def __post_init__(self) -> None:

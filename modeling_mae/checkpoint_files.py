@@ -9,7 +9,9 @@ the safe way, and the resume stops at the first one that fails, naming it:
   writers need (`allowed_globals`: numpy arrays in the RNG states, DeepSpeed's loss scaler and stage enum);
 - the `.metadata` files of torch.distributed.checkpoint (FSDP's sharded state), which DCP reads with plain
   `pickle.load`, go through an unpickler that builds DCP's own metadata classes and nothing else;
-- `model.safetensors` has its header checked (safetensors holds no code, but a truncated file must be named).
+- `model.safetensors` has its header checked (safetensors holds no code, but a truncated file must be named);
+- each `random_states_{rank}.pkl` must hold the RNG states Accelerate restores from it (`check_rng_states`):
+  Accelerate logs a failure at info level and goes on with fresh ones, which would make a resume silently inexact.
 
 The load itself then runs under `weights_only_loading`, which makes every `torch.load` weights-only, the
 `weights_only=False` of DeepSpeed's checkpoint engine included.
@@ -19,25 +21,41 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import importlib
+import logging
 import os
 import pathlib
 import pickle
+import random
 import re
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from accelerate.utils import is_cuda_available
 from accelerate.utils.other import TORCH_SAFE_GLOBALS as ACCELERATE_RNG_GLOBALS
 from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 DCP_METADATA_NAME = ".metadata"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at every call
 REGISTERED_OBJECT_PATTERN = "custom_checkpoint_*.pkl"  # Accelerate unpickles these with weights_only=False
+RNG_STATES_PATTERN = "random_states_*.pkl"  # Accelerate's, one per process
+# What `accelerator.load_state` sets from each on every machine (a CUDA machine also sets "torch_cuda_manual_seed"),
+# each checked by giving it to a private generator of the same kind.
+RNG_STATE_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "random_state": lambda state: random.Random().setstate(state),
+    "numpy_random_seed": lambda state: np.random.RandomState().set_state(state),
+    "torch_manual_seed": lambda state: torch.Generator().set_state(state),
+}
+CUDA_RNG_STATE = "torch_cuda_manual_seed"
 # The classes DeepSpeed (0.19) pickles into its ZeRO optimizer shards besides tensors and plain data.
 DEEPSPEED_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -111,14 +129,33 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def check_pickle(path: pathlib.Path, allowed: Sequence[Any]) -> None:
-    """Load `path` weights-only, its tensors memory-mapped rather than read."""
+def check_pickle(path: pathlib.Path, allowed: Sequence[Any]) -> Any:
+    """Load `path` weights-only, its tensors memory-mapped rather than read; returns what it holds."""
     try:
         with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says what matters
-            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # refused, truncated or not a torch file: the resume stops on it
         raise UnusableFile(path, f"cannot be loaded safely: {_why(error)}") from error
+
+
+def check_rng_states(path: pathlib.Path, states: Any) -> None:
+    """`states` (loaded from `path`) holds every RNG state that Accelerate restores here, each one usable."""
+    if not isinstance(states, dict):
+        raise UnusableFile(path, f"holds no random-number-generator states (a {type(states).__name__})")
+    for key, check in RNG_STATE_CHECKS.items():
+        if key not in states:
+            raise UnusableFile(path, f"holds no {key} among its random-number-generator states")
+        try:
+            check(states[key])
+        except Exception as error:  # of the wrong type or shape: Accelerate would fail on it as well
+            raise UnusableFile(path, f"holds an unusable {key} ({_why(error)})") from error
+    if is_cuda_available() and CUDA_RNG_STATE not in states:
+        logger.warning(
+            "%s holds no CUDA random-number-generator state (saved without a GPU?): the GPU's random numbers start "
+            "afresh, so the resumed run is not an exact continuation",
+            path,
+        )
 
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
@@ -172,7 +209,9 @@ def check_checkpoint_files(checkpoint: pathlib.Path, allowed: Sequence[Any], mod
         )
     for path in sorted(checkpoint.rglob("*")):
         if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-            check_pickle(path, allowed)
+            loaded = check_pickle(path, allowed)
+            if fnmatch.fnmatch(path.name, RNG_STATES_PATTERN):
+                check_rng_states(path, loaded)
         elif path.is_file() and path.name == DCP_METADATA_NAME:
             check_dcp_metadata(path)
 

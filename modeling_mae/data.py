@@ -784,9 +784,11 @@ class ImageStreamLoader:
         self._skipped_shards.update(state.pop("skipped_shards", []))
         position = _StreamPosition(**state)
         if position.num_workers != self._num_workers:
-            raise ValueError(
-                f"The saved stream position was made with {position.num_workers} DataLoader worker(s); resume with "
-                f"the same --dataloader_num_workers (now {self._num_workers}) to continue exactly where it stopped."
+            saved = "0 or 1" if position.num_workers == 1 else position.num_workers  # 0 reads the stream like 1
+            raise UsageError(
+                f"The checkpoint's data-stream position was saved with --dataloader_num_workers {saved}, and this run "
+                f"has --dataloader_num_workers {self._loader.num_workers}: each worker reads its own part of the "
+                f"stream, so resume with --dataloader_num_workers {saved} to continue exactly where it stopped."
             )
         self.epoch = position.epoch
         self._resume_from = position

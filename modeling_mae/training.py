@@ -573,11 +573,14 @@ class ResumableLoader(Protocol):
 
 @dataclass
 class Resumable:
-    """What a checkpoint saves besides Accelerate's state (model, optimizer, RNG) and the caller's progress."""
+    """What a checkpoint saves besides Accelerate's state (model, optimizer, RNG) and the caller's progress; one per
+    run (`saved_step` is the run's own)."""
 
     scheduler: LambdaLR
     train_loader: ResumableLoader
     layout: BatchLayout
+    # The step whose `step_{N}` in output_dir holds this run's state already (it resumed from it, or saved it).
+    saved_step: int | None = None
 
 
 def checkpoint_step(path: pathlib.Path) -> int | None:
@@ -633,17 +636,21 @@ def save_checkpoint(
     staging folder first, renamed to `step_{step}` at the end, so a crash mid-save never leaves a complete-looking
     folder; a full disk removes the staging folder and raises a `UsageError` that says the previous checkpoint is
     intact.
+
+    Afterwards `step_{step}` holds this run's state, and `--resume_from_checkpoint latest` picks this run: a
+    `step_{step}` of another run (a damaged or diverged one that this run went back before, or an earlier run in
+    the same folder) is replaced, and that run's later checkpoints are deleted (`commit_checkpoint`). Saving the
+    step this run resumed from, or saved already, keeps that folder: it holds this run's state at that step.
     """
     output_dir = pathlib.Path(output_dir)
     final = output_dir / f"step_{step}"
-    if (final / TRAINER_STATE_NAME).is_file():
-        return final  # e.g. an end-of-epoch save landing on a step that was just saved
+    if resumable.saved_step == step:
+        return final  # e.g. an end-of-epoch save right after resuming at the epoch's last step
     staging = output_dir / f".step_{step}.incomplete"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save
-        shutil.rmtree(final, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with reporting_full_disk(output_dir, staging, step):
+    with reporting_full_disk(output_dir, step, f"checkpoint step_{step}", staging):
         accelerator.save_state(str(staging))
         process_state = {TRAIN_LOADER_STATE: resumable.train_loader.state_dict()}
         write_json(staging / PROCESS_STATE_NAME.format(accelerator.process_index), process_state)
@@ -656,28 +663,66 @@ def save_checkpoint(
             }
             write_json(staging / TRAINER_STATE_NAME, trainer_state)
     if accelerator.is_main_process:
-        os.replace(staging, final)
+        commit_checkpoint(staging, final)
         if total_limit is not None:
             rotate_checkpoints(output_dir, total_limit)
+    resumable.saved_step = step
     accelerator.wait_for_everyone()
     return final
 
 
+def commit_checkpoint(staging: pathlib.Path, final: pathlib.Path) -> None:
+    """Rename the complete `staging` folder to `final`, replacing a `final` of another run, and delete the complete
+    checkpoints after it: a run saves in step order, so they are another run's, which `latest` must not resume.
+
+    A folder cannot be renamed onto a non-empty one, and deleting the old `final` first would leave it half deleted,
+    still looking complete, should the process be killed meanwhile: it is renamed out of the way (one atomic step),
+    the new one renamed in, and the old one deleted last.
+    """
+    replaced = hide(final) if final.exists() else None
+    os.replace(staging, final)
+    if replaced is not None:
+        logger.warning("Replaced %s, left by another run, with this run's checkpoint", final)
+        shutil.rmtree(replaced)
+    for later in list_checkpoints(final.parent):
+        if (checkpoint_step(later) or 0) > (checkpoint_step(final) or 0):
+            logger.warning("Deleting %s: a checkpoint of another run, after this run's %s", later, final.name)
+            delete_checkpoint(later)
+
+
+def hide(checkpoint: pathlib.Path) -> pathlib.Path:
+    """Rename a checkpoint folder to a hidden name that `list_checkpoints` ignores (and uploads skip); returns it."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.deleted")
+    shutil.rmtree(hidden, ignore_errors=True)  # left by a process killed while deleting
+    os.replace(checkpoint, hidden)
+    return hidden
+
+
+def delete_checkpoint(checkpoint: pathlib.Path) -> None:
+    """Delete a checkpoint folder; a kill in the middle leaves no half-deleted folder that looks complete."""
+    shutil.rmtree(hide(checkpoint))
+
+
 @contextlib.contextmanager
-def reporting_full_disk(output_dir: pathlib.Path, staging: pathlib.Path, step: int) -> Iterator[None]:
-    """A write that runs out of space becomes a `UsageError` naming the filesystem; its staging folder is removed."""
+def reporting_full_disk(
+    output_dir: pathlib.Path, step: int, saving: str, staging: pathlib.Path | None = None
+) -> Iterator[None]:
+    """A write that runs out of space becomes a `UsageError` naming the filesystem, what was being saved (`saving`)
+    and the newest checkpoint, which is intact; a checkpoint's `staging` folder is removed."""
     try:
         yield
     except Exception as error:
         if not disk_is_full(error, output_dir):
             raise
-        shutil.rmtree(staging, ignore_errors=True)  # gives the space back; the previous checkpoints are untouched
+        room = ""
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # gives the space back; the previous checkpoints are untouched
+            room = " (a save needs room for one more checkpoint beside the --checkpoints_total_limit kept ones)"
         previous = newest_checkpoint_before(output_dir, step + 1)
         intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise UsageError(
-            f"no space left on {filesystem_of(output_dir)} while saving checkpoint step_{step} to {output_dir}; "
-            f"{intact}. Free some space (a save needs room for one more checkpoint beside the --checkpoints_total_limit "
-            "kept ones) and rerun with --resume_from_checkpoint latest"
+            f"no space left on {filesystem_of(output_dir)} while saving {saving} to {output_dir}; {intact}. Free "
+            f"some space{room} and rerun with --resume_from_checkpoint latest"
         ) from error
 
 
@@ -686,16 +731,26 @@ def rotate_checkpoints(output_dir: str | os.PathLike[str], total_limit: int) -> 
     checkpoints = list_checkpoints(output_dir)
     for old in checkpoints[: max(0, len(checkpoints) - total_limit)]:
         logger.info("Deleting old checkpoint %s", old)
-        shutil.rmtree(old)
+        delete_checkpoint(old)
+
+
+def read_checkpoint_json(checkpoint: pathlib.Path, name: str) -> dict[str, Any]:
+    """A JSON file of a checkpoint; one that cannot be read (truncated, not JSON) is a `UsageError` naming it."""
+    path = checkpoint / name
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} cannot be read ({error}); {resume_elsewhere(checkpoint)}") from error
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} cannot be read (a JSON {type(state).__name__}, not an object); "
+                         f"{resume_elsewhere(checkpoint)}")
+    return state
 
 
 def read_trainer_state(checkpoint: pathlib.Path, layout: BatchLayout) -> dict[str, Any]:
     """`trainer_state.json` of a checkpoint of this version, saved with `layout`; anything else is a `UsageError`."""
     path = checkpoint / TRAINER_STATE_NAME
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path} cannot be read ({error}); {resume_elsewhere(checkpoint)}") from error
+    state = read_checkpoint_json(checkpoint, TRAINER_STATE_NAME)
     if not {LR_SCHEDULER_KEY, BATCH_LAYOUT_KEY} <= state.keys():
         raise UsageError(
             f"{path} has no {LR_SCHEDULER_KEY} or {BATCH_LAYOUT_KEY}: {checkpoint} was written by an older version of "
@@ -741,6 +796,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: pathlib.Path, resumabl
     """
     trainer_state = read_trainer_state(checkpoint, resumable.layout)
     check_process_files(checkpoint, resumable.layout)
+    restore_stream_position(checkpoint, PROCESS_STATE_NAME.format(accelerator.process_index), resumable.train_loader)
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     allowed = allowed_globals(deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED)
     try:
@@ -751,9 +807,21 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: pathlib.Path, resumabl
         accelerator.load_state(str(checkpoint))
     restore_scheduler(resumable.scheduler, trainer_state.pop(LR_SCHEDULER_KEY))
     del trainer_state[BATCH_LAYOUT_KEY]
-    process_state = json.loads((checkpoint / PROCESS_STATE_NAME.format(accelerator.process_index)).read_text())
-    resumable.train_loader.load_state_dict(process_state[TRAIN_LOADER_STATE])
     return trainer_state
+
+
+def restore_stream_position(checkpoint: pathlib.Path, name: str, loader: ResumableLoader) -> None:
+    """Load this process's data-stream position (file `name`) into `loader`; a file that holds none is named."""
+    position = read_checkpoint_json(checkpoint, name).get(TRAIN_LOADER_STATE)
+    try:
+        if not isinstance(position, dict):
+            raise KeyError(TRAIN_LOADER_STATE)
+        loader.load_state_dict(position)
+    except (KeyError, TypeError) as error:  # a field missing, or one too many: not a position this version wrote
+        raise UsageError(
+            f"{checkpoint / name} holds no data-stream position ({type(error).__name__}: {error}); "
+            f"{resume_elsewhere(checkpoint)}"
+        ) from error
 
 
 def resume_training(
@@ -771,7 +839,10 @@ def resume_training(
         if resume_from_checkpoint:
             logger.info("no checkpoint in %s yet: starting from scratch", output_dir)
         return None
-    return path, load_checkpoint(accelerator, path, resumable)
+    trainer_state = load_checkpoint(accelerator, path, resumable)
+    if path.resolve().parent == pathlib.Path(output_dir).resolve():
+        resumable.saved_step = checkpoint_step(path)
+    return path, trainer_state
 
 
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ card, `all_results.json` (`eval_accuracy`, `eval_top5_accuracy`) and, with `--pu
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import pathlib
 import sys
@@ -75,6 +76,7 @@ from modeling_mae.training import (
     plan_training,
     print_outputs,
     progress_bar,
+    reporting_full_disk,
     resume_training,
     save_checkpoint,
     scaled_learning_rate,
@@ -226,7 +228,7 @@ class Loop:
     metric: ClassificationMetric
     layout: BatchLayout
 
-    @property
+    @functools.cached_property  # one per run: it records the run's own checkpoint
     def resumable(self) -> Resumable:
         return Resumable(self.scheduler, self.train_loader, self.layout)
 
@@ -406,12 +408,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_runtime": time.perf_counter() - start,
         "history": history,
     }
-    export_model(accelerator, model, run.output_dir)
-    results = save_results(accelerator, run.output_dir, metrics)
-    if accelerator.is_main_process:
-        card_metrics = {key: value for key, value in metrics.items() if key != "history"}
-        write_model_card(run.output_dir, model_card(args, accelerator.unwrap_model(model), card_metrics))
-    accelerator.wait_for_everyone()
+    with reporting_full_disk(pathlib.Path(run.output_dir), progress.completed_steps, "the fine-tuned model"):
+        export_model(accelerator, model, run.output_dir)
+        results = save_results(accelerator, run.output_dir, metrics)
+        if accelerator.is_main_process:
+            card_metrics = {key: value for key, value in metrics.items() if key != "history"}
+            write_model_card(run.output_dir, model_card(args, accelerator.unwrap_model(model), card_metrics))
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     print_outputs(accelerator, f"Done: fine-tuning, {len(history)} epochs, {summarize(metrics)}",
                   {"model": run.output_dir, "results": results})

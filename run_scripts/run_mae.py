@@ -11,6 +11,7 @@ that the other flags override. See docs/training.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import pathlib
@@ -71,6 +72,7 @@ from modeling_mae.training import (
     plan_training,
     print_outputs,
     progress_bar,
+    reporting_full_disk,
     resume_training,
     save_checkpoint,
     scaled_learning_rate,
@@ -131,7 +133,7 @@ class Trainer:
     def unwrapped(self) -> MAEForPreTraining:
         return self.accelerator.unwrap_model(self.model)
 
-    @property
+    @functools.cached_property  # one per run: it records the run's own checkpoint
     def resumable(self) -> Resumable:
         return Resumable(self.scheduler, self.train_loader, self.layout)
 
@@ -495,7 +497,8 @@ def checkpoint(trainer: Trainer, progress: TrainingProgress, losses: LossWindow)
     )
     logger.info("step %d: saved %s", progress.completed_steps, path)
     if trainer.args.run.push_to_hub:
-        export(trainer, progress)
+        with reporting_full_disk(trainer.output_dir, progress.completed_steps, "the model export for the Hub"):
+            export(trainer, progress)
         if trainer.uploader is not None:
             trainer.uploader.upload_in_background(
                 trainer.output_dir, f"Training in progress, step {progress.completed_steps}"
@@ -603,9 +606,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start_time, start_samples = time.perf_counter(), progress.train_samples
     progress = train(trainer, progress)
     runtime = time.perf_counter() - start_time
-    figure = save_figure(trainer, progress.completed_steps)
-    metrics = results(trainer, progress, runtime, progress.train_samples - start_samples)
-    export(trainer, progress, metrics=metrics)
+    with reporting_full_disk(trainer.output_dir, progress.completed_steps, "the final model"):
+        figure = save_figure(trainer, progress.completed_steps)
+        metrics = results(trainer, progress, runtime, progress.train_samples - start_samples)
+        export(trainer, progress, metrics=metrics)
     accelerator.end_training()
     print_outputs(accelerator, f"Done: {progress.completed_steps} steps, final loss {progress.last_loss}",
                   {"model": trainer.output_dir, "reconstruction": figure, "results": trainer.output_dir / RESULTS_FILE})

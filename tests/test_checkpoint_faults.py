@@ -1,6 +1,7 @@
 """Checkpoints under faults, in one process: a poisoned pickle never runs, a resume with another batch layout is
-refused, a damaged checkpoint is named with the one to use instead, a full disk keeps the previous checkpoint, and a
-diverged run names a checkpoint it can really go on from. Each failure is one `UsageError` line.
+refused, a damaged checkpoint is named with the one to use instead (and the run resumed from that one replaces it),
+a full disk keeps the previous checkpoint, and a diverged run names a checkpoint it can really go on from. Each
+failure is one `UsageError` line.
 
 The multi-process cases (DeepSpeed shards, 2 -> 1 processes, a missing process file) are in test_distributed.py.
 """
@@ -22,9 +23,24 @@ import torch
 import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
 from conftest import tiny_config
-from test_training import RUN_MAE, assert_same_weights, run_args, run_main, weights
+from test_training import (
+    RUN_MAE,
+    assert_same_weights,
+    export_model_on_a_full_disk,
+    run_args,
+    run_mae,
+    run_main,
+    weights,
+)
 
-from modeling_mae.checkpoint_files import FULL_DISK_FREE_BYTES, PICKLE_SUFFIXES, UnusableFile, check_checkpoint_files
+from modeling_mae import checkpoint_files
+from modeling_mae.checkpoint_files import (
+    FULL_DISK_FREE_BYTES,
+    PICKLE_SUFFIXES,
+    UnusableFile,
+    check_checkpoint_files,
+    check_rng_states,
+)
 from modeling_mae.errors import UsageError
 from modeling_mae.training import NonFiniteLossError, list_checkpoints, machine_count
 
@@ -105,6 +121,56 @@ def test_a_poisoned_dcp_metadata_file_never_runs(tmp_path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", ["not-a-mapping", "no-random-state", "no-numpy-state", "wrong-torch-state"])
+def test_random_states_that_accelerate_cannot_restore_stop_the_resume(
+    content, straight, data_dir, model_config, tmp_path
+) -> None:
+    """Safe to unpickle, but not the RNG states Accelerate restores (which it would skip with an info-level line, and
+    the resumed run would silently not be exact): the resume stops on one line naming the file."""
+    checkpoint = copy_run(straight, tmp_path) / "step_6"
+    path = checkpoint / "random_states_0.pkl"
+    states = torch.load(path, weights_only=False)
+    damaged = {
+        "not-a-mapping": [1, 2],
+        "no-random-state": {"hello": 1},
+        "no-numpy-state": {key: value for key, value in states.items() if key != "numpy_random_seed"},
+        "wrong-torch-state": {**states, "torch_manual_seed": torch.zeros(3)},
+    }[content]
+    torch.save(damaged, path)
+    flags = run_args(data_dir, model_config, checkpoint.parent, "--resume_from_checkpoint", "latest")
+    with pytest.raises(UsageError) as refused:
+        run_main([*flags, "--max_train_steps", "8"])
+    assert str(refused.value).startswith(f"{path} holds ")
+    assert str(refused.value).endswith(f"resume from the previous one with --resume_from_checkpoint {checkpoint.parent}"
+                                       "/step_3")
+
+
+def test_random_states_without_the_cuda_ones_resume_with_a_warning(straight, monkeypatch, caplog) -> None:
+    """A checkpoint saved without a GPU, resumed on one: the CPU states are restored, the GPU's start afresh (said)."""
+    path = straight / "step_6" / "random_states_0.pkl"
+    states = torch.load(path, weights_only=False)
+    monkeypatch.setattr(checkpoint_files, "is_cuda_available", lambda: True)
+    check_rng_states(path, states)
+    assert f"{path} holds no CUDA random-number-generator state" in caplog.text
+    assert "not an exact continuation" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b'{\n  "train_loader": {"epo', b'{"hello": 1}'], ids=["truncated", "no-position"])
+def test_a_damaged_process_state_names_its_file_and_the_previous_checkpoint(
+    content, straight, data_dir, model_config, tmp_path
+) -> None:
+    output = copy_run(straight, tmp_path)
+    path = output / "step_6" / "process_state_0.json"
+    path.write_bytes(content)
+    with pytest.raises(UsageError) as refused:
+        run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest", "--max_train_steps", "8"))
+    assert re.fullmatch(
+        rf"{re.escape(str(path))} (cannot be read|holds no data-stream position) \(.+\); resume from the previous "
+        rf"one with --resume_from_checkpoint {re.escape(str(output / 'step_3'))}",
+        str(refused.value),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ the batch layout
 
 
@@ -138,6 +204,18 @@ def test_a_resume_with_another_batch_layout_is_refused(change, now, straight, da
     }
 
 
+def test_a_resume_with_other_dataloader_workers_is_refused(straight, data_dir, model_config, tmp_path) -> None:
+    """Each DataLoader worker reads its own part of the stream: its position means nothing to another number."""
+    flags = ("--resume_from_checkpoint", str(straight / "step_3"), "--dataloader_num_workers", "2")
+    with pytest.raises(UsageError) as refused:
+        run_main(run_args(data_dir, model_config, tmp_path, *flags))
+    assert str(refused.value) == (
+        "The checkpoint's data-stream position was saved with --dataloader_num_workers 0 or 1, and this run has "
+        "--dataloader_num_workers 2: each worker reads its own part of the stream, so resume with "
+        "--dataloader_num_workers 0 or 1 to continue exactly where it stopped."
+    )
+
+
 def test_machine_count_from_the_launchers_environment() -> None:
     assert machine_count(1, {}) == 1  # no launcher
     assert machine_count(16, {"LOCAL_WORLD_SIZE": "8"}) == 2  # torchrun (accelerate launch)
@@ -165,6 +243,48 @@ def test_a_damaged_newest_checkpoint_names_its_file_and_the_previous_checkpoint(
     assert message.endswith(f"resume from the previous one with --resume_from_checkpoint {output / 'step_3'}")
 
 
+def test_resuming_an_earlier_checkpoint_replaces_the_damaged_later_one(
+    straight, data_dir, model_config, tmp_path
+) -> None:
+    """Following the advice above: the run resumed from step_3 saves step_6 over the damaged one (it used to log
+    "saved" and keep the damaged folder), so `latest` then resumes cleanly."""
+    output = copy_run(straight, tmp_path)
+    weights_file = output / "step_6" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", str(output / "step_3"),
+                      "--checkpointing_steps", "3"))
+    assert_same_weights(weights(output / "step_6"), weights(straight / "step_6"))  # an exact resume's step 6
+    assert sorted(path.name for path in output.iterdir() if "step_" in path.name) == ["step_3", "step_6"]
+    results = run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest",
+                                "--max_train_steps", "8"))
+    assert results["train_steps"] == 8
+
+
+def test_a_resumed_run_deletes_the_checkpoints_of_the_run_it_went_back_on(
+    straight, data_dir, model_config, tmp_path
+) -> None:
+    """Resumed from step_3 and saving step_4, the run's step_4 is the newest of its own: the old run's step_6 goes,
+    so that `latest` after a preemption resumes this run, not the one it replaced."""
+    output = copy_run(straight, tmp_path)
+    run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", str(output / "step_3"),
+                      "--checkpointing_steps", "4", "--max_train_steps", "4"))
+    assert sorted(path.name for path in output.iterdir() if "step_" in path.name) == ["step_3", "step_4"]
+
+
+def test_saving_the_step_a_run_resumed_from_keeps_that_checkpoint(data_dir, model_config, tmp_path) -> None:
+    """A checkpoint at an epoch's last step, resumed with --checkpointing_steps epoch: the epoch ends at once and
+    saves that same step. The folder already holds this run's state there: it is kept, not rewritten (rewriting it
+    would leave it missing for a moment, and it may be the only checkpoint)."""
+    output = tmp_path / "run"
+    run_main(run_args(data_dir, model_config, output, "--checkpointing_steps", "8", "--max_train_steps", "8"))
+    saved = (output / "step_8" / "trainer_state.json").read_text()
+    results = run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest",
+                                "--checkpointing_steps", "epoch", "--max_train_steps", "10"))
+    assert results["train_steps"] == 10
+    assert [path.name for path in list_checkpoints(output)] == ["step_8"]
+    assert (output / "step_8" / "trainer_state.json").read_text() == saved
+
+
 # ------------------------------------------------------------------------------------------------------- a full disk
 
 
@@ -189,6 +309,29 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     with pytest.raises(UsageError, match=r"^no space left on .+ while saving checkpoint step_6 to "):
         run_main(flags)
     assert [path.name for path in output.iterdir() if "step_" in path.name] == ["step_3"]  # the partial save is gone
+    monkeypatch.undo()
+    assert run_main(flags)["train_steps"] == 6
+    assert_same_weights(weights(output), weights(straight))
+
+
+def test_a_full_disk_at_the_final_export_names_the_last_checkpoint(
+    straight, data_dir, model_config, tmp_path, monkeypatch
+) -> None:
+    """The model export at the end runs out of space (safetensors' own error): one line, like a checkpoint's, and the
+    suggested rerun goes straight to the export."""
+
+    output = copy_run(straight, tmp_path)
+    (output / "model.safetensors").unlink()
+    monkeypatch.setattr(run_mae, "export_model", export_model_on_a_full_disk)
+    flags = run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "3")
+    with pytest.raises(UsageError) as refused:
+        run_main(flags)
+    assert re.fullmatch(
+        rf"no space left on .+ while saving the final model to {re.escape(str(output))}; the previous checkpoint "
+        rf"{re.escape(str(output / 'step_6'))} is intact. Free some space and rerun with --resume_from_checkpoint "
+        "latest",
+        str(refused.value),
+    )
     monkeypatch.undo()
     assert run_main(flags)["train_steps"] == 6
     assert_same_weights(weights(output), weights(straight))
@@ -252,7 +395,13 @@ def test_a_diverged_run_names_a_checkpoint_it_can_go_on_from(data_dir, model_con
     assert f"Resume from {output / 'step_1'}, the newest checkpoint saved before it" in str(diverged.value)
     assert [path.name for path in list_checkpoints(output)] == ["step_1", "step_2"]
 
-    flags = [*common, "--learning_rate", "1e-3", "--resume_from_checkpoint", str(output / "step_1")]
-    results = run_main(run_args(data_dir, model_config, output, *flags))
+    # Resumed from step_1 with a sane lr, and preempted right after saving step_2: that step_2 replaced the diverged
+    # one, so a resume of the newest checkpoint goes on from this run's state.
+    sane = [*common, "--learning_rate", "1e-3"]
+    run_main(run_args(data_dir, model_config, output, *sane, "--resume_from_checkpoint", str(output / "step_1"),
+                      "--max_train_steps", "2"))
+    state = json.loads((output / "step_2" / "trainer_state.json").read_text())
+    assert set(state["lr_scheduler"]["base_lrs"]) == {1e-3}  # this run's schedule, not the diverged one's
+    results = run_main(run_args(data_dir, model_config, output, *sane, "--resume_from_checkpoint", "latest"))
     assert results["train_steps"] == 6 and math.isfinite(results["final_loss"])
     assert results["nonfinite_losses"] == 0  # the count restarts with the state of step_1

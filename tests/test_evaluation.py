@@ -22,7 +22,7 @@ from data_fixtures import image_bytes, make_parquet_shards
 from official_mae import interpolate_pos_embed
 from PIL import Image, ImageFont
 from test_distributed import free_port
-from test_training import FakeHfApi, assert_same_weights, printed_paths, weights
+from test_training import FakeHfApi, assert_same_weights, export_model_on_a_full_disk, printed_paths, weights
 from torch.multiprocessing import start_processes
 from transformers import AutoModelForImageClassification
 
@@ -59,6 +59,7 @@ from modeling_mae.visualization import (
     grid_image,
     wrap_to_width,
 )
+from run_scripts import run_finetune
 from run_scripts.evidence import EvidenceArguments, render_table
 from run_scripts.run_finetune import main as finetune_main
 from run_scripts.run_knn import main as knn_main
@@ -434,6 +435,24 @@ def test_finetune_script_saves_a_loadable_classifier(
                  "ViT 32x2, patch (4, 4), image (24, 24)", "MixUp 0.8, CutMix 1.0", "| eval_accuracy |", "- image-classification"):
         assert fact in card
     assert "eval_accuracy" in read_results(tmp_path)
+
+
+def test_finetune_on_a_full_disk_at_the_export_names_the_last_checkpoint(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The classifier's export runs out of space (safetensors' own error): one line, as at a checkpoint."""
+
+    monkeypatch.setattr(run_finetune, "export_model", export_model_on_a_full_disk)
+    with pytest.raises(UsageError) as refused:
+        finetune_main([
+            "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
+            "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--checkpointing_steps", "epoch",
+        ])  # 45 images: 5 steps
+    assert str(refused.value).startswith("no space left on ")
+    assert str(refused.value).endswith(
+        f" while saving the fine-tuned model to {tmp_path}; the previous checkpoint {tmp_path / 'step_5'} is intact. "
+        "Free some space and rerun with --resume_from_checkpoint latest"
+    )
 
 
 def test_finetune_script_from_scratch_without_mixing(dataset: pathlib.Path, tmp_path: pathlib.Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config
 from huggingface_hub.utils import filter_repo_objects
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForPreTraining
 
@@ -130,6 +131,11 @@ def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Te
     assert left.keys() == right.keys()
     for name in left:
         torch.testing.assert_close(left[name], right[name], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=name)
+
+
+def export_model_on_a_full_disk(*args: object) -> None:
+    """`hub.export_model` on a disk that fills up: safetensors' own error."""
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
 def assert_loadable(folder: pathlib.Path, reference: dict[str, torch.Tensor]) -> None:
