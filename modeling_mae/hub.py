@@ -25,7 +25,7 @@ from .errors import UsageError
 logger = logging.getLogger(__name__)
 
 # Training state stays local: checkpoints (and their staging folders) and tracker logs that are still being written.
-UPLOAD_IGNORE_PATTERNS = ("step_*", ".step_*", "runs/*")
+UPLOAD_IGNORE_PATTERNS = ("step_*", ".step_*", "superseded/*", "runs/*")
 
 
 def export_model(accelerator: Accelerator, model: nn.Module, output_dir: str | os.PathLike[str]) -> None:

@@ -11,6 +11,7 @@ is renamed to `step_{N}` only once complete; `load_checkpoint` loads nothing bef
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 LR_REFERENCE_BATCH = 256  # the paper scales its base learning rate per 256 images
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+SUPERSEDED_DIR = "superseded"  # the checkpoints of a run that a resume went back on (`claim_output_dir`)
 PROCESS_STATE_NAME = "process_state_{}.json"
 RNG_STATE_NAME = "random_states_{}.pkl"  # Accelerate's, one per process
 LR_SCHEDULER_KEY = "lr_scheduler"  # trainer_state keys besides the caller's progress
@@ -573,14 +575,11 @@ class ResumableLoader(Protocol):
 
 @dataclass
 class Resumable:
-    """What a checkpoint saves besides Accelerate's state (model, optimizer, RNG) and the caller's progress; one per
-    run (`saved_step` is the run's own)."""
+    """What a checkpoint saves besides Accelerate's state (model, optimizer, RNG) and the caller's progress."""
 
     scheduler: LambdaLR
     train_loader: ResumableLoader
     layout: BatchLayout
-    # The step whose `step_{N}` in output_dir holds this run's state already (it resumed from it, or saved it).
-    saved_step: int | None = None
 
 
 def checkpoint_step(path: pathlib.Path) -> int | None:
@@ -637,15 +636,14 @@ def save_checkpoint(
     folder; a full disk removes the staging folder and raises a `UsageError` that says the previous checkpoint is
     intact.
 
-    Afterwards `step_{step}` holds this run's state, and `--resume_from_checkpoint latest` picks this run: a
-    `step_{step}` of another run (a damaged or diverged one that this run went back before, or an earlier run in
-    the same folder) is replaced, and that run's later checkpoints are deleted (`commit_checkpoint`). Saving the
-    step this run resumed from, or saved already, keeps that folder: it holds this run's state at that step.
+    Every complete `step_N` in `output_dir` is this run's (`claim_output_dir` saw to it at the start), so an existing
+    `step_{step}` already holds this run's state at that step: it is kept (an end-of-epoch save right after resuming
+    at the epoch's last step).
     """
     output_dir = pathlib.Path(output_dir)
     final = output_dir / f"step_{step}"
-    if resumable.saved_step == step:
-        return final  # e.g. an end-of-epoch save right after resuming at the epoch's last step
+    if (final / TRAINER_STATE_NAME).is_file():
+        return final
     staging = output_dir / f".step_{step}.incomplete"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save
@@ -663,31 +661,12 @@ def save_checkpoint(
             }
             write_json(staging / TRAINER_STATE_NAME, trainer_state)
     if accelerator.is_main_process:
-        commit_checkpoint(staging, final)
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder of that name (no trainer_state.json)
+        os.replace(staging, final)
         if total_limit is not None:
             rotate_checkpoints(output_dir, total_limit)
-    resumable.saved_step = step
     accelerator.wait_for_everyone()
     return final
-
-
-def commit_checkpoint(staging: pathlib.Path, final: pathlib.Path) -> None:
-    """Rename the complete `staging` folder to `final`, replacing a `final` of another run, and delete the complete
-    checkpoints after it: a run saves in step order, so they are another run's, which `latest` must not resume.
-
-    A folder cannot be renamed onto a non-empty one, and deleting the old `final` first would leave it half deleted,
-    still looking complete, should the process be killed meanwhile: it is renamed out of the way (one atomic step),
-    the new one renamed in, and the old one deleted last.
-    """
-    replaced = hide(final) if final.exists() else None
-    os.replace(staging, final)
-    if replaced is not None:
-        logger.warning("Replaced %s, left by another run, with this run's checkpoint", final)
-        shutil.rmtree(replaced)
-    for later in list_checkpoints(final.parent):
-        if (checkpoint_step(later) or 0) > (checkpoint_step(final) or 0):
-            logger.warning("Deleting %s: a checkpoint of another run, after this run's %s", later, final.name)
-            delete_checkpoint(later)
 
 
 def hide(checkpoint: pathlib.Path) -> pathlib.Path:
@@ -836,13 +815,52 @@ def resume_training(
     """
     path = resolve_resume_checkpoint(resume_from_checkpoint, output_dir)
     if path is None:
+        claim_output_dir(accelerator, output_dir, None)
         if resume_from_checkpoint:
             logger.info("no checkpoint in %s yet: starting from scratch", output_dir)
         return None
     trainer_state = load_checkpoint(accelerator, path, resumable)
-    if path.resolve().parent == pathlib.Path(output_dir).resolve():
-        resumable.saved_step = checkpoint_step(path)
+    claim_output_dir(accelerator, output_dir, path)
     return path, trainer_state
+
+
+def claim_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike[str], resumed: pathlib.Path | None) -> None:
+    """Make every complete checkpoint in `output_dir` this run's, so that `latest` always resumes this run.
+
+    A run that resumes none of them (a fresh start, or a checkpoint from elsewhere) would mix its checkpoints with
+    another run's: a `UsageError`. A run that resumes one of them goes on from there, so the later ones belong to the
+    run it went back on (damaged, diverged, or a branch the user abandons): they are moved, never deleted, to
+    `output_dir/superseded/`, newest first, so that a kill midway never leaves `latest` ahead of the resumed step.
+    """
+    output_dir = pathlib.Path(output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    if resumed is None or resumed.resolve().parent != output_dir.resolve():
+        if checkpoints:
+            found = ", ".join(path.name for path in checkpoints)
+            raise UsageError(
+                f"--output_dir {output_dir.resolve()} holds the checkpoints of another run ({found}): continue it with "
+                "--resume_from_checkpoint latest, or pass another --output_dir"
+            )
+        return
+    later = [path for path in checkpoints if (checkpoint_step(path) or 0) > (checkpoint_step(resumed) or 0)]
+    if accelerator.is_main_process and later:
+        moved = [set_aside(path, output_dir / SUPERSEDED_DIR) for path in reversed(later)]
+        logger.warning("Resumed from %s: moved the later checkpoints of the run it went back on to %s (%s); delete "
+                       "them once they are no longer needed", resumed.name, output_dir / SUPERSEDED_DIR,
+                       ", ".join(path.name for path in reversed(moved)))
+    accelerator.wait_for_everyone()
+
+
+def set_aside(checkpoint: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    """Move a checkpoint folder into `folder` (one rename), under a name no earlier one there has; returns it."""
+    folder.mkdir(exist_ok=True)
+    target = folder / checkpoint.name
+    for attempt in itertools.count(2):
+        if not target.exists():
+            break
+        target = folder / f"{checkpoint.name}.{attempt}"
+    os.replace(checkpoint, target)
+    return target
 
 
 def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:

@@ -17,7 +17,6 @@ card, `all_results.json` (`eval_accuracy`, `eval_top5_accuracy`) and, with `--pu
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import pathlib
 import sys
@@ -228,7 +227,7 @@ class Loop:
     metric: ClassificationMetric
     layout: BatchLayout
 
-    @functools.cached_property  # one per run: it records the run's own checkpoint
+    @property
     def resumable(self) -> Resumable:
         return Resumable(self.scheduler, self.train_loader, self.layout)
 

@@ -11,7 +11,6 @@ that the other flags override. See docs/training.md.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import pathlib
@@ -133,7 +132,7 @@ class Trainer:
     def unwrapped(self) -> MAEForPreTraining:
         return self.accelerator.unwrap_model(self.model)
 
-    @functools.cached_property  # one per run: it records the run's own checkpoint
+    @property
     def resumable(self) -> Resumable:
         return Resumable(self.scheduler, self.train_loader, self.layout)
 

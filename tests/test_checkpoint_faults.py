@@ -243,32 +243,49 @@ def test_a_damaged_newest_checkpoint_names_its_file_and_the_previous_checkpoint(
     assert message.endswith(f"resume from the previous one with --resume_from_checkpoint {output / 'step_3'}")
 
 
-def test_resuming_an_earlier_checkpoint_replaces_the_damaged_later_one(
+def test_resuming_an_earlier_checkpoint_sets_the_damaged_later_one_aside(
     straight, data_dir, model_config, tmp_path
 ) -> None:
-    """Following the advice above: the run resumed from step_3 saves step_6 over the damaged one (it used to log
-    "saved" and keep the damaged folder), so `latest` then resumes cleanly."""
+    """Following the advice above: the run resumed from step_3 moves the damaged step_6 to superseded/ and saves its
+    own (it used to log "saved" and keep the damaged folder), so `latest` then resumes cleanly."""
     output = copy_run(straight, tmp_path)
     weights_file = output / "step_6" / "model.safetensors"
-    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    damaged = weights_file.read_bytes()[: weights_file.stat().st_size // 2]
+    weights_file.write_bytes(damaged)
     run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", str(output / "step_3"),
                       "--checkpointing_steps", "3"))
     assert_same_weights(weights(output / "step_6"), weights(straight / "step_6"))  # an exact resume's step 6
     assert sorted(path.name for path in output.iterdir() if "step_" in path.name) == ["step_3", "step_6"]
+    assert (output / "superseded" / "step_6" / "model.safetensors").read_bytes() == damaged  # moved, not deleted
     results = run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest",
                                 "--max_train_steps", "8"))
     assert results["train_steps"] == 8
 
 
-def test_a_resumed_run_deletes_the_checkpoints_of_the_run_it_went_back_on(
+def test_a_resumed_run_sets_aside_the_checkpoints_of_the_run_it_went_back_on(
     straight, data_dir, model_config, tmp_path
 ) -> None:
-    """Resumed from step_3 and saving step_4, the run's step_4 is the newest of its own: the old run's step_6 goes,
-    so that `latest` after a preemption resumes this run, not the one it replaced."""
+    """Resumed from step_3, the old run's step_6 is moved to superseded/ at once (a second time: under another name),
+    so that `latest` after a preemption resumes this run, not the one it went back on; nothing is deleted."""
     output = copy_run(straight, tmp_path)
-    run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", str(output / "step_3"),
-                      "--checkpointing_steps", "4", "--max_train_steps", "4"))
+    flags = ("--resume_from_checkpoint", str(output / "step_3"), "--checkpointing_steps", "4", "--max_train_steps", "4")
+    run_main(run_args(data_dir, model_config, output, *flags))
     assert sorted(path.name for path in output.iterdir() if "step_" in path.name) == ["step_3", "step_4"]
+    assert_same_weights(weights(output / "superseded" / "step_6"), weights(straight / "step_6"))
+    shutil.copytree(straight / "step_6", output / "step_6")
+    run_main(run_args(data_dir, model_config, output, *flags))
+    assert sorted(path.name for path in (output / "superseded").iterdir()) == ["step_4", "step_6", "step_6.2"]
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_another_runs_checkpoints(
+    straight, data_dir, model_config, tmp_path
+) -> None:
+    """Starting over in a used output_dir would mix two runs' checkpoints (and `latest` would pick the old one)."""
+    output = copy_run(straight, tmp_path)
+    for resume in ((), ("--resume_from_checkpoint", str(straight / "step_3"))):  # none, or one from elsewhere
+        with pytest.raises(UsageError, match="holds the checkpoints of another run \\(step_3, step_6\\): continue"):
+            run_main(run_args(data_dir, model_config, output, *resume))
+    assert [path.name for path in list_checkpoints(output)] == ["step_3", "step_6"]
 
 
 def test_saving_the_step_a_run_resumed_from_keeps_that_checkpoint(data_dir, model_config, tmp_path) -> None:
@@ -395,8 +412,8 @@ def test_a_diverged_run_names_a_checkpoint_it_can_go_on_from(data_dir, model_con
     assert f"Resume from {output / 'step_1'}, the newest checkpoint saved before it" in str(diverged.value)
     assert [path.name for path in list_checkpoints(output)] == ["step_1", "step_2"]
 
-    # Resumed from step_1 with a sane lr, and preempted right after saving step_2: that step_2 replaced the diverged
-    # one, so a resume of the newest checkpoint goes on from this run's state.
+    # Resumed from step_1 with a sane lr, and preempted right after saving step_2: the diverged step_2 was set aside,
+    # so a resume of the newest checkpoint goes on from this run's state.
     sane = [*common, "--learning_rate", "1e-3"]
     run_main(run_args(data_dir, model_config, output, *sane, "--resume_from_checkpoint", str(output / "step_1"),
                       "--max_train_steps", "2"))

@@ -149,7 +149,7 @@ def test_a_hub_that_fails_mid_run_costs_no_training_and_leaks_no_token(
     assert last_line.startswith(f"error: pushing {output} to the Hub repository someone/tiny-mae failed after 2 tries")
     assert last_line.endswith(
         f"Everything is saved locally in {output.resolve()}; push it later with: hf upload {REPO_ID} "
-        f"{output.resolve()} . --exclude 'step_*' --exclude '.step_*' --exclude 'runs/*'"
+        f"{output.resolve()} . --exclude 'step_*' --exclude '.step_*' --exclude 'superseded/*' --exclude 'runs/*'"
     )
     assert "Done: 2 steps" in completed.stdout
     # The token is nowhere: not in the logs, the run's config, the model card, TensorBoard's hparams, checkpoints.
