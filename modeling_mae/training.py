@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import datasets
@@ -444,6 +444,9 @@ class TrainingProgress:
     loss_sum: float = 0.0  # of the per-step losses averaged over processes
     loss_steps: int = 0
     last_loss: float | None = None  # mean over the last logging window
+    # One entry per logging step ({"step", "epoch", "loss", "learning_rate"}), like transformers' Trainer
+    # `log_history`: checkpointed, so a resumed run's history is the uninterrupted run's.
+    log_history: list[dict[str, float | int]] = field(default_factory=list)
 
     @property
     def train_loss(self) -> float | None:

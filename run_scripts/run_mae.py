@@ -86,6 +86,7 @@ logger = logging.getLogger("run_mae")
 FIGURE_FILE = "reconstruction.png"
 FIGURE_IMAGES = 8
 RESULTS_FILE = "all_results.json"
+LOG_HISTORY_FILE = "log_history.json"  # every logging step's loss and applied learning rate
 
 
 @dataclass
@@ -326,12 +327,13 @@ def train_epoch(trainer: Trainer, progress: TrainingProgress, loop: LoopState) -
             stop_diverged(trainer, progress, loop)
         if not accelerator.sync_gradients:
             continue
+        learning_rate = trainer.optimizer.param_groups[0]["lr"]  # what this step applies; the scheduler moves it next
         if optimizer_step(trainer, skip=poisoned):
             loop.losses.end_step()
             trainer.scheduler.step()
             progress.completed_steps += 1
             loop.bar.update(1)
-            after_step(trainer, progress, loop)
+            after_step(trainer, progress, loop, learning_rate)
         else:
             loop.losses.discard_step()
         poisoned = False
@@ -385,11 +387,15 @@ def optimizer_step(trainer: Trainer, skip: bool) -> bool:
     return True
 
 
-def after_step(trainer: Trainer, progress: TrainingProgress, loop: LoopState) -> None:
+def after_step(trainer: Trainer, progress: TrainingProgress, loop: LoopState, lr: float) -> None:
+    """Logging, validation, figures and checkpoints due after optimizer step `progress.completed_steps`, which
+    applied the learning rate `lr`."""
     step, run = progress.completed_steps, trainer.args.run
     if step % run.logging_steps == 0:
         loss = loop.losses.flush(trainer.accelerator, progress)
-        lr = trainer.scheduler.get_last_lr()[0]
+        progress.log_history.append(
+            {"step": step, "epoch": round(epochs_done(trainer, progress), 4), "loss": loss, "learning_rate": lr}
+        )
         images_per_second = loop.meter.rate(progress.train_samples)
         loop.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.0f}")
         trainer.accelerator.log(
@@ -523,6 +529,11 @@ def stop_diverged(trainer: Trainer, progress: TrainingProgress, loop: LoopState)
     )
 
 
+def epochs_done(trainer: Trainer, progress: TrainingProgress) -> float:
+    """Epochs trained so far, the current one counted by the fraction of its micro-batches consumed."""
+    return progress.epoch + progress.epoch_micro_batches / (trainer.micro_batches_per_epoch or math.inf)
+
+
 def results(trainer: Trainer, progress: TrainingProgress, runtime: float, session_samples: int) -> dict[str, Any]:
     skipped = torch.tensor([trainer.train_loader.skipped_images()], device=trainer.accelerator.device)
     skipped = trainer.accelerator.reduce(skipped, reduction="sum") if trainer.accelerator.num_processes > 1 else skipped
@@ -531,7 +542,7 @@ def results(trainer: Trainer, progress: TrainingProgress, runtime: float, sessio
         "final_loss": progress.last_loss,
         "eval_loss": log_validation(trainer, progress.completed_steps),
         "train_steps": progress.completed_steps,
-        "train_epochs": progress.epoch + progress.epoch_micro_batches / (trainer.micro_batches_per_epoch or math.inf),
+        "train_epochs": epochs_done(trainer, progress),
         "train_samples": progress.train_samples,
         "skipped_images": int(skipped.item()),
         "skipped_shards": len(set(gather_object(trainer.train_loader.skipped_shards()))),  # distinct, all processes
@@ -572,6 +583,7 @@ def export(trainer: Trainer, progress: TrainingProgress, metrics: dict[str, Any]
         write_model_card(trainer.output_dir, model_card(trainer, progress, metrics))
         if metrics is not None:
             write_json(trainer.output_dir / RESULTS_FILE, metrics)
+            write_json(trainer.output_dir / LOG_HISTORY_FILE, {"log_history": progress.log_history})
     trainer.accelerator.wait_for_everyone()
 
 
