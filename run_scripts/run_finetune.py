@@ -59,7 +59,7 @@ from modeling_mae.evaluation import (
     split_loader,
     summarize,
 )
-from modeling_mae.hub import build_uploader, export_model
+from modeling_mae.hub import HubUploader, build_uploader, export_model
 from modeling_mae.model_card import finetuning_card, write_model_card
 from modeling_mae.training import (
     BatchLayout,
@@ -174,6 +174,64 @@ def build_classifier(model_args: FinetuneModelArguments, class_names: list[str])
     return model
 
 
+def build_loaders(args: Arguments, accelerator: Accelerator) -> tuple[ImageStreamLoader, ImageStreamLoader]:
+    """This process's train and validation loaders at the fine-tuning resolution.
+
+    They come before the classifier (it needs the class names), so the resolution is read off the config.
+    """
+    model_args, optim = args.model, args.optim
+    source_config = load_model_config(model_args.model_name_or_path or model_args.model_config or DEFAULT_MODEL_CONFIG,
+                                      model_args.config_overrides)  # a wrong --config_overrides fails here
+    image_size = (model_args.image_size,) * 2 if model_args.image_size else source_config.image_size
+    patch, num_labels = max(source_config.patch_size), model_args.num_labels
+    train_loader = split_loader(accelerator, args.data, "train", finetune_transform(image_size),
+                                optim.per_device_train_batch_size, train=True, seed=args.run.seed,
+                                num_classes=num_labels, min_image_size=patch)
+    eval_loader = split_loader(accelerator, args.data, "validation", eval_transform(image_size),
+                               optim.per_device_eval_batch_size, train=False, num_classes=num_labels,
+                               min_image_size=patch)
+    return train_loader, eval_loader
+
+
+def build_finetune_optimizer(
+    args: Arguments, model: MAEForImageClassification, learning_rate: float
+) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay, no weight decay on biases, norms, the CLS token and the position table."""
+    optim = args.optim
+    return build_optimizer(
+        model, learning_rate, optim.weight_decay, (optim.adam_beta1, optim.adam_beta2), optim.adam_epsilon,
+        lr_scale_fn=layer_decay_lr_scale_fn(model.config.num_hidden_layers, args.model.layer_decay),
+        no_weight_decay=FINETUNE_NO_WEIGHT_DECAY,
+    )
+
+
+def setup(args: Arguments) -> Loop:
+    """Everything the loop works on: accelerator, metric, uploader, loaders, classifier, MixUp/CutMix, optimizer,
+    schedule."""
+    optim, run = args.optim, args.run
+    accelerator = build_accelerator(optim.gradient_accumulation_steps, run.output_dir,
+                                    run.report_to if run.with_tracking else None)
+    configure_logging(accelerator)
+    metric = ClassificationMetric(accelerator, args.metric.metric)  # a wrong --metric fails now, not after hours
+    uploader = build_uploader(run, accelerator.is_main_process)  # a push that cannot work fails before training
+    set_seed(run.seed)  # identical weights on every process
+    train_loader, eval_loader = build_loaders(args, accelerator)
+    class_names = resolve_class_names(train_loader, args.model.num_labels)
+    model = build_classifier(args.model, class_names)
+    set_seed(run.seed, device_specific=True)  # then different augmentations per process
+    mixer = mixup_cutmix(len(class_names), args.augment.mixup, args.augment.cutmix, args.augment.label_smoothing)
+    plan = plan_training(len(train_loader), optim.gradient_accumulation_steps, optim.num_train_epochs,
+                         optim.max_train_steps, optim.warmup_epochs, optim.warmup_steps)
+    layout = batch_layout(accelerator, optim.per_device_train_batch_size, optim.gradient_accumulation_steps)
+    learning_rate = optim.learning_rate or scaled_learning_rate(optim.base_learning_rate, layout.effective_batch_size)
+    model, optimizer = accelerator.prepare(model, build_finetune_optimizer(args, model, learning_rate))
+    # Not prepared (Accelerate would step it once per process) nor registered with Accelerate (which would pickle
+    # it): its state is saved in trainer_state.json.
+    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, learning_rate, optim.min_lr)
+    return Loop(accelerator, model, optimizer, scheduler, train_loader, mixer, plan, args, metric, layout,
+                learning_rate, eval_loader, uploader)
+
+
 def resolve_class_names(loader: ImageStreamLoader, num_labels: int | None) -> list[str]:
     """The class names the classifier's id2label carries: a ClassLabel's names, or the string labels sorted; integer
     labels need --num_labels."""
@@ -226,6 +284,9 @@ class Loop:
     args: Arguments
     metric: ClassificationMetric
     layout: BatchLayout
+    learning_rate: float  # the peak, before layer decay
+    eval_loader: ImageStreamLoader
+    uploader: HubUploader | None  # None without --push_to_hub and on the other processes
 
     @property
     def resumable(self) -> Resumable:
@@ -305,7 +366,7 @@ def resume(loop: Loop) -> FinetuneProgress:
     return progress
 
 
-def train(loop: Loop, eval_loader: ImageStreamLoader) -> FinetuneProgress:
+def train(loop: Loop) -> FinetuneProgress:
     progress = resume(loop)
     bar = progress_bar(loop.plan.num_epochs, "fine-tuning", progress.epoch, "epoch",
                        enabled=loop.accelerator.is_local_main_process)
@@ -313,7 +374,7 @@ def train(loop: Loop, eval_loader: ImageStreamLoader) -> FinetuneProgress:
         while progress.epoch < loop.plan.num_epochs:
             loop.train_loader.set_epoch(progress.epoch)  # keeps a stream position loaded for this epoch
             train_one_epoch(loop, progress)
-            finish_epoch(loop, progress, eval_loader)
+            finish_epoch(loop, progress, loop.eval_loader)
             bar.update(1)
     return progress
 
@@ -346,51 +407,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     groups = (FinetuneModelArguments, DataArguments, AugmentationArguments, FinetuneOptimizationArguments,
               FinetuneRunArguments, MetricArguments)
     args = Arguments(*parse_arguments(groups, argv))
-    optim, run = args.optim, args.run
-    accelerator = build_accelerator(optim.gradient_accumulation_steps, run.output_dir,
-                                    run.report_to if run.with_tracking else None)
-    configure_logging(accelerator)
-    metric = ClassificationMetric(accelerator, args.metric.metric)  # a wrong --metric fails now, not after hours
-    uploader = build_uploader(run, accelerator.is_main_process)  # a push that cannot work fails before training
     start = time.perf_counter()
-    set_seed(run.seed)  # identical weights on every process
-    # The loaders come first (the classifier needs the class names), so the resolution is read off the config.
-    source_config = load_model_config(args.model.model_name_or_path or args.model.model_config or DEFAULT_MODEL_CONFIG,
-                                      args.model.config_overrides)  # a wrong --config_overrides fails here
-    image_size = (args.model.image_size,) * 2 if args.model.image_size else source_config.image_size
-    patch, num_labels = max(source_config.patch_size), args.model.num_labels
-    train_loader = split_loader(accelerator, args.data, "train", finetune_transform(image_size),
-                                optim.per_device_train_batch_size, train=True, seed=run.seed, num_classes=num_labels,
-                                min_image_size=patch)
-    eval_loader = split_loader(accelerator, args.data, "validation", eval_transform(image_size),
-                               optim.per_device_eval_batch_size, train=False, num_classes=num_labels,
-                               min_image_size=patch)
-    class_names = resolve_class_names(train_loader, num_labels)
-    model = build_classifier(args.model, class_names)
-    set_seed(run.seed, device_specific=True)  # then different augmentations per process
-    mixer = mixup_cutmix(len(class_names), args.augment.mixup, args.augment.cutmix, args.augment.label_smoothing)
-
-    plan = plan_training(len(train_loader), optim.gradient_accumulation_steps, optim.num_train_epochs,
-                         optim.max_train_steps, optim.warmup_epochs, optim.warmup_steps)
-    layout = batch_layout(accelerator, optim.per_device_train_batch_size, optim.gradient_accumulation_steps)
-    learning_rate = optim.learning_rate or scaled_learning_rate(optim.base_learning_rate, layout.effective_batch_size)
-    optimizer = build_optimizer(
-        model, learning_rate, optim.weight_decay, (optim.adam_beta1, optim.adam_beta2), optim.adam_epsilon,
-        lr_scale_fn=layer_decay_lr_scale_fn(model.config.num_hidden_layers, args.model.layer_decay),
-        no_weight_decay=FINETUNE_NO_WEIGHT_DECAY,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # Not prepared (Accelerate would step it once per process) nor registered with Accelerate (which would pickle
-    # it): its state is saved in trainer_state.json.
-    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, learning_rate, optim.min_lr)
+    loop = setup(args)
+    accelerator, run, model = loop.accelerator, args.run, loop.model
     if accelerator.is_main_process:
         pathlib.Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-        save_resolved_config(arguments_to_dict(args.model, args.data, args.augment, optim, run, args.metric),
+        save_resolved_config(arguments_to_dict(args.model, args.data, args.augment, args.optim, run, args.metric),
                              pathlib.Path(run.output_dir) / RUN_CONFIG_FILE)
 
     accelerator.init_trackers(run.tracker_project_name)  # a no-op without --with_tracking
-    loop = Loop(accelerator, model, optimizer, scheduler, train_loader, mixer, plan, args, metric, layout)
-    progress = train(loop, eval_loader)
+    progress = train(loop)
     history = progress.history
 
     metrics: dict[str, Any] = {
@@ -399,8 +425,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_loss": history[-1]["train_loss"],
         "train_steps": progress.completed_steps,
         "train_epochs": len(history),
-        "learning_rate": learning_rate,
-        "effective_batch_size": layout.effective_batch_size,
+        "learning_rate": loop.learning_rate,
+        "effective_batch_size": loop.layout.effective_batch_size,
         "model": describe_model(args.model.model_name_or_path, args.model.model_config, run.seed),
         "seed": run.seed,
         "num_processes": accelerator.num_processes,
@@ -417,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator.end_training()
     print_outputs(accelerator, f"Done: fine-tuning, {len(history)} epochs, {summarize(metrics)}",
                   {"model": run.output_dir, "results": results})
-    if uploader is not None:  # last: a push that fails for good raises once everything is saved locally
-        uploader.upload(run.output_dir, "End of fine-tuning")
+    if loop.uploader is not None:  # last: a push that fails for good raises once everything is saved locally
+        loop.uploader.upload(run.output_dir, "End of fine-tuning")
     return metrics
 
 

@@ -54,6 +54,7 @@ from modeling_mae.evaluation import (
     summarize,
 )
 from modeling_mae.training import (
+    TrainingPlan,
     build_accelerator,
     build_scheduler,
     configure_logging,
@@ -109,6 +110,33 @@ def make_optimizer(head: torch.nn.Module, probe: LinearProbeArguments, learning_
     if probe.optimizer == "lars":
         return LARS(head.parameters(), lr=learning_rate, weight_decay=probe.weight_decay)
     return torch.optim.SGD(head.parameters(), lr=learning_rate, momentum=0.9, weight_decay=probe.weight_decay)
+
+
+@dataclass
+class HeadTraining:
+    """The probe's head and how it is trained."""
+
+    head: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: TrainingPlan
+    learning_rate: float  # the peak
+
+
+def build_head_training(
+    accelerator: Accelerator, probe: LinearProbeArguments, feature_dim: int, num_classes: int, batches_per_epoch: int
+) -> HeadTraining:
+    """The head, its prepared optimizer and warmup + cosine schedule; lr = base lr x effective batch / 256."""
+    accumulation = probe.gradient_accumulation_steps
+    plan = plan_training(batches_per_epoch, accumulation, probe.num_train_epochs, warmup_epochs=probe.warmup_epochs)
+    learning_rate = scaled_learning_rate(
+        probe.base_learning_rate,
+        effective_batch_size(probe.per_device_train_batch_size, accumulation, accelerator.num_processes),
+    )
+    head = LinearProbeHead(feature_dim, num_classes).to(accelerator.device)
+    head, optimizer = accelerator.prepare(head, make_optimizer(head, probe, learning_rate))
+    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, learning_rate)
+    return HeadTraining(head, optimizer, scheduler, plan, learning_rate)
 
 
 def cached_batches(
@@ -197,27 +225,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         epoch_batches = functools.partial(streamed_batches, encoder, train_loader, probe.pooling, device=accelerator.device)
     num_classes = len(class_names_of(accelerator, train_loader, labels))
 
-    accumulation = probe.gradient_accumulation_steps
-    plan = plan_training(batches_per_epoch, accumulation, probe.num_train_epochs, warmup_epochs=probe.warmup_epochs)
+    training = build_head_training(accelerator, probe, encoder.config.hidden_size, num_classes, batches_per_epoch)
+    plan, accumulation = training.plan, probe.gradient_accumulation_steps
     micro_batches = plan.steps_per_epoch * accumulation  # a trailing partial accumulation is dropped
     epochs = (itertools.islice(epoch_batches(epoch), micro_batches) for epoch in range(probe.num_train_epochs))
-    learning_rate = scaled_learning_rate(
-        probe.base_learning_rate, effective_batch_size(batch_size, accumulation, accelerator.num_processes)
-    )
-    head = LinearProbeHead(encoder.config.hidden_size, num_classes).to(accelerator.device)
-    optimizer = make_optimizer(head, probe, learning_rate)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    scheduler = build_scheduler(optimizer, plan.warmup_steps, plan.total_steps, learning_rate)
-    train_loss = train_head(accelerator, head, optimizer, scheduler, epochs)
+    train_loss = train_head(accelerator, training.head, training.optimizer, training.scheduler, epochs)
 
-    head = accelerator.unwrap_model(head).eval()  # no DDP collective: processes score different numbers of samples
+    head = accelerator.unwrap_model(training.head).eval()  # no DDP collective: processes score different sample counts
     with torch.no_grad():
         metric.add_batch(head(val_features), val_labels)
     metrics: dict[str, Any] = {
         **metric.compute(),
         "train_loss": train_loss,
         "train_steps": plan.total_steps,
-        "learning_rate": learning_rate,
+        "learning_rate": training.learning_rate,
         "gradient_accumulation_steps": accumulation,
         "pooling": probe.pooling,
         "cached_features": probe.cached_features,
