@@ -16,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config
+from data_fixtures import make_parquet_shards
 from huggingface_hub.utils import filter_repo_objects
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -59,6 +61,7 @@ EXPORTED_FILES = {
     "all_results.json",
     "config.json",
     "configuration_mae.py",
+    "log_history.json",
     "modeling_mae.py",
     "model.safetensors",
     "preprocessor_config.json",
@@ -121,6 +124,30 @@ def printed_paths(text: str) -> dict[str, str]:
     """The `  label: path` lines a script ends with."""
     return {label.strip(): path.strip() for label, path in
             (line.split(":", 1) for line in text.splitlines() if line.startswith("  "))}
+
+
+def drop_flag(flags: list[str], name: str) -> list[str]:
+    """`flags` without `name` and its value."""
+    index = flags.index(name)
+    return flags[:index] + flags[index + 2 :]
+
+
+def paper_learning_rate(
+    step: int, base_lr: float, effective_batch: int, warmup_steps: int, total_steps: int, min_lr: float = 0.0
+) -> float:
+    """The learning rate the official code applies at optimizer step `step` (0-based), written out independently of
+    `modeling_mae.training`: `blr * batch / 256`, linear warmup from 0, then half-cycle cosine to `min_lr`
+    (facebookresearch/mae `util/lr_sched.adjust_learning_rate`, called before each step, in step units)."""
+    peak = base_lr * effective_batch / 256
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+
+
+def logged_learning_rates(output_dir: pathlib.Path) -> dict[int, float]:
+    """`{step: learning rate}` of a run's `log_history.json`."""
+    history = json.loads((output_dir / "log_history.json").read_text())["log_history"]
+    return {entry["step"]: entry["learning_rate"] for entry in history}
 
 
 def weights(folder: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -344,6 +371,65 @@ def test_end_to_end_exports_a_loadable_model(data_dir, model_config, tmp_path, h
     assert_loadable(output, weights(output))
 
 
+def test_the_applied_learning_rate_is_the_papers_schedule(data_dir, model_config, tmp_path, monkeypatch) -> None:
+    """Every optimizer step of a real run applies `blr * effective batch / 256` with linear warmup then half-cycle
+    cosine: read at AdamW's own `step` and in `log_history.json`. Accumulation 2, so a scheduler stepped per
+    micro-batch, twice per step or once too early shows."""
+    applied: list[list[float]] = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        applied.append([group["lr"] for group in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    output = tmp_path / "run"
+    flags = drop_flag(drop_flag(run_args(data_dir, model_config, output), "--max_train_steps"), "--warmup_steps")
+    run_main([
+        *flags, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_train_epochs", "1",
+        "--warmup_epochs", "0.25", "--base_learning_rate", "0.016", "--min_lr", "1e-5", "--logging_steps", "1",
+    ])
+    # 64 images / (4 x 2 accumulated) = 8 optimizer steps of 8 images; warmup 0.25 epoch = 2 steps.
+    expected = [paper_learning_rate(step, 0.016, 8, 2, 8, min_lr=1e-5) for step in range(8)]
+    assert expected[2] == pytest.approx(5e-4)  # the peak: 0.016 x 8 / 256
+    assert len(applied) == 8
+    for step, group_lrs in enumerate(applied):
+        assert group_lrs == pytest.approx([expected[step]] * len(group_lrs), rel=1e-9, abs=1e-15), step
+    logged = logged_learning_rates(output)
+    assert list(logged) == list(range(1, 9))  # optimizer steps, counted from 1 as the trackers log them
+    assert list(logged.values()) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_bad_images_are_skipped_and_counted_in_the_results(model_config, tmp_path) -> None:
+    """A truncated and an undecodable image among 64: one epoch of 8 batches of 8 reads every record once in file
+    order (no shuffle), skips and counts the 2 bad ones, and fills its last batch from the start of a second pass."""
+    data = tmp_path / "data"
+    make_parquet_shards(data, 64, num_shards=1, kinds={20: "truncated", 63: "garbage"})
+    results = run_main(run_args(data, model_config, tmp_path / "run", "--shuffle_buffer_size", "1",
+                                "--max_train_steps", "8"))
+    assert (results["skipped_images"], results["train_samples"], results["train_epochs"]) == (2, 64, 1.0)
+
+
+def test_each_process_draws_its_own_masks_and_the_same_again_on_resume() -> None:
+    """`run_mae.mask_noise`: the noise of a micro-batch depends on the process (the official code seeds with seed +
+    rank, so processes mask differently), the epoch and the micro-batch, and on nothing else."""
+
+    def noise(process_index: int, epoch: int, micro_batch: int, seed: int = 0) -> torch.Tensor:
+        trainer = SimpleNamespace(
+            accelerator=SimpleNamespace(process_index=process_index, device=torch.device("cpu")),
+            args=SimpleNamespace(run=SimpleNamespace(seed=seed)),
+            config=tiny_config(),
+        )
+        return run_mae.mask_noise(trainer, TrainingProgress(epoch=epoch, epoch_micro_batches=micro_batch), 4)
+
+    first = noise(0, 0, 0)
+    assert first.shape == (4, 16)
+    for other in (noise(1, 0, 0), noise(0, 1, 0), noise(0, 0, 1), noise(0, 0, 0, seed=1)):
+        assert not torch.equal(first, other)
+    torch.rand(100)  # the global RNG plays no part
+    assert torch.equal(noise(0, 0, 0), first)
+
+
 def test_start_from_pretrained_weights(model_config, data_dir, tmp_path, hf_home) -> None:
     pretrained = tmp_path / "pretrained"
     MAEForPreTraining(tiny_config(norm_pix_loss=True)).save_pretrained(pretrained)
@@ -467,22 +553,20 @@ class FakeHfApi:
 
 
 def test_sigkill_then_resume_latest(data_dir, model_config, tmp_path) -> None:
+    """A run killed with SIGKILL and started again with the same command ends with the weights of a run never
+    interrupted. The learning rate is constant (min_lr = lr, no warmup), so that the killed run's 400-step schedule
+    and the shorter runs' schedules agree step by step."""
     output = tmp_path / "run"
 
-    def command(max_train_steps: int) -> list[str]:
-        flags = run_args(
-            data_dir,
-            model_config,
-            output,
-            "--checkpointing_steps",
-            "2",
-            "--resume_from_checkpoint",
-            "latest",
-            "--logging_steps",
-            "50",
-        )
+    def flags(max_train_steps: int, output_dir: pathlib.Path) -> list[str]:
+        flags = run_args(data_dir, model_config, output_dir, "--logging_steps", "50", "--learning_rate", "1e-3",
+                         "--min_lr", "1e-3", "--warmup_steps", "0")
         flags[flags.index("--max_train_steps") + 1] = str(max_train_steps)
-        return [sys.executable, str(RUN_MAE), *flags]
+        return flags
+
+    def command(max_train_steps: int) -> list[str]:
+        resume = ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]
+        return [sys.executable, str(RUN_MAE), *flags(max_train_steps, output), *resume]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command(400), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -506,3 +590,12 @@ def test_sigkill_then_resume_latest(data_dir, model_config, tmp_path) -> None:
     assert (results["train_steps"], results["train_samples"]) == (step + 4, (step + 4) * 8)
     state = json.loads((output / f"step_{step + 4}" / "trainer_state.json").read_text())
     assert state["epoch"] * 8 + state["epoch_micro_batches"] == step + 4  # 8 batches per epoch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the killed runs: the same float summation order
+    try:
+        straight = run_main(flags(step + 4, tmp_path / "straight"))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_weights(weights(output), weights(tmp_path / "straight"))
+    assert results["train_loss"] == pytest.approx(straight["train_loss"])
