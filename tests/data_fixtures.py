@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 CLASS_NAMES = ("cat", "dog", "fish")
+CLASS_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))  # of make_colour_classes' classes
 BAD_KINDS = ("truncated", "garbage")
 ODD_KINDS = ("cmyk", "gray", "rgba", "palette", "gray16", "tiny")
 
@@ -128,6 +129,24 @@ def make_parquet_shards(
         dataset.shard(num_shards, shard_index, contiguous=True).to_parquet(str(path))
         paths.append(path)
     return paths
+
+
+def make_colour_classes(directory: pathlib.Path, labels: Sequence[int], split: str = "train", seed: int = 0) -> None:
+    """One HF-layout parquet shard where the class is the colour: a solid image of ``CLASS_COLOURS[label]`` with up to
+    +-30 of jitter per channel, 24x20, PNG. Any working encoder, even a random one, maps the classes far apart, so a
+    correct k-NN, linear probe or fine-tuning gets them right, and a broken one (wrong sign, shuffled labels) does not."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for index, label in enumerate(labels):
+        colour = tuple(int(c) for c in np.asarray(CLASS_COLOURS[label]) + rng.integers(-30, 31, 3))
+        images.append({"bytes": _encode(Image.new("RGB", (24, 20), colour), "PNG"), "path": f"{index}.png"})
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(CLASS_NAMES))})
+    dataset = Dataset.from_dict({"image": images, "label": list(labels)}, features=features)
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(directory / "data" / f"{split}-00000-of-00001.parquet"))
 
 
 def make_webdataset(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import evaluate
 import numpy as np
+import pyarrow.parquet
 import pytest
 import torch
 from accelerate import Accelerator
@@ -18,9 +22,10 @@ from accelerate.launchers import PrepareForLaunch
 from accelerate.state import AcceleratorState
 from accelerate.utils import patch_environment
 from conftest import tiny_config
-from data_fixtures import image_bytes, make_parquet_shards
+from data_fixtures import image_bytes, make_colour_classes, make_parquet_shards
 from official_mae import interpolate_pos_embed
 from PIL import Image, ImageFont
+from safetensors.torch import load_file
 from test_distributed import free_port
 from test_training import FakeHfApi, assert_same_weights, export_model_on_a_full_disk, printed_paths, weights
 from torch.multiprocessing import start_processes
@@ -39,6 +44,7 @@ from modeling_mae.evaluation import (
     knn_scores,
     layer_decay_lr_scale_fn,
     layer_id_for,
+    load_encoder,
     lr_scale,
     pool_features,
     resize_model_resolution,
@@ -72,6 +78,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = ("image_size=16,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
                   "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")
 NUM_TRAIN, NUM_VALIDATION = 45, 21  # odd sizes: not divisible by 2 processes x batch
+VALIDATION_CLASSES = [0, 1, 2] * 7
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,25 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     folder = tmp_path_factory.mktemp("images")
     make_parquet_shards(folder, NUM_TRAIN, num_shards=3, split="train")
     make_parquet_shards(folder, NUM_VALIDATION, num_shards=1, split="validation")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """45 train / 21 validation images whose class is their colour, 15 / 7 per class: a known right answer."""
+    folder = tmp_path_factory.mktemp("colours")
+    make_colour_classes(folder, [0, 1, 2] * 15, "train")
+    make_colour_classes(folder, VALIDATION_CLASSES, "validation", seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def few_cats_dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The colour classes with only 4 of the 45 train images in class 0: 16 of the 20 neighbours of a class-0 query
+    are of other classes, so only votes weighted by exp(similarity / 0.07) get those queries right."""
+    folder = tmp_path_factory.mktemp("few_cats")
+    make_colour_classes(folder, [0] * 4 + [1] * 20 + [2] * 21, "train")
+    make_colour_classes(folder, VALIDATION_CLASSES, "validation", seed=1)
     return folder
 
 
@@ -92,6 +119,37 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def read_results(folder: pathlib.Path) -> dict:
     return json.loads((folder / "all_results.json").read_text())
+
+
+def solid_images(folder: pathlib.Path, split: str, size: int) -> tuple[torch.Tensor, list[int]]:
+    """A colour-classes split read without modeling_mae: every (solid) image as the normalised `(3, size, size)`
+    tensor of its colour, which any resize or center crop leaves as it is, and the labels."""
+    table = pyarrow.parquet.read_table(folder / "data" / f"{split}-00000-of-00001.parquet")
+    images = []
+    for record in table["image"].to_pylist():
+        colour = np.asarray(Image.open(io.BytesIO(record["bytes"])).convert("RGB"), dtype=np.float64).mean((0, 1))
+        normalised = torch.tensor((colour / 255 - IMAGENET_MEAN) / IMAGENET_STD, dtype=torch.float32)
+        images.append(normalised.reshape(3, 1, 1).expand(3, size, size))
+    return torch.stack(images), table["label"].to_pylist()
+
+
+def accuracy_of(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    return sum(int(p == y) for p, y in zip(predictions, labels)) / len(labels)
+
+
+def reference_knn_predictions(queries: torch.Tensor, bank: torch.Tensor, bank_labels: Sequence[int], k: int,
+                              temperature: float) -> list[int]:
+    """The weighted k-NN of Wu et al. (2018) / DINO written out query by query: the k most cosine-similar bank samples
+    vote for their class with weight exp(similarity / temperature)."""
+    predictions = []
+    for query in queries.double():
+        similarities = [float(query @ sample / (query.norm() * sample.norm())) for sample in bank.double()]
+        nearest = sorted(range(len(similarities)), key=lambda index: -similarities[index])[:k]
+        votes: dict[int, float] = {}
+        for index in nearest:
+            votes[bank_labels[index]] = votes.get(bank_labels[index], 0.0) + math.exp(similarities[index] / temperature)
+        predictions.append(max(votes, key=votes.__getitem__))
+    return predictions
 
 
 # ------------------------------------------------------------------------------------------------ library pieces
@@ -133,6 +191,22 @@ def test_weighted_knn_votes_with_exponential_similarity() -> None:
     expected = torch.tensor([[similarity[0, 0].div(0.07).exp(), similarity[0, 1].div(0.07).exp()]])
     torch.testing.assert_close(scores, expected)
     assert knn_scores(torch.zeros(3, 2), bank, bank_labels, 2, k=50, chunk_size=2).shape == (3, 2)  # k > bank size
+
+
+def test_knn_scores_are_the_weighted_vote_of_each_query_with_the_papers_defaults() -> None:
+    """Several queries of different norms in chunks, a bank larger than k: every query's scores are the sum of
+    exp(cosine / 0.07) over its 20 nearest bank samples, per class (DINO's k=20, T=0.07 are the defaults)."""
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(30, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    queries = queries * torch.tensor([0.1, 1.0, 3.0, 10.0, 100.0]).unsqueeze(1)
+    bank_labels = torch.arange(30) % 3
+    expected = torch.zeros(5, 3, dtype=torch.float64)
+    for row, query in enumerate(queries.double()):
+        similarities = torch.nn.functional.cosine_similarity(query.unsqueeze(0), bank.double())
+        for index in similarities.argsort(descending=True)[:20]:
+            expected[row, bank_labels[index]] += (similarities[index] / 0.07).exp()
+    scores = knn_scores(queries, bank, bank_labels, num_classes=3, chunk_size=2)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=0)
 
 
 def rank_of_label(scores: torch.Tensor, labels: torch.Tensor) -> list[int]:
@@ -260,10 +334,41 @@ def test_lars_scales_matrix_updates_by_the_trust_ratio() -> None:
     torch.testing.assert_close(bias.detach(), torch.full((2,), 0.5))
 
 
+def test_linear_probe_head_normalises_with_the_running_statistics_then_projects() -> None:
+    head = LinearProbeHead(3, 2).eval()
+    head[0].running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    head[0].running_var.copy_(torch.tensor([4.0, 1e-6, 0.25]))
+    features = torch.tensor([[3.0, 2.001, 2.0]])
+    normalised = (features - head[0].running_mean) / (head[0].running_var + 1e-6).sqrt()  # the official eps 1e-6
+    torch.testing.assert_close(head(features), normalised @ head[1].weight.T + head[1].bias)
+
+
 def test_linear_probe_head_is_batchnorm_without_affine_then_linear() -> None:
     head = LinearProbeHead(8, 3)
     assert not head[0].affine and head[1].weight.std() < 0.05
     assert head(torch.randn(4, 8)).shape == (4, 3)
+
+
+def test_load_encoder_applies_config_overrides_to_pretrained_weights(pretrained: pathlib.Path) -> None:
+    encoder = load_encoder(str(pretrained), None, "drop_path_rate=0.3,layer_norm_eps=1e-5")
+    assert (encoder.config.drop_path_rate, encoder.config.layer_norm_eps) == (0.3, 1e-5)
+    with pytest.raises(ValueError, match="--model_name_or_path .* or --model_config"):
+        load_encoder(None, None)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("model_class", [MAEModel, MAEForImageClassification])
+def test_resize_model_resolution_to_a_non_square_size(model_class: type, trained: bool) -> None:
+    """An encoder or a classifier, to 24x32 (6x8 patches of 4): the config and the table follow, and the table stays
+    trained or fixed as it was."""
+    model = model_class(tiny_config(num_labels=3))
+    encoder = model if model_class is MAEModel else model.mae
+    encoder.embeddings.position_embeddings.requires_grad_(trained)
+    resize_model_resolution(model, (24, 32))
+    assert model.config.image_size == (24, 32) and model.config.grid_size == (6, 8)
+    table = encoder.embeddings.position_embeddings
+    assert table.shape == (1, 1 + 6 * 8, 32) and table.requires_grad == trained
+    assert encoder(torch.randn(1, 3, 24, 32)).last_hidden_state.shape == (1, 1 + 6 * 8, 32)
 
 
 def test_resize_model_resolution_is_the_official_interpolation(tmp_path: pathlib.Path) -> None:
@@ -291,19 +396,29 @@ def test_resize_model_resolution_is_the_official_interpolation(tmp_path: pathlib
 
 
 def test_knn_script_from_pretrained_and_random_init(
-    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    few_cats_dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The defaults (k=20, T=0.07, mean-pooled features) find every class, as the k-NN written out here does on the
+    same encoder's features; votes not weighted by the temperature (T=1) would miss some of the few cats."""
     monkeypatch.chdir(tmp_path)  # the default output_dir is relative: the printed path says where it went
-    common = ["--dataset_name", str(dataset), "--per_device_eval_batch_size", "4", "--k", "5"]
+    common = ["--dataset_name", str(few_cats_dataset), "--per_device_eval_batch_size", "4"]
     metrics = knn_main([*common, "--model_name_or_path", str(pretrained)])
     assert metrics["eval_samples"] == NUM_VALIDATION and metrics["train_samples"] == NUM_TRAIN
     results = tmp_path / "outputs" / "mae-knn" / "all_results.json"
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and json.loads(results.read_text()) == pytest.approx(metrics)
+    assert json.loads(results.read_text()) == pytest.approx(metrics)
     assert printed_paths(capsys.readouterr().out) == {"results": str(results.resolve())}
-    scratch = knn_main([*common, "--model_config", "tiny", "--config_overrides", TINY_OVERRIDES,
+    encoder = MAEModel.from_pretrained(pretrained).eval()
+    with torch.no_grad():
+        (bank_images, bank_labels), (queries, labels) = (solid_images(few_cats_dataset, split, 16)
+                                                          for split in ("train", "validation"))
+        bank, features = (encoder(images).last_hidden_state[:, 1:].mean(1) for images in (bank_images, queries))
+    assert metrics["eval_accuracy"] == accuracy_of(reference_knn_predictions(features, bank, bank_labels, 20, 0.07),
+                                                   labels) == 1.0
+    assert accuracy_of(reference_knn_predictions(features, bank, bank_labels, 20, 1.0), labels) < 0.9
+    scratch = knn_main([*common, "--model_config", "tiny", "--config_overrides", TINY_OVERRIDES, "--k", "5",
                         "--output_dir", str(tmp_path / "random"), "--pooling", "cls"])
-    assert scratch["model"].startswith("random init")
+    assert scratch["model"].startswith("random init") and scratch["eval_accuracy"] == 1.0  # colour is easy to see
 
 
 def test_knn_accuracy_is_the_same_with_two_processes(
@@ -329,19 +444,27 @@ def test_knn_accuracy_is_the_same_with_two_processes(
 
 @pytest.mark.parametrize("cached", ["true", "false"])
 def test_linear_probe_script(
-    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, cached: str,
+    colour_dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, cached: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """The probe learns the colour classes, and its reported accuracy is that of the saved head on the CLS features,
+    computed here from the weights (BatchNorm without affine, eps 1e-6, then linear)."""
     metrics = linear_probe_main([
-        "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
+        "--dataset_name", str(colour_dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
         "--per_device_train_batch_size", "8", "--num_train_epochs", "3", "--warmup_epochs", "1", "--cached_features", cached,
     ])
-    assert metrics["eval_samples"] == NUM_VALIDATION and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["eval_samples"] == NUM_VALIDATION
     assert metrics["train_steps"] == 3 * (NUM_TRAIN // 8)  # whole batches only, both ways
-    assert (tmp_path / "linear_head.safetensors").is_file()
     assert printed_paths(capsys.readouterr().out) == {"results": str(tmp_path.resolve() / "all_results.json"),
                                                       "head": str(tmp_path.resolve() / "linear_head.safetensors")}
     assert read_results(tmp_path)["cached_features"] == (cached == "true")
+    head = load_file(tmp_path / "linear_head.safetensors")
+    images, labels = solid_images(colour_dataset, "validation", 16)
+    with torch.no_grad():
+        features = MAEModel.from_pretrained(pretrained).eval()(images).last_hidden_state[:, 0]
+    normalised = (features - head["0.running_mean"]) / (head["0.running_var"] + 1e-6).sqrt()
+    predictions = (normalised @ head["1.weight"].T + head["1.bias"]).argmax(-1).tolist()
+    assert metrics["eval_accuracy"] == accuracy_of(predictions, labels) >= 0.9
 
 
 def test_linear_probe_accumulation_steps_like_the_whole_batch(tmp_path: pathlib.Path) -> None:
@@ -415,10 +538,10 @@ def test_a_launched_run_prints_what_it_did_and_no_library_noise(
 
 
 def test_finetune_script_saves_a_loadable_classifier(
-    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+    colour_dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     metrics = finetune_main([
-        "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
+        "--dataset_name", str(colour_dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
         "--image_size", "24", "--layer_decay", "0.65",
     ])
@@ -427,6 +550,11 @@ def test_finetune_script_saves_a_loadable_classifier(
     assert model.config.id2label == {0: "cat", 1: "dog", 2: "fish"} and model.config.image_size == (24, 24)
     assert model.config.drop_path_rate == 0.1 and model.config.use_mean_pooling
     assert model(torch.randn(1, 3, 24, 24)).logits.shape == (1, 3)
+    # It learnt the colour classes, and the reported accuracy is the saved classifier's on the validation images.
+    images, labels = solid_images(colour_dataset, "validation", 24)
+    with torch.no_grad():
+        predictions = model(images).logits.argmax(-1).tolist()
+    assert metrics["eval_accuracy"] == accuracy_of(predictions, labels) >= 0.9
     # The encoder started from the pretrained weights: a few tiny steps moved them a little, a new init would not match.
     pretrained_qkv = MAEModel.from_pretrained(pretrained).encoder.layers[0].attention.qkv.weight
     assert torch.allclose(model.mae.encoder.layers[0].attention.qkv.weight, pretrained_qkv, atol=1e-2)
