@@ -11,6 +11,7 @@ import io
 import json
 import pathlib
 import random
+import statistics
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +21,7 @@ import torchvision
 from PIL import Image
 
 from modeling_mae import MAEConfig, MAEForPreTraining
-from modeling_mae.conversion import convert_transformers_state_dict
+from modeling_mae.conversion import convert_transformers_state_dict, export_to_vit
 from modeling_mae.fast_decode import FastPretrainTransform, dct_reduction, sample_crop
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -79,13 +80,30 @@ def test_benchmark_runs_and_writes_json_and_markdown(tmp_path, keep_threads) -> 
     assert results["errors"] == [] and results["meta"]["sdpa_backends"] == "flash_attention,math"
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     train, asymmetric, data = saved["train"][0], saved["asymmetric"][0], saved["data"][0]
-    assert {"transformers", "ours"} <= set(train["variants"]) and train["speedup"]["ours"]["of_medians"] > 0
+    assert {"transformers", "ours"} <= set(train["variants"])
+    assert_speedup_of_the_timings(train["speedup"]["ours"], train["variants"]["transformers"], train["variants"]["ours"])
     assert saved["attention"][0]["backends"]["decoder"]["ms"]["MATH"] > 0  # math runs on every device
-    assert asymmetric["flops_ratio_step"] > 1 and asymmetric["speedup_encoder"]["paired_median"] > 0
+    step = asymmetric["step"]
+    assert_speedup_of_the_timings(asymmetric["speedup_step"], step["mask_tokens"], step["visible_only"])
+    encoder_rates = asymmetric["encoder_images_per_s"]  # batch / median: the speedup is the ratio of the rates
+    assert asymmetric["speedup_encoder"]["of_medians"] == pytest.approx(
+        encoder_rates["visible_only"] / encoder_rates["mask_tokens"])
+    assert asymmetric["flops_ratio_step"] > 1
     assert data["speedup"]["plain PIL + torchvision"] == pytest.approx(1.0)
     table = (tmp_path / "benchmark.md").read_text()
     assert "| tiny-32px | sdpa | 2 |" in table and "## Data path" in table
     assert "aten::" in (tmp_path / "profile_tiny-32px_sdpa_ours.txt").read_text()  # the ops of our step, by time
+
+
+def assert_speedup_of_the_timings(speedup: dict[str, float], slow: dict, fast: dict) -> None:
+    """A reported speedup of `fast` over `slow` is what their recorded step times say: the ratio of the medians and
+    the median of the round-by-round ratios (> 1 when `fast` is faster)."""
+    assert speedup["of_medians"] == pytest.approx(statistics.median(slow["samples_s"]) /
+                                                  statistics.median(fast["samples_s"]))
+    assert speedup["of_medians"] == pytest.approx(fast["images_per_s"] / slow["images_per_s"])
+    paired = [s / f for s, f in zip(slow["samples_s"], fast["samples_s"])]
+    assert speedup["paired_median"] == pytest.approx(statistics.median(paired))
+    assert speedup["cpu_time"] == pytest.approx(slow["median_cpu_s"] / fast["median_cpu_s"])
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -128,6 +146,39 @@ def test_mask_token_baseline_without_masking_is_the_plain_encoder() -> None:
     torch.testing.assert_close(latent, model.mae(pixel_values).last_hidden_state)
     loss = benchmark.mask_token_loss(model, torch.nn.Parameter(torch.zeros(1, 1, 192)), pixel_values)
     assert torch.isfinite(loss)
+
+
+def test_mask_token_baseline_is_a_vit_with_mask_tokens_and_the_vitmae_decoder() -> None:
+    """The asymmetric comparison's baseline against transformers on the same weights and mask: its encoder is
+    `ViTModel(use_mask_token=True)` given the masked positions (mask token + position, every patch encoded), its loss
+    ViTMAE's decoder over all those tokens (no mask token left to add) and ViTMAE's masked-patch loss."""
+    from transformers import ViTMAEForPreTraining, ViTModel
+
+    config = MAEConfig.from_preset("tiny-32px", num_hidden_layers=2, norm_pix_loss=True)
+    reference = ViTMAEForPreTraining(benchmark.vitmae_config(config)).eval()
+    model = MAEForPreTraining(config).eval()
+    model.load_state_dict(convert_transformers_state_dict(reference.state_dict()))
+    vit_config, vit_weights = export_to_vit(model)
+    vit = ViTModel(vit_config, add_pooling_layer=False, use_mask_token=True).eval()
+    assert vit.load_state_dict({k.removeprefix("vit."): v for k, v in vit_weights.items()}, strict=False).missing_keys \
+        == ["embeddings.mask_token"]
+    mask_token = torch.nn.Parameter(torch.randn(1, 1, config.hidden_size))
+    vit.embeddings.mask_token.data.copy_(mask_token.data)
+    pixel_values = torch.randn(2, 3, 32, 32)
+
+    torch.manual_seed(1)
+    latent, mask = benchmark.encode_all_patches(model, mask_token, pixel_values)
+    assert mask.sum(1).tolist() == [48, 48]  # 75% of 64 patches
+    with torch.no_grad():
+        expected_latent = vit(pixel_values, bool_masked_pos=mask.bool()).last_hidden_state
+        torch.testing.assert_close(latent, expected_latent, atol=1e-5, rtol=1e-4)
+        logits = reference.decoder(expected_latent, ids_restore=torch.arange(64).expand(2, 64)).logits
+        target = reference.patchify(pixel_values)  # the official norm_pix_loss target and masked mean, as ViTMAE's
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        expected_loss = (((logits - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.manual_seed(1)  # the same mask
+    torch.testing.assert_close(benchmark.mask_token_loss(model, mask_token, pixel_values), expected_loss, atol=1e-5,
+                               rtol=1e-4)
 
 
 def test_sample_crop_draws_torchvision_crops() -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from datasets.exceptions import DatasetNotFoundError
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import modeling_mae.data as data
 from data_fixtures import (
@@ -52,6 +52,8 @@ MAKERS: dict[str, Callable[..., list[pathlib.Path]]] = {
     "imagefolder": lambda directory, num_samples, num_shards=0, kinds=None: make_imagefolder(directory, num_samples, kinds),
 }
 MIXED_KINDS = {1: "truncated", 2: "cmyk", 4: "gray", 5: "garbage", 7: "rgba", 8: "palette", 10: "gray16", 11: "tiny"}
+# What decoding each bad kind raises (PIL's errors, also on the fused path): the loader skips on any of them.
+BAD_KIND_ERRORS = {"truncated": (OSError, "Truncated File Read"), "garbage": (UnidentifiedImageError, "cannot identify")}
 # Identity-preserving transform: 8x8 resize of the [0, 1] pixels, so encoded_id reads back each sample's id.
 ID_TRANSFORM = eval_transform(8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -132,7 +134,8 @@ def test_sixteen_bit_images_are_rescaled_not_clipped() -> None:
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_bad_bytes_raise_on_decode(kind: str) -> None:
-    with pytest.raises(Exception):
+    error, message = BAD_KIND_ERRORS[kind]
+    with pytest.raises(error, match=message):
         decode_image(image_bytes(3, kind))
 
 
@@ -141,7 +144,8 @@ def test_the_fused_pretraining_transform_reads_every_format_like_the_plain_one(k
     transform = pretrain_transform((16, 12))
     encoded = image_bytes(7, kind)
     if kind in BAD_KINDS:
-        with pytest.raises(Exception):
+        error, message = BAD_KIND_ERRORS[kind]
+        with pytest.raises(error, match=message):
             transform.from_bytes(encoded, random.Random(0))
         return
     fused = transform.from_bytes(encoded, random.Random(0))
