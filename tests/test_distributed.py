@@ -19,12 +19,15 @@ import torch
 import torch.distributed as dist
 import yaml
 from conftest import tiny_config
+from data_fixtures import make_parquet_shards
 from test_checkpoint_faults import poison
 from test_training import (
     REPO,
     RUN_MAE,
     assert_loadable,
     assert_same_weights,
+    logged_learning_rates,
+    paper_learning_rate,
     run_args,
     run_main,
     weights,
@@ -71,7 +74,7 @@ def launch(
     completed = subprocess.run(
         launch_command(launch_flags, script_flags),
         cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},  # 1 thread per process, 2 cores
         capture_output=True,
         text=True,
         timeout=LAUNCH_TIMEOUT_S,
@@ -86,7 +89,7 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(data_dir
     # mask_ratio=0: each process draws its own masks; with nothing masked the model sees every patch whatever the
     # noise, so both runs must agree up to float summation order. The single parquet shard is split sample by sample,
     # so the 2 x 4 images of a step are the 8 images of the single-process step.
-    common = ("--mask_ratio", "0", "--max_train_steps", "4", "--warmup_steps", "1")
+    common = ("--mask_ratio", "0", "--max_train_steps", "4", "--warmup_steps", "1", "--logging_steps", "1")
     single = tmp_path / "one"
     run_main(run_args(data_dir, model_config, single, *common))
     double = tmp_path / "two"
@@ -96,27 +99,41 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(data_dir
     results = json.loads((double / "all_results.json").read_text())
     assert (results["num_processes"], results["train_steps"], results["train_samples"]) == (2, 4, 32)
     assert_same_weights(weights(double), weights(single), atol=1e-5)
+    # The learning rate of an effective batch of 2 processes x 4 (the default base lr 1.5e-3), step by step.
+    expected = [paper_learning_rate(step, 1.5e-3, 8, 1, 4) for step in range(4)]
+    assert list(logged_learning_rates(double).values()) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+@pytest.fixture(scope="module")
+def data_with_bad_images(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """64 train images of which records 2 (truncated) and 3 (not an image) are bad: 2 processes splitting the shard
+    sample by sample each meet one of them in their first batches."""
+    directory = tmp_path_factory.mktemp("bad_images")
+    make_parquet_shards(directory, 64, num_shards=1, kinds={2: "truncated", 3: "garbage"})
+    return directory
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_checkpoints_resumes_and_exports(
-    stage, data_dir, model_config, tmp_path, hf_home
+    stage, data_with_bad_images, model_config, tmp_path, hf_home
 ) -> None:
     pytest.importorskip("deepspeed")
     output = tmp_path / "run"
     launch_flags = ["--config_file", str(REPO / "configuration" / "accelerate" / f"deepspeed_zero{stage}.yaml")]
     env = {"DS_ACCELERATOR": "cpu"}
-    flags = run_args(data_dir, model_config, output, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    flags = run_args(data_with_bad_images, model_config, output, "--max_train_steps", "3", "--checkpointing_steps",
+                     "2", "--shuffle_buffer_size", "1")
     first = launch(launch_flags, flags, env)
     assert "DistributedType.DEEPSPEED" in first.stderr
-    assert sorted(p.name for p in output.glob("step_*")) == ["step_2", "step_4"]
+    assert sorted(p.name for p in output.glob("step_*")) == ["step_2"]
     uninterrupted = weights(output)
 
-    # Resume from the middle into the same folder: the last two steps again, to the same weights.
+    # Resume from the middle into the same folder: the last step again, to the same weights.
     resumed = launch(launch_flags, [*flags, "--resume_from_checkpoint", str(output / "step_2")], env)
     assert f"resumed from {output / 'step_2'}: step 2" in resumed.stderr
     results = json.loads((output / "all_results.json").read_text())
-    assert (results["train_steps"], results["train_samples"], results["num_processes"]) == (4, 64, 2)
+    assert (results["train_steps"], results["train_samples"], results["num_processes"]) == (3, 48, 2)
+    assert results["skipped_images"] == 2  # one per process, summed, and kept across the resume
     assert_same_weights(weights(output), uninterrupted, atol=1e-6)
     assert_loadable(output, uninterrupted)
 
