@@ -47,7 +47,10 @@ from modeling_mae.training import (
     WarmupCosineSchedule,
     build_optimizer,
     build_scheduler,
+    fill_deepspeed_config,
+    iterate_in_lockstep,
     list_checkpoints,
+    loss_is_finite_everywhere,
     plan_training,
     resolve_resume_checkpoint,
     restore_scheduler,
@@ -263,6 +266,56 @@ def test_loss_window_averages_micro_batches_then_steps() -> None:
     window.discard_step()  # a skipped step leaves no trace
     assert window.flush(OneProcess(), progress) == 3.0
     assert (progress.loss_steps, progress.train_loss) == (2, 3.0)
+
+
+class TwoProcesses:
+    """The collectives of process 0 of 2 whose peer holds `peer` (what `reduce(..., "sum")` adds from it)."""
+
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        return tensor + (self.peer(tensor) if callable(self.peer) else self.peer)
+
+
+def test_loss_window_averages_over_processes() -> None:
+    """Process 0 logged steps of mean loss 1 and 3, process 1 (the peer) 5 and 7: the logged loss is the mean of all."""
+    window, progress = LossWindow(), TrainingProgress()
+    for loss in (1.0, 3.0):
+        window.add_micro_batch(loss)
+        window.end_step()
+    assert window.flush(TwoProcesses(torch.tensor([12.0, 2.0], dtype=torch.float64)), progress) == 4.0
+    assert (progress.loss_steps, progress.loss_sum, progress.train_loss) == (2, 8.0, 4.0)
+
+
+def test_evaluation_batches_go_in_lockstep_until_every_process_is_done() -> None:
+    """This process has 2 batches, its peer 4: the last one is repeated (not to be counted) while the peer finishes,
+    and a finite loss here with a non-finite one there is non-finite everywhere."""
+    peer_batches = iter([1.0, 1.0, 1.0, 1.0, 0.0])
+    lockstep = iterate_in_lockstep(TwoProcesses(lambda _: torch.tensor([next(peer_batches)])), [{"b": 0}, {"b": 1}])
+    assert list(lockstep) == [({"b": 0}, True), ({"b": 1}, True), ({"b": 1}, False), ({"b": 1}, False)]
+    assert not loss_is_finite_everywhere(TwoProcesses(torch.tensor([1.0])), torch.tensor(0.5))
+    assert loss_is_finite_everywhere(TwoProcesses(torch.tensor([0.0])), torch.tensor(0.5))
+
+
+def test_deepspeed_auto_values_are_filled_without_clipping() -> None:
+    """The JSON's "auto" micro-batch and clipping become the run's batch and --max_grad_norm (0: no clipping, the
+    paper's), values set in the JSON stay."""
+
+    def filled(config: dict[str, Any], max_grad_norm: float | None) -> dict[str, Any]:
+        plugin = SimpleNamespace(deepspeed_config=dict(config))
+        fill_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), 8, max_grad_norm)
+        return plugin.deepspeed_config
+
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}
+    assert filled(auto, None) == {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0}
+    assert filled(auto, 1.5) == {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 1.5}
+    fixed = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0}
+    assert filled(fixed, 1.5) == fixed
+    fill_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), 8, None)  # not DeepSpeed
 
 
 def test_only_complete_checkpoints_are_resumed(tmp_path: pathlib.Path) -> None:
