@@ -134,7 +134,8 @@ def make_parquet_shards(
 def make_colour_classes(directory: pathlib.Path, labels: Sequence[int], split: str = "train", seed: int = 0) -> None:
     """One HF-layout parquet shard where the class is the colour: a solid image of ``CLASS_COLOURS[label]`` with up to
     +-30 of jitter per channel, 24x20, PNG. Any working encoder, even a random one, maps the classes far apart, so a
-    correct k-NN, linear probe or fine-tuning gets them right, and a broken one (wrong sign, shuffled labels) does not."""
+    correct k-NN, linear probe or fine-tuning gets them right, and a broken one (wrong sign, shuffled labels) does
+    not."""
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
 

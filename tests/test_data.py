@@ -53,7 +53,8 @@ MAKERS: dict[str, Callable[..., list[pathlib.Path]]] = {
 }
 MIXED_KINDS = {1: "truncated", 2: "cmyk", 4: "gray", 5: "garbage", 7: "rgba", 8: "palette", 10: "gray16", 11: "tiny"}
 # What decoding each bad kind raises (PIL's errors, also on the fused path): the loader skips on any of them.
-BAD_KIND_ERRORS = {"truncated": (OSError, "Truncated File Read"), "garbage": (UnidentifiedImageError, "cannot identify")}
+BAD_KIND_ERRORS = {"truncated": (OSError, "Truncated File Read"),
+                   "garbage": (UnidentifiedImageError, "cannot identify")}
 # Identity-preserving transform: 8x8 resize of the [0, 1] pixels, so encoded_id reads back each sample's id.
 ID_TRANSFORM = eval_transform(8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 

@@ -232,7 +232,8 @@ def test_linear_probe_pooling_reaches_the_features(cached: str, data_dir, model_
 def test_knn_flags_reach_the_vote(data_dir, model_config, tmp_path, monkeypatch, pooling_spy) -> None:
     knn = Spy(run_knn.knn_scores, "queries", "bank", "bank_labels", "num_classes", "k", "temperature")
     monkeypatch.setattr(run_knn, "knn_scores", knn)
-    common = ["--dataset_name", str(data_dir), "--model_config", str(model_config), "--per_device_eval_batch_size", "16"]
+    common = ["--dataset_name", str(data_dir), "--model_config", str(model_config),
+              "--per_device_eval_batch_size", "16"]
     run_knn.main([*common, "--output_dir", str(tmp_path / "default")])
     assert (knn.values("k"), knn.values("temperature"), pooling_spy.values("pooling")) == ({20}, {0.07}, {"mean"})
     knn.calls.clear()

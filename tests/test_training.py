@@ -144,7 +144,8 @@ def paper_learning_rate(
     peak = base_lr * effective_batch / 256
     if step < warmup_steps:
         return peak * step / warmup_steps
-    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def logged_learning_rates(output_dir: pathlib.Path) -> dict[int, float]:
