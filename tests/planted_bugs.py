@@ -1,0 +1,226 @@
+"""Planted bugs: small mistakes a reviewer plants one at a time, each with the tests that must catch it.
+
+    python tests/planted_bugs.py                      # every plant (about 10 minutes on 2 idle cores)
+    python tests/planted_bugs.py --only lr_ --list    # the plants whose name contains "lr_", without running them
+
+Each plant replaces one exact snippet of one file in a scratch copy of the working tree (`git ls-files`, as it is on
+disk), runs the plant's tests there (`pytest -x`) and reports CAUGHT (a test failed) or SURVIVED (all passed); a
+snippet that no longer matches the code is reported as STALE, so the list follows the code. The exit status is 1 when
+a plant survived or went stale. Mutation testing (mutmut) covers the library modules mutant by mutant
+(docs/testing.md); these plants cover what mutmut cannot reach cheaply: the scripts' wiring, checked by end-to-end and
+multi-process tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from mutation_score import copy_tree  # the same scratch copy as the mutation runs
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Plant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: node ids, or a file and -k
+
+
+T = "tests/test_training.py::"
+D = "tests/test_distributed.py::"
+E = "tests/test_evaluation.py::"
+F = "tests/test_recipe_flags.py::"
+B = "tests/test_benchmark.py::"
+LR_TEST = (T + "test_the_applied_learning_rate_is_the_papers_schedule",)
+MAE_FLAGS = (F + "test_pretraining_flags_reach_the_optimizer_schedule_and_model",)
+FINETUNE_FLAGS = (F + "test_finetune_flags_reach_the_classifier_optimizer_and_schedule",)
+MIXING = (F + "test_finetune_mixing_flags_reach_the_mixer", F + "test_finetune_defaults_are_the_papers_recipe")
+PROBE_FLAGS = (F + "test_linear_probe_flags_reach_its_optimizer_and_schedule",)
+KNN_FLAGS = (F + "test_knn_flags_reach_the_vote",)
+KNN_ANSWER = (E + "test_knn_script_from_pretrained_and_random_init",)
+PROBE_ANSWER = (E + "test_linear_probe_script",)
+FINETUNE_ANSWER = (E + "test_finetune_script_saves_a_loadable_classifier",)
+
+PLANTS = (
+    # ------------------------------------------------------------------------------ the learning rate the loop applies
+    Plant("lr_reference_batch_512", "modeling_mae/training.py", "LR_REFERENCE_BATCH = 256", "LR_REFERENCE_BATCH = 512",
+          LR_TEST),
+    Plant("lr_scheduler_stepped_twice", "run_scripts/run_mae.py", "            trainer.scheduler.step()\n",
+          "            trainer.scheduler.step()\n            trainer.scheduler.step()\n", LR_TEST),
+    Plant("lr_warmup_off_by_one", "modeling_mae/training.py", "return step / self.warmup_steps",
+          "return (step + 1) / self.warmup_steps", LR_TEST),
+    Plant("lr_scheduler_per_micro_batch", "run_scripts/run_mae.py",
+          "        poisoned |= not train_micro_batch(trainer, progress, batch, loop)\n",
+          "        poisoned |= not train_micro_batch(trainer, progress, batch, loop)\n"
+          "        if not accelerator.sync_gradients:\n            trainer.scheduler.step()\n", LR_TEST),
+    Plant("lr_logged_after_the_scheduler_moved", "run_scripts/run_mae.py",
+          "            after_step(trainer, progress, loop, learning_rate)",
+          "            after_step(trainer, progress, loop, trainer.scheduler.get_last_lr()[0])", LR_TEST),
+    Plant("lr_batch_without_processes", "run_scripts/run_mae.py",
+          "args.optim.gradient_accumulation_steps, accelerator.num_processes\n    )\n    learning_rate",
+          "args.optim.gradient_accumulation_steps, 1\n    )\n    learning_rate",
+          (D + "test_two_ddp_processes_match_one_process_with_the_same_global_batch",)),
+    # ------------------------------------------------------------------------------------ flags that reach their object
+    Plant("mae_mask_ratio_flag_dropped", "run_scripts/run_mae.py", 'for name in ("mask_ratio", "norm_pix_loss"):',
+          'for name in ("norm_pix_loss",):', MAE_FLAGS),
+    Plant("mae_betas_swapped", "run_scripts/run_mae.py", "(args.optim.adam_beta1, args.optim.adam_beta2),",
+          "(args.optim.adam_beta2, args.optim.adam_beta1),", MAE_FLAGS),
+    Plant("mae_adam_epsilon_dropped", "run_scripts/run_mae.py", "        args.optim.adam_epsilon,\n    )", "    )",
+          MAE_FLAGS),
+    Plant("mae_min_lr_dropped", "run_scripts/run_mae.py", "plan.total_steps, learning_rate, args.optim.min_lr)",
+          "plan.total_steps, learning_rate)", MAE_FLAGS),
+    Plant("mae_max_grad_norm_ignored", "run_scripts/run_mae.py", "    if trainer.args.optim.max_grad_norm is not None:",
+          "    if False:", MAE_FLAGS),
+    Plant("finetune_layer_decay_dropped", "run_scripts/run_finetune.py",
+          "        lr_scale_fn=layer_decay_lr_scale_fn(model.config.num_hidden_layers, args.model.layer_decay),\n", "",
+          FINETUNE_FLAGS),
+    Plant("finetune_no_weight_decay_list_dropped", "run_scripts/run_finetune.py",
+          "        no_weight_decay=FINETUNE_NO_WEIGHT_DECAY,\n", "", FINETUNE_FLAGS),
+    Plant("finetune_drop_path_flag_ignored", "run_scripts/run_finetune.py",
+          '"drop_path_rate": model_args.drop_path_rate,', '"drop_path_rate": 0.1,', FINETUNE_FLAGS),
+    Plant("finetune_global_pool_ignored", "run_scripts/run_finetune.py",
+          '"use_mean_pooling": model_args.global_pool}', '"use_mean_pooling": True}', FINETUNE_FLAGS),
+    Plant("finetune_position_table_always_trained", "run_scripts/run_finetune.py",
+          "requires_grad_(model_args.train_position_embeddings)", "requires_grad_(True)", FINETUNE_FLAGS),
+    Plant("finetune_min_lr_dropped", "run_scripts/run_finetune.py",
+          "plan.total_steps, learning_rate, optim.min_lr)", "plan.total_steps, learning_rate)", FINETUNE_FLAGS),
+    Plant("finetune_label_smoothing_dropped", "run_scripts/run_finetune.py",
+          "args.augment.mixup, args.augment.cutmix, args.augment.label_smoothing)",
+          "args.augment.mixup, args.augment.cutmix)", MIXING),
+    Plant("finetune_mixup_cutmix_swapped", "run_scripts/run_finetune.py",
+          "args.augment.mixup, args.augment.cutmix, args.augment.label_smoothing)",
+          "args.augment.cutmix, args.augment.mixup, args.augment.label_smoothing)", MIXING),
+    Plant("linprobe_lars_weight_decay_dropped", "run_scripts/run_linear_probe.py",
+          "LARS(head.parameters(), lr=learning_rate, weight_decay=probe.weight_decay)",
+          "LARS(head.parameters(), lr=learning_rate)", PROBE_FLAGS),
+    Plant("linprobe_accumulation_not_in_the_batch", "run_scripts/run_linear_probe.py",
+          "effective_batch_size(probe.per_device_train_batch_size, accumulation, accelerator.num_processes)",
+          "effective_batch_size(probe.per_device_train_batch_size, 1, accelerator.num_processes)", PROBE_FLAGS),
+    Plant("linprobe_streamed_pooling_ignored", "run_scripts/run_linear_probe.py",
+          "streamed_batches, encoder, train_loader, probe.pooling,", 'streamed_batches, encoder, train_loader, "cls",',
+          (F + "test_linear_probe_pooling_reaches_the_features",)),
+    Plant("knn_temperature_not_passed", "run_scripts/run_knn.py", "knn_args.k, knn_args.temperature)",
+          "knn_args.k)", KNN_FLAGS),
+    Plant("knn_default_temperature_changed", "run_scripts/run_knn.py", "default=0.07,", "default=0.1,", KNN_FLAGS),
+    Plant("knn_bank_pooling_ignored", "run_scripts/run_knn.py", "train_loader, knn_args.pooling)",
+          'train_loader, "mean")', KNN_FLAGS),
+    # --------------------------------------------------------------------- evaluations with a known right answer
+    Plant("knn_temperature_ignored_in_the_vote", "modeling_mae/evaluation.py",
+          "weights = (similarity / temperature).exp()", "weights = similarity.exp()", KNN_ANSWER),
+    Plant("knn_farthest_neighbours", "modeling_mae/evaluation.py", "(query @ bank.T).topk(k, dim=-1)",
+          "(query @ bank.T).topk(k, dim=-1, largest=False)", KNN_ANSWER),
+    Plant("knn_labels_shuffled", "run_scripts/run_knn.py", "knn_scores(queries, bank, bank_labels,",
+          "knn_scores(queries, bank, bank_labels.flip(0),", KNN_ANSWER),
+    Plant("linprobe_labels_shuffled", "run_scripts/run_linear_probe.py",
+          "labels[mine.to(labels.device)]", "labels[mine.flip(0).to(labels.device)]", PROBE_ANSWER),
+    Plant("finetune_labels_shuffled", "run_scripts/run_finetune.py",
+          'loop.mixer(batch["pixel_values"], batch["labels"])',
+          'loop.mixer(batch["pixel_values"], batch["labels"].roll(1))',
+          FINETUNE_ANSWER),
+    # --------------------------------------------------------------------- checks that passed with the feature off
+    Plant("resume_without_the_weights", "modeling_mae/training.py", "    accelerator.load_state(str(checkpoint))\n", "",
+          (T + "test_sigkill_then_resume_latest",)),
+    Plant("skipped_images_overwritten", "modeling_mae/data.py", "self._skipped += len(bad_keys)",
+          "self._skipped = len(bad_keys)", (T + "test_bad_images_are_skipped_and_counted_in_the_results",)),
+    Plant("skipped_images_not_reported", "run_scripts/run_mae.py", '"skipped_images": int(skipped.item()),',
+          '"skipped_images": 0,', (T + "test_bad_images_are_skipped_and_counted_in_the_results",)),
+    Plant("masks_shared_by_all_processes", "run_scripts/run_mae.py",
+          "        accelerator.process_index,\n        progress.epoch,", "        0,\n        progress.epoch,",
+          (T + "test_each_process_draws_its_own_masks_and_the_same_again_on_resume",)),
+    Plant("deepspeed_clipping_on_by_default", "modeling_mae/training.py",
+          'config["gradient_clipping"] = max_grad_norm or 0.0', 'config["gradient_clipping"] = max_grad_norm or 1.0',
+          (T + "test_deepspeed_auto_values_are_filled_without_clipping",)),
+    Plant("lockstep_counts_repeated_batches", "modeling_mae/training.py", "            yield last, False",
+          "            yield last, True", (T + "test_evaluation_batches_go_in_lockstep_until_every_process_is_done",)),
+    Plant("loss_summed_over_processes", "modeling_mae/training.py",
+          "progress.loss_sum += loss_sum / accelerator.num_processes", "progress.loss_sum += loss_sum",
+          (T + "test_loss_window_averages_over_processes",)),
+    Plant("knn_queries_normalised_across_the_chunk", "modeling_mae/evaluation.py",
+          "query = F.normalize(queries[start : start + chunk_size].float(), dim=-1)",
+          "query = F.normalize(queries[start : start + chunk_size].float(), dim=0)",
+          (E + "test_knn_scores_are_the_weighted_vote_of_each_query_with_the_papers_defaults",)),
+    Plant("probe_head_batchnorm_eps", "modeling_mae/evaluation.py", "affine=False, eps=1e-6", "affine=False, eps=1e-5",
+          (E + "test_linear_probe_head_normalises_with_the_running_statistics_then_projects",)),
+    Plant("load_encoder_overrides_dropped", "modeling_mae/evaluation.py",
+          "from_pretrained(model_name_or_path, **parse_overrides(config_overrides))",
+          "from_pretrained(model_name_or_path)",
+          (E + "test_load_encoder_applies_config_overrides_to_pretrained_weights",)),
+    Plant("resize_to_a_square_of_the_width", "modeling_mae/evaluation.py",
+          "new_size = (int(image_size[0]), int(image_size[1]))", "new_size = (int(image_size[1]), int(image_size[1]))",
+          (E + "test_resize_model_resolution_to_a_non_square_size",)),
+    # ---------------------------------------------------------------------------------------------- weak assertions
+    Plant("decode_crashes_on_every_input", "modeling_mae/transforms.py", "image = Image.open(io.BytesIO(data))",
+          "image = Image.open(io.BytesIO(date))", ("tests/test_data.py", "-k", "bad_bytes_raise_on_decode")),
+    Plant("benchmark_speedup_inverted", "run_scripts/benchmark.py",
+          '"of_medians": statistics.median(times[slow]["wall"]) / statistics.median(times[fast]["wall"])',
+          '"of_medians": statistics.median(times[fast]["wall"]) / statistics.median(times[slow]["wall"])',
+          (B + "test_benchmark_runs_and_writes_json_and_markdown",)),
+    Plant("mask_token_without_position", "run_scripts/benchmark.py",
+          "masked = mask_token + embeddings.position_embeddings[:, 1:]",
+          "masked = mask_token + 0 * embeddings.position_embeddings[:, 1:]",
+          (B + "test_mask_token_baseline_is_a_vit_with_mask_tokens_and_the_vitmae_decoder",)),
+)
+
+
+def run_plant(plant: Plant, scratch: pathlib.Path) -> tuple[str, float, str]:
+    """(CAUGHT | SURVIVED | STALE | TIMEOUT, seconds, the tail of pytest's output)."""
+    path = scratch / plant.path
+    original = path.read_text()
+    if original.count(plant.old) != 1:
+        return "STALE", 0.0, f"{plant.path}: the snippet occurs {original.count(plant.old)} times"
+    path.write_text(original.replace(plant.old, plant.new))
+    env = {**os.environ, "PYTHONPATH": str(scratch), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.perf_counter()
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *plant.tests],
+            check=False, cwd=scratch, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return "TIMEOUT", time.perf_counter() - start, ""
+    finally:
+        path.write_text(original)
+    verdict = "SURVIVED" if completed.returncode == 0 else "CAUGHT"
+    return verdict, time.perf_counter() - start, (completed.stdout + completed.stderr)[-1500:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="Run the plants whose name contains this text.")
+    parser.add_argument("--list", action="store_true", help="List the plants and their tests, run nothing.")
+    parser.add_argument("--verbose", action="store_true", help="Print pytest's output of every plant.")
+    args = parser.parse_args(argv)
+    plants = [plant for plant in PLANTS if args.only in plant.name]
+    if args.list:
+        for plant in plants:
+            applies = (REPO / plant.path).read_text().count(plant.old) == 1
+            print(f"{plant.name:40} {'' if applies else 'STALE '}{plant.path:32} {' '.join(plant.tests)}")
+        return 0
+    verdicts = []
+    with tempfile.TemporaryDirectory(prefix="planted_bugs_") as directory:
+        scratch = pathlib.Path(directory)
+        copy_tree(REPO, scratch)
+        for plant in plants:
+            verdict, seconds, output = run_plant(plant, scratch)
+            verdicts.append(verdict)
+            print(f"{verdict:9} {seconds:6.1f}s  {plant.name}", flush=True)
+            if args.verbose or verdict in ("SURVIVED", "STALE"):
+                print("    " + output.replace("\n", "\n    "))
+    caught = verdicts.count("CAUGHT")
+    print(f"\n{caught} of {len(verdicts)} planted bugs caught")
+    return 0 if caught == len(verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
