@@ -2,6 +2,7 @@
 
     python tests/planted_bugs.py                      # every plant (about 10 minutes on 2 idle cores)
     python tests/planted_bugs.py --only lr_ --list    # the plants whose name contains "lr_", without running them
+    python tests/planted_bugs.py --tree /tmp/main-tree --whole_files   # the same bugs in main (git archive main)
 
 Each plant replaces one exact snippet of one file in a scratch copy of the working tree (`git ls-files`, as it is on
 disk), runs the plant's tests there (`pytest -x`) and reports CAUGHT (a test failed) or SURVIVED (all passed); a
@@ -25,7 +26,16 @@ from dataclasses import dataclass
 from mutation_score import copy_tree  # the same scratch copy as the mutation runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT_S = 600
+TIMEOUT_S = 900
+# With --whole_files on a tree that lacks a plant's test file: the test file of the planted code.
+TEST_FILE_OF_CODE = {
+    "run_scripts/run_mae.py": "tests/test_training.py", "modeling_mae/training.py": "tests/test_training.py",
+    "run_scripts/run_finetune.py": "tests/test_evaluation.py", "run_scripts/run_knn.py": "tests/test_evaluation.py",
+    "run_scripts/run_linear_probe.py": "tests/test_evaluation.py",
+    "modeling_mae/evaluation.py": "tests/test_evaluation.py",
+    "modeling_mae/data.py": "tests/test_data.py", "modeling_mae/transforms.py": "tests/test_data.py",
+    "run_scripts/benchmark.py": "tests/test_benchmark.py",
+}
 
 
 @dataclass(frozen=True)
@@ -173,7 +183,14 @@ PLANTS = (
 )
 
 
-def run_plant(plant: Plant, scratch: pathlib.Path) -> tuple[str, float, str]:
+def whole_files(plant: Plant, scratch: pathlib.Path) -> tuple[str, ...]:
+    """The files of the plant's tests, as the issue's reviewer ran them (a tree without them: the planted code's)."""
+    files = sorted({test.split("::")[0] for test in plant.tests if test.startswith("tests/")})
+    present = tuple(name for name in files if (scratch / name).is_file())
+    return present or (TEST_FILE_OF_CODE[plant.path],)
+
+
+def run_plant(plant: Plant, scratch: pathlib.Path, tests: tuple[str, ...]) -> tuple[str, float, str]:
     """(CAUGHT | SURVIVED | STALE | TIMEOUT, seconds, the tail of pytest's output)."""
     path = scratch / plant.path
     original = path.read_text()
@@ -184,7 +201,7 @@ def run_plant(plant: Plant, scratch: pathlib.Path) -> tuple[str, float, str]:
     start = time.perf_counter()
     try:
         completed = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *plant.tests],
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
             check=False, cwd=scratch, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
@@ -200,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="Run the plants whose name contains this text.")
     parser.add_argument("--list", action="store_true", help="List the plants and their tests, run nothing.")
     parser.add_argument("--verbose", action="store_true", help="Print pytest's output of every plant.")
+    parser.add_argument("--tree", type=pathlib.Path, default=REPO, help="The checkout to plant in (default: this).")
+    parser.add_argument("--whole_files", action="store_true",
+                        help="Run the whole test files of each plant's tests (for a tree without the new tests).")
     args = parser.parse_args(argv)
     plants = [plant for plant in PLANTS if args.only in plant.name]
     if args.list:
@@ -210,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = []
     with tempfile.TemporaryDirectory(prefix="planted_bugs_") as directory:
         scratch = pathlib.Path(directory)
-        copy_tree(REPO, scratch)
+        copy_tree(args.tree.resolve(), scratch)
         for plant in plants:
-            verdict, seconds, output = run_plant(plant, scratch)
+            tests = whole_files(plant, scratch) if args.whole_files else plant.tests
+            verdict, seconds, output = run_plant(plant, scratch, tests)
             verdicts.append(verdict)
             print(f"{verdict:9} {seconds:6.1f}s  {plant.name}", flush=True)
             if args.verbose or verdict in ("SURVIVED", "STALE"):
