@@ -151,9 +151,12 @@ def test_finetune_defaults_are_the_papers_recipe(data_dir, model_config, tmp_pat
 
 def test_finetune_mixing_flags_reach_the_mixer(data_dir, model_config, tmp_path) -> None:
     """MixUp alone with alpha 0.3 and smoothing 0.2: each image is a uniform blend `lam x + (1 - lam) x'`, the
-    target the same blend of the two one-hot labels, smoothed; lam follows Beta(0.3, 0.3) (variance 1/6.4)."""
+    target the same blend of the two one-hot labels, smoothed; lam follows Beta(0.3, 0.3) (variance 1/6.4).
+    (And --learning_rate replaces the scaled base lr.)"""
     loop = finetune_setup(data_dir, model_config, tmp_path, "--mixup", "0.3", "--cutmix", "0", "--label_smoothing",
-                          "0.2")
+                          "0.2", "--learning_rate", "2e-4")
+    groups = peak_lr_by_name(loop.accelerator.unwrap_model(loop.model), loop.optimizer)
+    assert groups["classifier.weight"]["initial_lr"] == pytest.approx(2e-4)
     torch.manual_seed(0)
     lams = []
     for _ in range(400):
