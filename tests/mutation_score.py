@@ -147,11 +147,15 @@ def score(name: str, target: Target, tree: pathlib.Path, max_children: int) -> d
         write_mutmut_config(scratch, target)
         names = sampled_mutants(scratch, target)
         env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
-                       cwd=scratch, env=env, check=False, stdout=subprocess.DEVNULL)
+        completed = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+            cwd=scratch, env=env, check=False, capture_output=True, text=True,
+        )
         by_name = statuses(scratch, target, names)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if all(status == "not checked" for status in by_name.values()):  # e.g. a test failed without any mutant
+        raise RuntimeError(f"mutmut checked no mutant of {name}:\n{(completed.stdout + completed.stderr)[-3000:]}")
     counts = Counter(by_name.values())
     per_function: dict[str, Counter] = defaultdict(Counter)
     for mutant, status in by_name.items():

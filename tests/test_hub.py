@@ -50,7 +50,7 @@ def test_push_to_hub_uploads_the_export_at_checkpoints_and_at_the_end(
         (True, "Training in progress, step 6"),
         (False, "End of training"),
     ]
-    checkpoint_files = set(EXPORTED_FILES) - {"all_results.json", "reconstruction.png"}
+    checkpoint_files = set(EXPORTED_FILES) - {"all_results.json", "log_history.json", "reconstruction.png"}
     assert set(uploads[0]["files"]) == checkpoint_files  # no results or figure yet, never the step_* state
     assert set(uploads[-1]["files"]) == EXPORTED_FILES | {"reconstruction_step6.png"}
     assert TOKEN not in (fake_hub.remote / "run_config.yaml").read_text()
