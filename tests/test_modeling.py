@@ -36,6 +36,7 @@ from modeling_mae import (
     MAEModel,
     load_config,
 )
+from modeling_mae.conversion import to_transformers_vit
 from modeling_mae.modeling_mae import MAEAttention, MAELayer
 
 
@@ -462,6 +463,42 @@ def test_drop_path_is_stochastic_in_training_only() -> None:
     assert not torch.allclose(first, second)
     model.eval()
     torch.testing.assert_close(model(pixel_values).logits, model(pixel_values).logits)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation() -> None:
+    """Stochastic depth: a sample's branch is zeroed with probability p, else scaled by 1 / (1 - p)."""
+    last_block = MAEForImageClassification(tiny_config(drop_path_rate=0.5, num_labels=3)).mae.encoder.layers[-1]
+    drop_path = last_block.drop_path.train()  # rate 0.5: the deepest block drops the most
+    torch.manual_seed(0)
+    out = drop_path(torch.ones(400, 3, 2))
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0} and (per_sample == per_sample[:, :1]).all()
+    assert 0.4 < (per_sample[:, 0] == 0).float().mean() < 0.6
+
+
+def test_a_wrong_noise_shape_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 16\), got \(2, 5\)"):
+        MAEForPreTraining(tiny_config())(torch.randn(2, 3, 16, 16), noise=torch.rand(2, 5))
+
+
+def test_an_encoder_with_a_trained_position_table_is_transformers_vit() -> None:
+    """After fine-tuning, the position table (its CLS row too) is no sin-cos table any more: the encoder still
+    equals transformers' ViT on the exported weights."""
+    model = MAEModel(tiny_config()).eval()
+    model.embeddings.position_embeddings.data.normal_()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = to_transformers_vit(model)(pixel_values).last_hidden_state
+        torch.testing.assert_close(model(pixel_values).last_hidden_state, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_every_model_interpolates_its_position_table_only_when_asked() -> None:
+    pixel_values = torch.randn(1, 3, 24, 24)
+    for model in (MAEModel(tiny_config()).eval(), MAEForImageClassification(tiny_config(num_labels=3)).eval()):
+        with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+            model(pixel_values)
+        output = model(pixel_values, interpolate_pos_encoding=True)
+        assert (output.logits if isinstance(model, MAEForImageClassification) else output.pooler_output).shape[0] == 1
 
 
 def test_classifier_heads() -> None:
