@@ -172,6 +172,12 @@ PLANTS = (
     Plant("resize_to_a_square_of_the_width", "modeling_mae/evaluation.py",
           "new_size = (int(image_size[0]), int(image_size[1]))", "new_size = (int(image_size[1]), int(image_size[1]))",
           (E + "test_resize_model_resolution_to_a_non_square_size",)),
+    # ------------------------------------------------------------------------------- model mutants mutmut found alive
+    Plant("drop_path_scaled_by_keep", "modeling_mae/modeling_mae.py", "bernoulli_(keep) / keep", "bernoulli_(keep) * keep",
+          ("tests/test_modeling.py::test_drop_path_drops_whole_samples_and_keeps_the_expectation",)),
+    Plant("cls_position_subtracted", "modeling_mae/modeling_mae.py", "self.cls_token + self.position_embeddings[:, :1]",
+          "self.cls_token - self.position_embeddings[:, :1]",
+          ("tests/test_modeling.py::test_an_encoder_with_a_trained_position_table_is_transformers_vit",)),
     # ---------------------------------------------------------------------------------------------- weak assertions
     Plant("decode_crashes_on_every_input", "modeling_mae/transforms.py", "image = Image.open(io.BytesIO(data))",
           "image = Image.open(io.BytesIO(date))", ("tests/test_data.py", "-k", "bad_bytes_raise_on_decode")),
