@@ -157,6 +157,9 @@ def test_mask_token_baseline_is_a_vit_with_mask_tokens_and_the_vitmae_decoder() 
 
     config = MAEConfig.from_preset("tiny-32px", num_hidden_layers=2, norm_pix_loss=True)
     reference = ViTMAEForPreTraining(benchmark.vitmae_config(config)).eval()
+    # Position tables that matter (a fresh ViTMAE's are zeros): the mask tokens must carry theirs.
+    reference.vit.embeddings.position_embeddings.data.normal_()
+    reference.decoder.decoder_pos_embed.data.normal_()
     model = MAEForPreTraining(config).eval()
     model.load_state_dict(convert_transformers_state_dict(reference.state_dict()))
     vit_config, vit_weights = export_to_vit(model)
