@@ -223,14 +223,15 @@ def run_plant(plant: Plant, scratch: pathlib.Path, tests: tuple[str, ...]) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="Run the plants whose name contains this text.")
+    parser.add_argument("--only", default="", help="Run the plants whose name contains one of these (a, b, ...).")
     parser.add_argument("--list", action="store_true", help="List the plants and their tests, run nothing.")
     parser.add_argument("--verbose", action="store_true", help="Print pytest's output of every plant.")
     parser.add_argument("--tree", type=pathlib.Path, default=REPO, help="The checkout to plant in (default: this).")
     parser.add_argument("--whole_files", action="store_true",
                         help="Run the whole test files of each plant's tests (for a tree without the new tests).")
+    parser.add_argument("--deselect", default="", help="With --whole_files: a -k expression of tests to leave out.")
     args = parser.parse_args(argv)
-    plants = [plant for plant in PLANTS if args.only in plant.name]
+    plants = [plant for plant in PLANTS if any(part in plant.name for part in args.only.split(","))]
     if args.list:
         for plant in plants:
             applies = (REPO / plant.path).read_text().count(plant.old) == 1
@@ -241,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         scratch = pathlib.Path(directory)
         copy_tree(args.tree.resolve(), scratch)
         for plant in plants:
-            tests = whole_files(plant, scratch) if args.whole_files else plant.tests
+            tests = plant.tests
+            if args.whole_files:
+                tests = (*whole_files(plant, scratch), *(("-k", args.deselect) if args.deselect else ()))
             verdict, seconds, output = run_plant(plant, scratch, tests)
             verdicts.append(verdict)
             print(f"{verdict:9} {seconds:6.1f}s  {plant.name}", flush=True)
