@@ -173,7 +173,8 @@ PLANTS = (
           "new_size = (int(image_size[0]), int(image_size[1]))", "new_size = (int(image_size[1]), int(image_size[1]))",
           (E + "test_resize_model_resolution_to_a_non_square_size",)),
     # ------------------------------------------------------------------------------- model mutants mutmut found alive
-    Plant("drop_path_scaled_by_keep", "modeling_mae/modeling_mae.py", "bernoulli_(keep) / keep", "bernoulli_(keep) * keep",
+    Plant("drop_path_scaled_by_keep", "modeling_mae/modeling_mae.py", "bernoulli_(keep) / keep",
+          "bernoulli_(keep) * keep",
           ("tests/test_modeling.py::test_drop_path_drops_whole_samples_and_keeps_the_expectation",)),
     Plant("cls_position_subtracted", "modeling_mae/modeling_mae.py", "self.cls_token + self.position_embeddings[:, :1]",
           "self.cls_token - self.position_embeddings[:, :1]",
