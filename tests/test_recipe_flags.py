@@ -26,7 +26,8 @@ from run_scripts import run_finetune, run_knn, run_linear_probe
 
 NUM_LAYERS = 2  # conftest's tiny_config
 FINETUNE_GROUPS = (run_finetune.FinetuneModelArguments, DataArguments, run_finetune.AugmentationArguments,
-                   run_finetune.FinetuneOptimizationArguments, run_finetune.FinetuneRunArguments)
+                   run_finetune.FinetuneOptimizationArguments, run_finetune.FinetuneRunArguments,
+                   run_finetune.MetricArguments)
 
 
 @pytest.fixture(autouse=True)
