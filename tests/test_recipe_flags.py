@@ -74,6 +74,7 @@ def test_pretraining_flags_reach_the_optimizer_schedule_and_model(data_dir, mode
         assert (group["betas"], group["eps"]) == ((0.8, 0.9), 1e-6), name
     schedule = [peak * trainer.scheduler.lr_lambdas[0](step) for step in range(6)]
     assert schedule == pytest.approx([paper_learning_rate(step, 0.02, 8, 2, 5, 1e-5) for step in range(5)] + [1e-5])
+    assert trainer.optimizer.optimizer.defaults["fused"]  # one kernel for every tensor (docs/training.md)
 
     assert (model.config.mask_ratio, model.config.norm_pix_loss, model.config._attn_implementation) == (
         0.6, True, "eager")

@@ -54,6 +54,7 @@ from modeling_mae.training import (
     plan_training,
     resolve_resume_checkpoint,
     restore_scheduler,
+    rotate_checkpoints,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -240,6 +241,10 @@ def test_plan_training_from_epochs_or_steps() -> None:
     assert (plan.total_steps, plan.warmup_steps) == (7, 7)
     with pytest.raises(ValueError, match="max_train_steps"):
         plan_training(None, 1, num_train_epochs=1)
+    plan = plan_training(None, 1, num_train_epochs=1, max_train_steps=10, warmup_epochs=0)  # a stream of unknown length
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (None, 10, 0)
+    with pytest.raises(ValueError, match="set --warmup_steps instead of --warmup_epochs"):
+        plan_training(None, 1, num_train_epochs=1, max_train_steps=10, warmup_epochs=0.5)
     with pytest.raises(ValueError, match="shorter than one optimizer step"):
         plan_training(2, 4, num_train_epochs=1)
 
@@ -283,13 +288,18 @@ class TwoProcesses:
 
 
 def test_loss_window_averages_over_processes() -> None:
-    """Process 0 logged steps of mean loss 1 and 3, process 1 (the peer) 5 and 7: the logged loss is the mean of all."""
+    """Process 0 logged steps of mean loss 1 and 3, process 1 (the peer) 5 and 7: the logged loss is the mean of all;
+    the next window (2 here, 4 there) adds to the run's statistics."""
     window, progress = LossWindow(), TrainingProgress()
     for loss in (1.0, 3.0):
         window.add_micro_batch(loss)
         window.end_step()
     assert window.flush(TwoProcesses(torch.tensor([12.0, 2.0], dtype=torch.float64)), progress) == 4.0
     assert (progress.loss_steps, progress.loss_sum, progress.train_loss) == (2, 8.0, 4.0)
+    window.add_micro_batch(2.0)
+    window.end_step()
+    assert window.flush(TwoProcesses(torch.tensor([4.0, 1.0], dtype=torch.float64)), progress) == 3.0
+    assert (progress.loss_steps, progress.loss_sum, progress.train_loss) == (3, 11.0, pytest.approx(11 / 3))
 
 
 def test_evaluation_batches_go_in_lockstep_until_every_process_is_done() -> None:
@@ -298,6 +308,8 @@ def test_evaluation_batches_go_in_lockstep_until_every_process_is_done() -> None
     peer_batches = iter([1.0, 1.0, 1.0, 1.0, 0.0])
     lockstep = iterate_in_lockstep(TwoProcesses(lambda _: torch.tensor([next(peer_batches)])), [{"b": 0}, {"b": 1}])
     assert list(lockstep) == [({"b": 0}, True), ({"b": 1}, True), ({"b": 1}, False), ({"b": 1}, False)]
+    with pytest.raises(RuntimeError, match="this process has no evaluation batch at all"):
+        list(iterate_in_lockstep(TwoProcesses(torch.tensor([1.0])), []))
     assert not loss_is_finite_everywhere(TwoProcesses(torch.tensor([1.0])), torch.tensor(0.5))
     assert loss_is_finite_everywhere(TwoProcesses(torch.tensor([0.0])), torch.tensor(0.5))
 
@@ -317,6 +329,14 @@ def test_deepspeed_auto_values_are_filled_without_clipping() -> None:
     fixed = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0}
     assert filled(fixed, 1.5) == fixed
     fill_deepspeed_config(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), 8, None)  # not DeepSpeed
+
+
+def test_the_oldest_checkpoints_are_deleted_beyond_the_limit(tmp_path: pathlib.Path) -> None:
+    for name in ("step_2", "step_10", "step_4", ".step_12.incomplete"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    rotate_checkpoints(tmp_path, total_limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_12.incomplete", "step_10", "step_4"]
 
 
 def test_only_complete_checkpoints_are_resumed(tmp_path: pathlib.Path) -> None:
