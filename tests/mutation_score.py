@@ -146,7 +146,9 @@ def score(name: str, target: Target, tree: pathlib.Path, max_children: int) -> d
         copy_tree(tree, scratch)
         write_mutmut_config(scratch, target)
         names = sampled_mutants(scratch, target)
-        # Subprocesses a test starts (a launched script) import the mutated copy, as the tests themselves do.
+        # Subprocesses a test starts (a launched script) import the mutated copy, as the tests themselves do. The
+        # folder must exist before Python starts: a missing one is cached as holding no module.
+        (scratch / "mutants").mkdir()
         env = {**os.environ, "PYTHONPATH": str(scratch / "mutants"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         completed = subprocess.run(
             [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
