@@ -177,6 +177,9 @@ PLANTS = (
     Plant("resize_to_a_square_of_the_width", "modeling_mae/evaluation.py",
           "new_size = (int(image_size[0]), int(image_size[1]))", "new_size = (int(image_size[1]), int(image_size[1]))",
           (E + "test_resize_model_resolution_to_a_non_square_size",)),
+    Plant("one_augmentation_seed_for_all", "modeling_mae/data.py",
+          "hash((self.seed, epoch, self.process_index, worker, position))", "hash(self.seed)",
+          ("tests/test_data.py", "-k", "every_record_and_epoch_draws_its_own_crop")),
     # ------------------------------------------------------------------------------- model mutants mutmut found alive
     Plant("drop_path_scaled_by_keep", "modeling_mae/modeling_mae.py", "bernoulli_(keep) / keep",
           "bernoulli_(keep) * keep",

@@ -322,6 +322,28 @@ def test_a_resumed_stream_draws_the_same_augmentations(
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_every_record_and_epoch_draws_its_own_crop(tmp_path: pathlib.Path, fast_decode: bool) -> None:
+    """16 copies of one noise image: the augmentation seed of each record comes from its place in the stream and the
+    epoch, so the 32 crops of two epochs differ (with one seed for all, they would all be the same crop)."""
+    from datasets import Dataset, Features
+    from datasets import Image as ImageFeature
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buffer, "PNG")
+    image = {"bytes": buffer.getvalue(), "path": "same.png"}
+    (tmp_path / "data").mkdir()
+    Dataset.from_dict({"image": [image] * 16}, features=Features({"image": ImageFeature()})).to_parquet(
+        str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    loader = build_dataloader(DataArguments(dataset_name=str(tmp_path), fast_decode=fast_decode), "train",
+                              pretrain_transform((8, 8)), 4, train=True, seed=0)
+    crops = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        crops += [crop for batch in loader for crop in batch["pixel_values"]]
+    assert len(crops) == 32 and len({crop.numpy().tobytes() for crop in crops}) >= 30
+
+
 def test_pretraining_with_and_without_fast_decode_yields_the_same_batches(tmp_path: pathlib.Path) -> None:
     """The fused path (the transform's `from_bytes`) against the plain one: same records, labels, shapes and skips;
     pixels close but not equal (another resize path and other random draws)."""
