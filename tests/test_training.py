@@ -5,7 +5,6 @@ Multi-process runs (DDP, DeepSpeed) are in test_distributed.py and reuse the hel
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -56,6 +55,7 @@ from modeling_mae.training import (
     restore_scheduler,
     rotate_checkpoints,
 )
+from run_scripts import run_mae  # a package module, as the other scripts' tests import theirs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_MAE = REPO / "run_scripts" / "run_mae.py"
@@ -72,17 +72,6 @@ EXPORTED_FILES = {
     "reconstruction.png",
     "run_config.yaml",
 }
-
-
-def _load_run_mae() -> Any:
-    spec = importlib.util.spec_from_file_location("run_mae", RUN_MAE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_mae"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-run_mae = _load_run_mae()
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
