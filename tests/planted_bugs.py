@@ -77,9 +77,8 @@ PLANTS = (
     Plant("lr_logged_after_the_scheduler_moved", "run_scripts/run_mae.py",
           "            after_step(trainer, progress, loop, learning_rate)",
           "            after_step(trainer, progress, loop, trainer.scheduler.get_last_lr()[0])", LR_TEST),
-    Plant("lr_batch_without_processes", "run_scripts/run_mae.py",
-          "args.optim.gradient_accumulation_steps, accelerator.num_processes\n    )\n    learning_rate",
-          "args.optim.gradient_accumulation_steps, 1\n    )\n    learning_rate",
+    Plant("lr_batch_without_processes", "modeling_mae/training.py",
+          "self.gradient_accumulation_steps, self.num_processes)", "self.gradient_accumulation_steps, 1)",
           (D + "test_two_ddp_processes_match_one_process_with_the_same_global_batch",)),
     # ------------------------------------------------------------------------------------ flags that reach their object
     Plant("mae_mask_ratio_flag_dropped", "run_scripts/run_mae.py", 'for name in ("mask_ratio", "norm_pix_loss"):',
@@ -142,7 +141,8 @@ PLANTS = (
           'loop.mixer(batch["pixel_values"], batch["labels"].roll(1))',
           FINETUNE_ANSWER),
     # --------------------------------------------------------------------- checks that passed with the feature off
-    Plant("resume_without_the_weights", "modeling_mae/training.py", "    accelerator.load_state(str(checkpoint))\n", "",
+    Plant("resume_without_the_weights", "modeling_mae/training.py",
+          "    with weights_only_loading(allowed):\n        accelerator.load_state(str(checkpoint))\n", "",
           (T + "test_sigkill_then_resume_latest",)),
     Plant("skipped_images_overwritten", "modeling_mae/data.py", "self._skipped += len(bad_keys)",
           "self._skipped = len(bad_keys)", (T + "test_bad_images_are_skipped_and_counted_in_the_results",)),
