@@ -235,6 +235,8 @@ def test_max_train_samples_caps_the_epoch(tmp_path: pathlib.Path) -> None:
     args = DataArguments(dataset_name=make_source(tmp_path, "parquet", 40), max_train_samples=12)
     loader = build_dataloader(args, "train", ID_TRANSFORM, 4, train=False)
     assert loader.num_samples == 12 and len(epoch_ids(loader)) == 12
+    above = build_dataloader(dataclasses.replace(args, max_train_samples=100), "train", ID_TRANSFORM, 4, train=False)
+    assert above.num_samples == 40 and len(epoch_ids(above)) == 40  # a cap above the split's size leaves it whole
 
 
 def test_unlabelled_data_yields_pixels_only(tmp_path: pathlib.Path) -> None:
