@@ -2,18 +2,19 @@
 
 Library code raises `UsageError` for a wrong flag, a missing folder, a corrupt checkpoint or shard, a full disk; the
 scripts' entry points run through `run_main`, which prints that one line and exits with status 2 (argparse's status
-for a bad command line). Every other exception keeps its traceback: it is a bug of ours.
+for a bad command line). Every other exception keeps its traceback: it is a bug of ours. `exit_process` ends them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_USAGE = 2
 
@@ -52,3 +53,21 @@ def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = 
         _tell_launcher(message)
         return EXIT_USAGE
     return 0
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a script with `status`: `sys.exit`, except in a process that torchrun started (`accelerate launch` with
+    several processes), which ends at once once its output is flushed.
+
+    There, the gloo process groups of DDP and DeepSpeed outlive `destroy_process_group` (their threads were still
+    running after `main` returned), and tearing them down with the interpreter made one process in ~7 abort with
+    "terminate called without an active exception" after a complete run (measured: 3 of 20 two-process ZeRO-3 runs
+    on a loaded 2-core machine), so the launcher reported a failure. Everything is written and every collective done
+    by then: nothing is left for the teardown to do. Exceptions (our bugs) never get here and keep their traceback.
+    """
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        sys.exit(status)
+    logging.shutdown()  # what the interpreter's exit would have flushed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

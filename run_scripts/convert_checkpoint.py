@@ -19,7 +19,7 @@ import sys
 from transformers import ViTModel
 
 from modeling_mae.conversion import VIT_POOLER_NOTE, convert_checkpoint, export_to_timm, load_ours, save_vit_folder
-from modeling_mae.errors import run_main
+from modeling_mae.errors import exit_process, run_main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,4 +52,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

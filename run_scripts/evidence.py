@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,7 +32,7 @@ from modeling_mae.arguments import (
     Range,
     parse_arguments,
 )
-from modeling_mae.errors import run_main
+from modeling_mae.errors import exit_process, run_main
 from modeling_mae.stages import Stage, StageRunner, script_main
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
@@ -180,4 +179,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

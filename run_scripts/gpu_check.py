@@ -50,7 +50,7 @@ sys.path[:0] = [str(REPO), str(REPO / "run_scripts")]  # the library and the sib
 import psutil  # an Accelerate dependency
 import torch
 
-from modeling_mae.errors import UsageError, run_main
+from modeling_mae.errors import UsageError, exit_process, run_main
 
 THIS_SCRIPT = pathlib.Path(__file__).resolve()
 ACCELERATE_CONFIGS = REPO / "configuration" / "accelerate"
@@ -1208,4 +1208,4 @@ def main(argv: list[str] | None = None) -> Results | None:
 
 if __name__ == "__main__":
     with contextlib.suppress(BrokenPipeError):
-        sys.exit(run_main(main))
+        exit_process(run_main(main))

@@ -17,7 +17,6 @@ import io
 import pathlib
 import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +24,7 @@ from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from modeling_mae.errors import UsageError, run_main
+from modeling_mae.errors import UsageError, exit_process, run_main
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IDX_FILES = {"train": "train", "test": "t10k"}
@@ -207,4 +206,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

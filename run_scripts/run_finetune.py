@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from modeling_mae.arguments import (
     save_resolved_config,
 )
 from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, finetune_transform, mixup_cutmix
-from modeling_mae.errors import UsageError, run_main
+from modeling_mae.errors import UsageError, exit_process, run_main
 from modeling_mae.evaluation import (
     FINETUNE_NO_WEIGHT_DECAY,
     ClassificationMetric,
@@ -449,4 +448,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

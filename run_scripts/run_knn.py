@@ -10,7 +10,6 @@ module (`--metric`). Results: `output_dir/all_results.json` with `eval_accuracy`
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from accelerate.utils import set_seed
 
 from modeling_mae.arguments import AT_LEAST_ONE, POSITIVE, SEED, ModelArguments, Range, parse_arguments
 from modeling_mae.data import DataArguments, eval_transform
-from modeling_mae.errors import run_main
+from modeling_mae.errors import exit_process, run_main
 from modeling_mae.evaluation import (
     POOLINGS,
     ClassificationMetric,
@@ -96,4 +95,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

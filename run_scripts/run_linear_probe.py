@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import itertools
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from safetensors.torch import save_file
 from modeling_mae import MAEModel
 from modeling_mae.arguments import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ModelArguments, Range, parse_arguments
 from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, pretrain_transform
-from modeling_mae.errors import run_main
+from modeling_mae.errors import exit_process, run_main
 from modeling_mae.evaluation import (
     LARS,
     POOLINGS,
@@ -256,4 +255,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from modeling_mae.data import (
     pretrain_transform,
     resolve_split_name,
 )
-from modeling_mae.errors import run_main
+from modeling_mae.errors import exit_process, run_main
 from modeling_mae.hub import HubUploader, build_uploader, export_model
 from modeling_mae.model_card import pretraining_card, write_model_card
 from modeling_mae.training import (
@@ -630,4 +629,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

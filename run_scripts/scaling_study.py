@@ -30,14 +30,13 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from modeling_mae import MAEModel, load_config
 from modeling_mae.arguments import AT_LEAST_ONE, DEFAULT_MODEL_CONFIG, SEED, Range, parse_arguments
-from modeling_mae.errors import UsageError, run_main
+from modeling_mae.errors import UsageError, exit_process, run_main
 from modeling_mae.stages import Stage, StageRunner
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
@@ -422,4 +421,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

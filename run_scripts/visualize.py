@@ -13,7 +13,6 @@ with the statistics of the original patch, as in the paper's figures. Masks are 
 from __future__ import annotations
 
 import pathlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -24,7 +23,7 @@ from PIL import Image
 from modeling_mae import MAEForPreTraining, build_image_processor
 from modeling_mae.arguments import AT_LEAST_ONE, FRACTION, SEED, Range, parse_arguments
 from modeling_mae.data import DataArguments, build_dataloader, eval_transform
-from modeling_mae.errors import run_main
+from modeling_mae.errors import exit_process, run_main
 from modeling_mae.evaluation import load_pretraining_model
 from modeling_mae.visualization import reconstruction_figure
 
@@ -73,4 +72,4 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +60,27 @@ def test_under_torchrun_the_error_is_also_the_launchers_reply(tmp_path, monkeypa
 
     assert run_main(main, []) == EXIT_USAGE
     assert json.loads(reply.read_text())["message"] == "error: bad"
+
+
+EXITING_SCRIPT = """
+import atexit, logging, sys
+from modeling_mae.errors import exit_process
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+atexit.register(lambda: print("interpreter teardown ran", flush=True))
+logging.getLogger("script").info("all written")
+print("buffered output", end="")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_exit_process_skips_the_teardown_only_under_torchrun(tmp_path, under_torchrun):
+    """Under torchrun the process ends once its output is flushed, without the interpreter's teardown (where gloo's
+    threads aborted a finished run); elsewhere it is sys.exit."""
+    env = {key: value for key, value in os.environ.items() if key != "TORCHELASTIC_RUN_ID"}
+    if under_torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    done = subprocess.run([sys.executable, "-c", EXITING_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout.startswith("buffered output") and "INFO:script:all written" in done.stderr
+    assert ("interpreter teardown ran" in done.stdout) is not under_torchrun
