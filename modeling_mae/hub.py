@@ -14,9 +14,9 @@ import shlex
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import huggingface_hub
 from accelerate import Accelerator
 from huggingface_hub import HfApi, get_token
-from huggingface_hub import constants as hf_constants
 from torch import nn
 
 from .arguments import RunArguments
@@ -57,7 +57,7 @@ def manual_upload_command(repo_id: str, folder: str | os.PathLike[str]) -> str:
 
 def check_hub_access(token: str | None) -> None:
     """Fail before any training, in one line, when `--push_to_hub` cannot work: offline, or no token at all."""
-    if hf_constants.HF_HUB_OFFLINE:
+    if huggingface_hub.is_offline_mode():
         raise UsageError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub")
     if token is None and get_token() is None:
         raise UsageError("--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN or pass --hub_token")

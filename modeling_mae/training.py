@@ -338,7 +338,7 @@ class NonFiniteLossGuard:
         self.consecutive = 0
         self.streak_start_step = 0
 
-    def update(self, finite: bool, step: int = 0) -> bool:
+    def update(self, finite: bool, step: int) -> bool:
         """Record one micro-batch of optimizer step `step` (steps completed before it); returns `finite`."""
         if finite:
             self.consecutive = 0
@@ -525,18 +525,11 @@ class BatchLayout:
     num_processes: int
     per_device_batch_size: int
     gradient_accumulation_steps: int
-    num_machines: int = 1  # recorded, not compared: nothing depends on how processes spread over machines
+    num_machines: int = field(default=1, compare=False)  # recorded only: nothing depends on how processes spread
 
     @property
     def effective_batch_size(self) -> int:
         return effective_batch_size(self.per_device_batch_size, self.gradient_accumulation_steps, self.num_processes)
-
-    def differs_from(self, other: BatchLayout) -> bool:
-        return (self.num_processes, self.per_device_batch_size, self.gradient_accumulation_steps) != (
-            other.num_processes,
-            other.per_device_batch_size,
-            other.gradient_accumulation_steps,
-        )
 
     def describe(self) -> str:
         return (
@@ -672,17 +665,13 @@ def save_checkpoint(
     return final
 
 
-def hide(checkpoint: pathlib.Path) -> pathlib.Path:
-    """Rename a checkpoint folder to a hidden name that `list_checkpoints` ignores (and uploads skip); returns it."""
+def delete_checkpoint(checkpoint: pathlib.Path) -> None:
+    """Delete a checkpoint folder; a kill in the middle leaves no half-deleted folder that looks complete: it is first
+    renamed to a hidden name that `list_checkpoints` ignores (and uploads skip)."""
     hidden = checkpoint.with_name(f".{checkpoint.name}.deleted")
     shutil.rmtree(hidden, ignore_errors=True)  # left by a process killed while deleting
     os.replace(checkpoint, hidden)
-    return hidden
-
-
-def delete_checkpoint(checkpoint: pathlib.Path) -> None:
-    """Delete a checkpoint folder; a kill in the middle leaves no half-deleted folder that looks complete."""
-    shutil.rmtree(hide(checkpoint))
+    shutil.rmtree(hidden)
 
 
 @contextlib.contextmanager
@@ -739,7 +728,7 @@ def read_trainer_state(checkpoint: pathlib.Path, layout: BatchLayout) -> dict[st
             "modeling_mae, whose checkpoints kept the learning-rate schedule in a pickle, which is no longer loaded"
         )
     saved = BatchLayout.from_json(state[BATCH_LAYOUT_KEY])
-    if saved.differs_from(layout):
+    if saved != layout:
         raise UsageError(
             f"{checkpoint} was saved by {saved.describe()}; this run has {layout.describe()}. A resume continues "
             f"exactly only with the same layout: launch {saved.num_processes} process(es) (accelerate launch "
@@ -827,7 +816,9 @@ def resume_training(
     return path, trainer_state
 
 
-def claim_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike[str], resumed: pathlib.Path | None) -> None:
+def claim_output_dir(
+    accelerator: Accelerator, output_dir: str | os.PathLike[str], resumed: pathlib.Path | None
+) -> None:
     """Make every complete checkpoint in `output_dir` this run's, so that `latest` always resumes this run.
 
     A run that resumes none of them (a fresh start, or a checkpoint from elsewhere) would mix its checkpoints with

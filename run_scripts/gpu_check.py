@@ -51,6 +51,7 @@ import psutil  # an Accelerate dependency
 import torch
 
 from modeling_mae.errors import UsageError, exit_process, run_main
+from modeling_mae.stages import release_memory
 
 THIS_SCRIPT = pathlib.Path(__file__).resolve()
 ACCELERATE_CONFIGS = REPO / "configuration" / "accelerate"
@@ -594,14 +595,10 @@ def build_bench(sizes: Sizes, device: torch.device, compile_mode: str | None) ->
                  peak_flops(device))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_rate(step: Callable[[], Any], warmup: int, timed: int, images: int, device: torch.device) -> Results:
     """Images/s over `timed` calls after `warmup` ones, synchronising after each as the training loop does (it reads
     every loss with .item()); also how long the warm-up took (compilation, worker start-up)."""
+    from benchmark import synchronize  # child side only: importing benchmark sets its thread environment
     started = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -743,6 +740,8 @@ def throughput_child(args: argparse.Namespace, sizes: Sizes) -> None:
 
 def warmup_child(args: argparse.Namespace, sizes: Sizes) -> None:
     """Compile the throughput model with two training steps (what throughput_child compiles first), and exit."""
+    from benchmark import synchronize
+
     bench = build_bench(sizes, torch.device(args.device), "default")
     step = bench.step(torch.randn(bench.batch_size, 3, *bench.image_size, device=bench.device))
     step()
@@ -762,9 +761,7 @@ def compile_modes_child(args: argparse.Namespace, sizes: Sizes) -> None:
             return synthetic_rates(bench, sizes)
 
         measure(record, mode, run, record_path, args.deadline)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory()
 
 
 def start_warmup(check: Check) -> None:
@@ -1139,7 +1136,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=math.inf, help=argparse.SUPPRESS)
     parser.add_argument("--rounding_noise", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sizes = TINY_SIZES if args.tiny else GPU_SIZES
+    args.sizes = sizes = TINY_SIZES if args.tiny else GPU_SIZES
     args.engines = args.engines or (GPU_ENGINES if args.device == "cuda" else CPU_ENGINES)
     args.loader_workers = args.loader_workers or sizes.loader_workers
     args.compile = args.device == "cuda" if args.compile is None else args.compile
@@ -1171,7 +1168,7 @@ def sections(check: Check) -> list[tuple[str, Callable[[Results], None], float, 
 
 
 def run_check(args: argparse.Namespace) -> Results:
-    sizes = TINY_SIZES if args.tiny else GPU_SIZES
+    sizes = args.sizes
     results: Results = {"meta": {"command": " ".join(["python", "run_scripts/gpu_check.py", *sys.argv[1:]]),
                                  "started": now_utc(), "monotonic_start": time.monotonic(), "device": args.device,
                                  "tiny": args.tiny, "sizes": asdict(sizes), "engines": list(args.engines),
@@ -1192,7 +1189,7 @@ def main(argv: list[str] | None = None) -> Results | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, run_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = parse_args(own)
-    sizes = TINY_SIZES if args.tiny else GPU_SIZES
+    sizes = args.sizes
     if args.role == "engine":
         engine_worker(pathlib.Path(args.record), run_argv, args.rounding_noise)
     elif args.role == "warmup":

@@ -27,6 +27,7 @@ rules fixed before any run, listed in `RECIPE_RULES` and written into the table.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import statistics
@@ -261,6 +262,7 @@ def format_cell(summary: dict[str, Any]) -> str:
     return f"{summary['mean']:.1f} ± {spread}"
 
 
+@functools.cache  # the summary is rewritten after every seed; building ViT-B to count it once is enough
 def encoder_parameters(rung: Rung) -> int:
     """Parameters of the encoder that is fine-tuned (position table included, as in the paper's 86M for ViT-B)."""
     return MAEModel(load_config(DEFAULT_MODEL_CONFIG, rung.encoder_overrides())).num_parameters()

@@ -47,13 +47,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return directory
 
 
-@pytest.fixture
-def reset_accelerate() -> Any:
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 # ------------------------------------------------------------------------------------------------------------ the data
 
 
