@@ -39,7 +39,7 @@ from .configuration_mae import (
     parse_overrides,
 )
 from .errors import UsageError
-from .shards import describe
+from .errors import describe
 
 CONFIG_FLAG = "--config"
 DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample

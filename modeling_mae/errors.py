@@ -71,3 +71,8 @@ def exit_process(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message` on one line (pyarrow's messages span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"

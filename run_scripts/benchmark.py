@@ -47,9 +47,9 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_mae import MAEConfig, MAEForPreTraining  # noqa: E402
-from modeling_mae.modeling_mae import gather_tokens, loss_patch_index, random_masking  # noqa: E402
-from modeling_mae.synthetic_data import natural_jpegs  # noqa: E402
+from modeling_mae import MAEConfig, MAEForPreTraining
+from modeling_mae.modeling_mae import gather_tokens, loss_patch_index, random_masking
+from modeling_mae.data.synthetic import natural_jpegs
 
 # Dense bf16 peak of the card (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -421,7 +421,7 @@ def data_paths(image_size: int) -> dict[str, Callable[[bytes], torch.Tensor]]:
     module is not needed by the model sections)."""
     from torchvision.transforms import v2
 
-    from modeling_mae.fast_decode import FastPretrainTransform
+    from modeling_mae.data.fast_decode import FastPretrainTransform
 
     plain = v2.Compose([
         v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -431,7 +431,7 @@ def data_paths(image_size: int) -> dict[str, Callable[[bytes], torch.Tensor]]:
     ])
     paths = {"plain PIL + torchvision": lambda data: plain(Image.open(io.BytesIO(data)).convert("RGB"))}
     try:
-        from modeling_mae.transforms import decode_image, pretrain_transform
+        from modeling_mae.data.transforms import decode_image, pretrain_transform
 
         transform = pretrain_transform(image_size)
         min_side = transform.min_source_side

@@ -18,7 +18,13 @@ import sys
 
 from transformers import ViTModel
 
-from modeling_mae.conversion import VIT_POOLER_NOTE, convert_checkpoint, export_to_timm, load_ours, save_vit_folder
+from modeling_mae.interop.conversion import (
+    VIT_POOLER_NOTE,
+    convert_checkpoint,
+    export_to_timm,
+    load_ours,
+    save_vit_folder,
+)
 from modeling_mae.errors import exit_process, run_main
 
 

@@ -33,7 +33,7 @@ from modeling_mae.arguments import (
     parse_arguments,
 )
 from modeling_mae.errors import exit_process, run_main
-from modeling_mae.stages import Stage, StageRunner, script_main
+from modeling_mae.studies.stages import Stage, StageRunner, script_main
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 

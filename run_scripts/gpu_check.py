@@ -51,7 +51,7 @@ import psutil  # an Accelerate dependency
 import torch
 
 from modeling_mae.errors import UsageError, exit_process, run_main
-from modeling_mae.stages import release_memory
+from modeling_mae.studies.stages import release_memory
 
 THIS_SCRIPT = pathlib.Path(__file__).resolve()
 ACCELERATE_CONFIGS = REPO / "configuration" / "accelerate"
@@ -227,7 +227,7 @@ def environment_section(check: Check) -> Callable[[Results], None]:
 def data_section(check: Check) -> Callable[[Results], None]:
     """ImageNet-like shards in the work dir (reused when a previous run of the same sizes left them there), and the
     initial weights every engine run starts from."""
-    from modeling_mae.synthetic_data import write_imagenet_like
+    from modeling_mae.data.synthetic import write_imagenet_like
 
     def run(result: Results) -> None:
         spec = {"train": check.sizes.train_images, "copies": check.sizes.train_copies,
@@ -524,7 +524,7 @@ def engine_worker(record_path: pathlib.Path, run_argv: list[str], rounding_noise
     `rounding_noise`: the tolerance's control run (add_rounding_noise_to_each_step)."""
     import run_mae
 
-    from modeling_mae.training import list_checkpoints
+    from modeling_mae.training.checkpoints import list_checkpoints
 
     record: Results = {}
     seen: dict[str, Any] = {}
@@ -630,8 +630,10 @@ def synthetic_rates(bench: Bench, sizes: Sizes) -> Results:
 def loader_rates(bench: Bench, sizes: Sizes, data_dir: pathlib.Path, workers: int, decode_on: str) -> Results:
     """The streaming loader alone, then training from it (b, c). Measured over whole waves of workers: every
     worker builds whole batches, so they arrive N at a time; timing from one wave to another cancels that."""
-    from modeling_mae.data import DataArguments, build_dataloader, pretrain_transform
-    from modeling_mae.training import move_to_device
+    from modeling_mae.data.sources import DataArguments
+    from modeling_mae.data.loader import build_dataloader
+    from modeling_mae.data.transforms import pretrain_transform
+    from modeling_mae.training.accelerator import move_to_device
 
     arguments = DataArguments(dataset_name=str(data_dir), dataloader_num_workers=workers, shuffle_buffer_size=256,
                               num_train_samples=10**8, decode_on=decode_on)  # an epoch that never ends here
@@ -667,8 +669,8 @@ def first_jpegs(data_dir: pathlib.Path, count: int) -> list[bytes]:
 def decode_rates(bench: Bench, data_dir: pathlib.Path) -> Results:
     """nvjpeg decode and the on-device augmentation alone (img/s), the CPU fast path on one core, and how far the
     device's pixels are from the CPU decoder's."""
-    from modeling_mae.fast_decode import FastPretrainTransform
-    from modeling_mae.transforms import augment_on_device, decode_image_tensor, decode_images_on_device
+    from modeling_mae.data.fast_decode import FastPretrainTransform
+    from modeling_mae.data.transforms import augment_on_device, decode_image_tensor, decode_images_on_device
 
     encoded = first_jpegs(data_dir, bench.batch_size)
     images: list[torch.Tensor] = []

@@ -29,7 +29,7 @@ from modeling_mae.errors import UsageError, exit_process, run_main
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IDX_FILES = {"train": "train", "test": "t10k"}
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
-PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "modeling_mae"
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "modeling_mae" / "data"
 SAMPLE_SHARDS = {"train": 4, "test": 2}  # a few shards so that processes and workers can split by shard
 FULL_SHARDS = {"train": 16, "test": 8}  # 3,750 and 1,250 images: whole shards for 8 loader workers
 LICENSE_TEXT = """MIT License (Expat)

@@ -44,42 +44,33 @@ from modeling_mae.arguments import (
     parse_arguments,
     save_resolved_config,
 )
-from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, finetune_transform, mixup_cutmix
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.loader import ImageStreamLoader
+from modeling_mae.data.transforms import eval_transform, finetune_transform, mixup_cutmix
 from modeling_mae.errors import UsageError, exit_process, run_main
-from modeling_mae.evaluation import (
-    FINETUNE_NO_WEIGHT_DECAY,
-    ClassificationMetric,
-    MetricArguments,
-    describe_model,
-    from_pretrained_quietly,
-    layer_decay_lr_scale_fn,
-    resize_model_resolution,
-    save_results,
-    split_loader,
-    summarize,
-)
-from modeling_mae.hub import HubUploader, build_uploader, export_model
-from modeling_mae.model_card import finetuning_card, write_model_card
-from modeling_mae.training import (
+from modeling_mae.evaluation.layer_decay import FINETUNE_NO_WEIGHT_DECAY, layer_decay_lr_scale_fn
+from modeling_mae.evaluation.metrics import ClassificationMetric, MetricArguments
+from modeling_mae.evaluation.models import describe_model, from_pretrained_quietly, resize_model_resolution
+from modeling_mae.evaluation.results import save_results, split_loader, summarize
+from modeling_mae.interop.hub import HubUploader, build_uploader, export_model
+from modeling_mae.interop.model_card import finetuning_card, write_model_card
+from modeling_mae.training.accelerator import (
     BatchLayout,
-    Resumable,
-    TrainingPlan,
     batch_layout,
     build_accelerator,
-    build_optimizer,
-    build_scheduler,
-    configure_logging,
     iterate_in_lockstep,
     move_to_device,
-    plan_training,
-    print_outputs,
-    progress_bar,
-    reporting_full_disk,
-    resume_training,
-    save_checkpoint,
-    scaled_learning_rate,
     seeded_generator,
 )
+from modeling_mae.training.checkpoints import Resumable, reporting_full_disk, resume_training, save_checkpoint
+from modeling_mae.training.optimization import (
+    TrainingPlan,
+    build_optimizer,
+    build_scheduler,
+    plan_training,
+    scaled_learning_rate,
+)
+from modeling_mae.training.progress import configure_logging, print_outputs, progress_bar
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

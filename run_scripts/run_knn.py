@@ -18,23 +18,16 @@ from typing import Any, ClassVar
 from accelerate.utils import set_seed
 
 from modeling_mae.arguments import AT_LEAST_ONE, POSITIVE, SEED, ModelArguments, Range, parse_arguments
-from modeling_mae.data import DataArguments, eval_transform
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.transforms import eval_transform
 from modeling_mae.errors import exit_process, run_main
-from modeling_mae.evaluation import (
-    POOLINGS,
-    ClassificationMetric,
-    MetricArguments,
-    class_names_of,
-    describe_model,
-    extract_features,
-    extract_local_features,
-    knn_scores,
-    load_encoder,
-    save_results,
-    split_loader,
-    summarize,
-)
-from modeling_mae.training import build_accelerator, configure_logging, print_outputs
+from modeling_mae.evaluation.features import POOLINGS, extract_features, extract_local_features
+from modeling_mae.evaluation.metrics import ClassificationMetric, MetricArguments
+from modeling_mae.evaluation.results import class_names_of, save_results, split_loader, summarize
+from modeling_mae.evaluation.models import describe_model, load_encoder
+from modeling_mae.evaluation.knn import knn_scores
+from modeling_mae.training.accelerator import build_accelerator
+from modeling_mae.training.progress import configure_logging, print_outputs
 
 
 @dataclass

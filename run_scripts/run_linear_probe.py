@@ -33,35 +33,24 @@ from safetensors.torch import save_file
 
 from modeling_mae import MAEModel
 from modeling_mae.arguments import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, ModelArguments, Range, parse_arguments
-from modeling_mae.data import DataArguments, ImageStreamLoader, eval_transform, pretrain_transform
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.loader import ImageStreamLoader
+from modeling_mae.data.transforms import eval_transform, pretrain_transform
 from modeling_mae.errors import exit_process, run_main
-from modeling_mae.evaluation import (
-    LARS,
-    POOLINGS,
-    ClassificationMetric,
-    LinearProbeHead,
-    MetricArguments,
-    Pooling,
-    class_names_of,
-    describe_model,
-    extract_features,
-    extract_local_features,
-    load_encoder,
-    pool_features,
-    save_results,
-    split_loader,
-    summarize,
-)
-from modeling_mae.training import (
+from modeling_mae.evaluation.linear_probe import LARS, LinearProbeHead
+from modeling_mae.evaluation.features import POOLINGS, Pooling, extract_features, extract_local_features, pool_features
+from modeling_mae.evaluation.metrics import ClassificationMetric, MetricArguments
+from modeling_mae.evaluation.results import class_names_of, save_results, split_loader, summarize
+from modeling_mae.evaluation.models import describe_model, load_encoder
+from modeling_mae.training.optimization import (
     TrainingPlan,
-    build_accelerator,
     build_scheduler,
-    configure_logging,
     effective_batch_size,
     plan_training,
-    print_outputs,
     scaled_learning_rate,
 )
+from modeling_mae.training.accelerator import build_accelerator
+from modeling_mae.training.progress import configure_logging, print_outputs
 
 HEAD_FILE = "linear_head.safetensors"
 OPTIMIZERS = ("lars", "sgd")

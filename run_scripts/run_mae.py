@@ -36,49 +36,50 @@ from modeling_mae.arguments import (
     save_resolved_config,
     without_secrets,
 )
-from modeling_mae.data import (
-    DataArguments,
-    ImageStreamLoader,
-    build_dataloader,
-    eval_transform,
-    pretrain_transform,
-    resolve_split_name,
-)
+from modeling_mae.data.sources import DataArguments, resolve_split_name
+from modeling_mae.data.loader import ImageStreamLoader, build_dataloader
+from modeling_mae.data.transforms import eval_transform, pretrain_transform
 from modeling_mae.errors import exit_process, run_main
-from modeling_mae.hub import HubUploader, build_uploader, export_model
-from modeling_mae.model_card import pretraining_card, write_model_card
-from modeling_mae.training import (
+from modeling_mae.interop.hub import HubUploader, build_uploader, export_model
+from modeling_mae.interop.model_card import pretraining_card, write_model_card
+from modeling_mae.training.accelerator import (
     BatchLayout,
+    batch_layout,
+    build_accelerator,
+    fill_deepspeed_config,
+    iterate_in_lockstep,
+    move_to_device,
+    seeded_generator,
+)
+from modeling_mae.training.progress import (
     LossWindow,
     NonFiniteLossError,
     NonFiniteLossGuard,
     ProgressBar,
-    Resumable,
     Throughput,
-    TrainingPlan,
     TrainingProgress,
-    batch_layout,
-    build_accelerator,
-    build_optimizer,
-    build_scheduler,
     configure_logging,
-    fill_deepspeed_config,
-    iterate_in_lockstep,
     loss_is_finite_everywhere,
-    move_to_device,
-    newest_checkpoint_before,
-    plan_training,
     print_outputs,
     progress_bar,
+    tracker_values,
+)
+from modeling_mae.training.checkpoints import (
+    Resumable,
+    newest_checkpoint_before,
     reporting_full_disk,
     resume_training,
     save_checkpoint,
-    scaled_learning_rate,
-    seeded_generator,
-    tracker_values,
     write_json,
 )
-from modeling_mae.visualization import log_figure, reconstruction_figure
+from modeling_mae.training.optimization import (
+    TrainingPlan,
+    build_optimizer,
+    build_scheduler,
+    plan_training,
+    scaled_learning_rate,
+)
+from modeling_mae.evaluation.visualization import log_figure, reconstruction_figure
 
 logger = logging.getLogger("run_mae")
 

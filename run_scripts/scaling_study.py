@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from modeling_mae import MAEModel, load_config
 from modeling_mae.arguments import AT_LEAST_ONE, DEFAULT_MODEL_CONFIG, SEED, Range, parse_arguments
 from modeling_mae.errors import UsageError, exit_process, run_main
-from modeling_mae.stages import Stage, StageRunner
+from modeling_mae.studies.stages import Stage, StageRunner
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 TABLE_FILE, NUMBERS_FILE = "scaling_study.md", "scaling_study.json"

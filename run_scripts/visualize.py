@@ -22,10 +22,12 @@ from PIL import Image
 
 from modeling_mae import MAEForPreTraining, build_image_processor
 from modeling_mae.arguments import AT_LEAST_ONE, FRACTION, SEED, Range, parse_arguments
-from modeling_mae.data import DataArguments, build_dataloader, eval_transform
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.loader import build_dataloader
+from modeling_mae.data.transforms import eval_transform
 from modeling_mae.errors import exit_process, run_main
-from modeling_mae.evaluation import load_pretraining_model
-from modeling_mae.visualization import reconstruction_figure
+from modeling_mae.evaluation.models import load_pretraining_model
+from modeling_mae.evaluation.visualization import reconstruction_figure
 
 
 @dataclass

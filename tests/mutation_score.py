@@ -53,7 +53,7 @@ TARGETS = {
          "xǁMAEForImageClassificationǁforward", "x_classification_loss"),
         ("tests/test_modeling.py", "tests/test_conversion.py"), "not remote_code_in_a_process", 12),
     "training": Target(
-        ("modeling_mae/training.py",),
+        tuple(f"modeling_mae/training/{name}.py" for name in ("optimization", "accelerator", "progress", "checkpoints")),
         ("x_effective_batch_size", "x_scaled_learning_rate", "x_uses_weight_decay", "x_build_param_groups",
          "x_build_optimizer", "xǁWarmupCosineScheduleǁ__call__", "x_build_scheduler", "x_plan_training",
          "x_fill_deepspeed_config", "x_seeded_generator", "xǁNonFiniteLossGuardǁupdate", "x_loss_is_finite_everywhere",
@@ -62,16 +62,17 @@ TARGETS = {
          "x_rotate_checkpoints", "x_load_checkpoint", "x_resume_training"),
         ("tests/test_training.py", "tests/test_recipe_flags.py"), "not sigkill and not torch_compile", 20),
     "data": Target(
-        ("modeling_mae/data.py",),
-        ("x__pick_split", "x__detect_column", "x__count_local_examples", "x__split_size", "x__epoch_samples",
-         "x__record_key", "xǁ_BadImageTallyǁcount", "xǁ_WorkerStreamǁ__iter__", "xǁ_WorkerStreamǁ_records",
-         "xǁ_WorkerStreamǁ_batches", "xǁ_WorkerStreamǁ_augmentation_seed", "xǁ_WorkerStreamǁ_read",
-         "xǁ_WorkerStreamǁ_batch", "xǁImageStreamLoaderǁ__len__", "xǁImageStreamLoaderǁset_epoch",
+        tuple(f"modeling_mae/data/{name}.py" for name in ("sources", "labels", "stream", "loader")),
+        ("x_pick_split", "x_detect_column", "x__count_local_examples", "x_split_size", "x_epoch_samples",
+         "x__record_key", "xǁBadImageTallyǁcount", "xǁWorkerStreamǁ__iter__", "xǁWorkerStreamǁ_records",
+         "xǁWorkerStreamǁ_batches", "xǁWorkerStreamǁ_augmentation_seed", "xǁWorkerStreamǁ_read",
+         "xǁWorkerStreamǁ_batch", "xǁImageStreamLoaderǁ__len__", "xǁImageStreamLoaderǁset_epoch",
          "xǁImageStreamLoaderǁstate_dict", "xǁImageStreamLoaderǁload_state_dict", "xǁImageStreamLoaderǁ__iter__",
          "xǁImageStreamLoaderǁ_consume", "xǁImageStreamLoaderǁ_record_progress", "x__prepare_source"),
         ("tests/test_data.py",), "not two_real_processes", 15),
     "evaluation": Target(
-        ("modeling_mae/evaluation.py",), (),
+        tuple(f"modeling_mae/evaluation/{name}.py" for name in
+              ("models", "features", "metrics", "knn", "linear_probe", "layer_decay", "results")), (),
         ("tests/test_evaluation.py", "tests/test_recipe_flags.py"), "not two_processes and not launched", 20),
     "scripts": Target(
         ("run_scripts/run_mae.py", "run_scripts/run_finetune.py", "run_scripts/run_linear_probe.py",

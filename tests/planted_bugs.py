@@ -27,14 +27,13 @@ from mutation_score import copy_tree  # the same scratch copy as the mutation ru
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
-# With --whole_files on a tree that lacks a plant's test file: the test file of the planted code.
+# With --whole_files on a tree that lacks a plant's test file: the test file of the planted code (by path prefix).
 TEST_FILE_OF_CODE = {
-    "run_scripts/run_mae.py": "tests/test_training.py", "modeling_mae/training.py": "tests/test_training.py",
+    "run_scripts/run_mae.py": "tests/test_training.py", "modeling_mae/training/": "tests/test_training.py",
     "run_scripts/run_finetune.py": "tests/test_evaluation.py", "run_scripts/run_knn.py": "tests/test_evaluation.py",
     "run_scripts/run_linear_probe.py": "tests/test_evaluation.py",
-    "modeling_mae/evaluation.py": "tests/test_evaluation.py",
-    "modeling_mae/data.py": "tests/test_data.py", "modeling_mae/transforms.py": "tests/test_data.py",
-    "run_scripts/benchmark.py": "tests/test_benchmark.py",
+    "modeling_mae/evaluation/": "tests/test_evaluation.py",
+    "modeling_mae/data/": "tests/test_data.py", "run_scripts/benchmark.py": "tests/test_benchmark.py",
 }
 
 
@@ -64,11 +63,11 @@ FINETUNE_ANSWER = (E + "test_finetune_script_saves_a_loadable_classifier",)
 
 PLANTS = (
     # ------------------------------------------------------------------------------ the learning rate the loop applies
-    Plant("lr_reference_batch_512", "modeling_mae/training.py", "LR_REFERENCE_BATCH = 256", "LR_REFERENCE_BATCH = 512",
+    Plant("lr_reference_batch_512", "modeling_mae/training/optimization.py", "LR_REFERENCE_BATCH = 256", "LR_REFERENCE_BATCH = 512",
           LR_TEST),
     Plant("lr_scheduler_stepped_twice", "run_scripts/run_mae.py", "            trainer.scheduler.step()\n",
           "            trainer.scheduler.step()\n            trainer.scheduler.step()\n", LR_TEST),
-    Plant("lr_warmup_off_by_one", "modeling_mae/training.py", "return step / self.warmup_steps",
+    Plant("lr_warmup_off_by_one", "modeling_mae/training/optimization.py", "return step / self.warmup_steps",
           "return (step + 1) / self.warmup_steps", LR_TEST),
     Plant("lr_scheduler_per_micro_batch", "run_scripts/run_mae.py",
           "        poisoned |= not train_micro_batch(trainer, progress, batch, loop)\n",
@@ -77,7 +76,7 @@ PLANTS = (
     Plant("lr_logged_after_the_scheduler_moved", "run_scripts/run_mae.py",
           "            after_step(trainer, progress, loop, learning_rate)",
           "            after_step(trainer, progress, loop, trainer.scheduler.get_last_lr()[0])", LR_TEST),
-    Plant("lr_batch_without_processes", "modeling_mae/training.py",
+    Plant("lr_batch_without_processes", "modeling_mae/training/accelerator.py",
           "self.gradient_accumulation_steps, self.num_processes)", "self.gradient_accumulation_steps, 1)",
           (D + "test_two_ddp_processes_match_one_process_with_the_same_global_batch",)),
     # ------------------------------------------------------------------------------------ flags that reach their object
@@ -128,9 +127,9 @@ PLANTS = (
     Plant("knn_bank_pooling_ignored", "run_scripts/run_knn.py", "train_loader, knn_args.pooling)",
           'train_loader, "mean")', KNN_FLAGS),
     # --------------------------------------------------------------------- evaluations with a known right answer
-    Plant("knn_temperature_ignored_in_the_vote", "modeling_mae/evaluation.py",
+    Plant("knn_temperature_ignored_in_the_vote", "modeling_mae/evaluation/knn.py",
           "weights = (similarity / temperature).exp()", "weights = similarity.exp()", KNN_ANSWER),
-    Plant("knn_farthest_neighbours", "modeling_mae/evaluation.py", "(query @ bank.T).topk(k, dim=-1)",
+    Plant("knn_farthest_neighbours", "modeling_mae/evaluation/knn.py", "(query @ bank.T).topk(k, dim=-1)",
           "(query @ bank.T).topk(k, dim=-1, largest=False)", KNN_ANSWER),
     Plant("knn_labels_shuffled", "run_scripts/run_knn.py", "knn_scores(queries, bank, bank_labels,",
           "knn_scores(queries, bank, bank_labels.flip(0),", KNN_ANSWER),
@@ -141,10 +140,10 @@ PLANTS = (
           'loop.mixer(batch["pixel_values"], batch["labels"].roll(1))',
           FINETUNE_ANSWER),
     # --------------------------------------------------------------------- checks that passed with the feature off
-    Plant("resume_without_the_weights", "modeling_mae/training.py",
+    Plant("resume_without_the_weights", "modeling_mae/training/checkpoints.py",
           "    with weights_only_loading(allowed):\n        accelerator.load_state(str(checkpoint))\n", "",
           (T + "test_sigkill_then_resume_latest",)),
-    Plant("skipped_images_overwritten", "modeling_mae/data.py", "self._skipped += len(bad_keys)",
+    Plant("skipped_images_overwritten", "modeling_mae/data/loader.py", "self._skipped += len(bad_keys)",
           "self._skipped = len(bad_keys)", (T + "test_bad_images_are_skipped_and_counted_in_the_results",)),
     Plant("skipped_images_not_reported", "run_scripts/run_mae.py", '"skipped_images": int(skipped.item()),',
           '"skipped_images": 0,', (T + "test_bad_images_are_skipped_and_counted_in_the_results",)),
@@ -154,34 +153,34 @@ PLANTS = (
     Plant("masks_shared_by_all_processes", "run_scripts/run_mae.py",
           "        accelerator.process_index,\n        progress.epoch,", "        0,\n        progress.epoch,",
           (T + "test_each_process_draws_its_own_masks_and_the_same_again_on_resume",)),
-    Plant("deepspeed_clipping_on_by_default", "modeling_mae/training.py",
+    Plant("deepspeed_clipping_on_by_default", "modeling_mae/training/accelerator.py",
           'config["gradient_clipping"] = max_grad_norm or 0.0', 'config["gradient_clipping"] = max_grad_norm or 1.0',
           (T + "test_deepspeed_auto_values_are_filled_without_clipping",)),
-    Plant("lockstep_counts_repeated_batches", "modeling_mae/training.py", "            yield last, False",
+    Plant("lockstep_counts_repeated_batches", "modeling_mae/training/accelerator.py", "            yield last, False",
           "            yield last, True", (T + "test_evaluation_batches_go_in_lockstep_until_every_process_is_done",)),
-    Plant("loss_summed_over_processes", "modeling_mae/training.py",
+    Plant("loss_summed_over_processes", "modeling_mae/training/progress.py",
           "progress.loss_sum += loss_sum / accelerator.num_processes", "progress.loss_sum += loss_sum",
           (T + "test_loss_window_averages_over_processes",)),
-    Plant("loss_statistics_overwritten", "modeling_mae/training.py",
+    Plant("loss_statistics_overwritten", "modeling_mae/training/progress.py",
           "progress.loss_sum += loss_sum / accelerator.num_processes",
           "progress.loss_sum = loss_sum / accelerator.num_processes", (T + "test_loss_window_averages_over_processes",)),
-    Plant("rotation_deletes_the_newest", "modeling_mae/training.py",
+    Plant("rotation_deletes_the_newest", "modeling_mae/training/checkpoints.py",
           "for old in checkpoints[: max(0, len(checkpoints) - total_limit)]:", "for old in checkpoints[total_limit:]:",
           (T + "test_the_oldest_checkpoints_are_deleted_beyond_the_limit",)),
-    Plant("knn_queries_normalised_across_the_chunk", "modeling_mae/evaluation.py",
+    Plant("knn_queries_normalised_across_the_chunk", "modeling_mae/evaluation/knn.py",
           "query = F.normalize(queries[start : start + chunk_size].float(), dim=-1)",
           "query = F.normalize(queries[start : start + chunk_size].float(), dim=0)",
           (E + "test_knn_scores_are_the_weighted_vote_of_each_query_with_the_papers_defaults",)),
-    Plant("probe_head_batchnorm_eps", "modeling_mae/evaluation.py", "affine=False, eps=1e-6", "affine=False, eps=1e-5",
+    Plant("probe_head_batchnorm_eps", "modeling_mae/evaluation/linear_probe.py", "affine=False, eps=1e-6", "affine=False, eps=1e-5",
           (E + "test_linear_probe_head_normalises_with_the_running_statistics_then_projects",)),
-    Plant("load_encoder_overrides_dropped", "modeling_mae/evaluation.py",
+    Plant("load_encoder_overrides_dropped", "modeling_mae/evaluation/models.py",
           "config = load_model_config(model_name_or_path, config_overrides)",
           "config = load_model_config(model_name_or_path, None)",
           (E + "test_load_encoder_applies_config_overrides_to_pretrained_weights",)),
-    Plant("resize_to_a_square_of_the_width", "modeling_mae/evaluation.py",
+    Plant("resize_to_a_square_of_the_width", "modeling_mae/evaluation/models.py",
           "new_size = (int(image_size[0]), int(image_size[1]))", "new_size = (int(image_size[1]), int(image_size[1]))",
           (E + "test_resize_model_resolution_to_a_non_square_size",)),
-    Plant("one_augmentation_seed_for_all", "modeling_mae/data.py",
+    Plant("one_augmentation_seed_for_all", "modeling_mae/data/stream.py",
           "hash((self.seed, epoch, self.process_index, worker, position))", "hash(self.seed)",
           ("tests/test_data.py", "-k", "every_record_and_epoch_draws_its_own_crop")),
     # ------------------------------------------------------------------------------- model mutants mutmut found alive
@@ -192,7 +191,7 @@ PLANTS = (
           "self.cls_token - self.position_embeddings[:, :1]",
           ("tests/test_modeling.py::test_an_encoder_with_a_trained_position_table_is_transformers_vit",)),
     # ---------------------------------------------------------------------------------------------- weak assertions
-    Plant("decode_crashes_on_every_input", "modeling_mae/transforms.py", "image = Image.open(io.BytesIO(data))",
+    Plant("decode_crashes_on_every_input", "modeling_mae/data/transforms.py", "image = Image.open(io.BytesIO(data))",
           "image = Image.open(io.BytesIO(date))", ("tests/test_data.py", "-k", "bad_bytes_raise_on_decode")),
     Plant("benchmark_speedup_inverted", "run_scripts/benchmark.py",
           '"of_medians": statistics.median(times[slow]["wall"]) / statistics.median(times[fast]["wall"])',
@@ -209,7 +208,7 @@ def whole_files(plant: Plant, scratch: pathlib.Path) -> tuple[str, ...]:
     """The files of the plant's tests, as the issue's reviewer ran them (a tree without them: the planted code's)."""
     files = sorted({test.split("::")[0] for test in plant.tests if test.startswith("tests/")})
     present = tuple(name for name in files if (scratch / name).is_file())
-    return present or (TEST_FILE_OF_CODE[plant.path],)
+    return present or tuple(test for prefix, test in TEST_FILE_OF_CODE.items() if plant.path.startswith(prefix))[:1]
 
 
 def run_plant(plant: Plant, scratch: pathlib.Path, tests: tuple[str, ...]) -> tuple[str, float, str]:

@@ -18,15 +18,10 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config, use_hub
 
-from modeling_mae.arguments import (
-    OptimizationArguments,
-    PretrainModelArguments,
-    Range,
-    RunArguments,
-    parse_arguments,
-)
+from modeling_mae.arguments import OptimizationArguments, PretrainModelArguments, Range, RunArguments, parse_arguments
 from modeling_mae.configuration_mae import load_config
-from modeling_mae.data import DataArguments, build_dataloader
+from modeling_mae.data.loader import build_dataloader
+from modeling_mae.data.sources import DataArguments
 from modeling_mae.errors import EXIT_USAGE, UsageError, run_main
 from run_scripts.evidence import EvidenceArguments
 from run_scripts.run_finetune import (

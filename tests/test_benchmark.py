@@ -21,8 +21,8 @@ import torchvision
 from PIL import Image
 
 from modeling_mae import MAEConfig, MAEForPreTraining
-from modeling_mae.conversion import convert_transformers_state_dict, export_to_vit
-from modeling_mae.fast_decode import FastPretrainTransform, dct_reduction, sample_crop
+from modeling_mae.data.fast_decode import FastPretrainTransform, dct_reduction, sample_crop
+from modeling_mae.interop.conversion import convert_transformers_state_dict, export_to_vit
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

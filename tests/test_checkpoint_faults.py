@@ -33,16 +33,18 @@ from test_training import (
     weights,
 )
 
-from modeling_mae import checkpoint_files
-from modeling_mae.checkpoint_files import (
+from modeling_mae.errors import UsageError
+from modeling_mae.training import checkpoint_files
+from modeling_mae.training.accelerator import machine_count
+from modeling_mae.training.checkpoint_files import (
     FULL_DISK_FREE_BYTES,
     PICKLE_SUFFIXES,
     UnusableFile,
     check_checkpoint_files,
     check_rng_states,
 )
-from modeling_mae.errors import UsageError
-from modeling_mae.training import NonFiniteLossError, list_checkpoints, machine_count
+from modeling_mae.training.checkpoints import list_checkpoints
+from modeling_mae.training.progress import NonFiniteLossError
 
 PAGE = 4096
 

@@ -23,8 +23,8 @@ from transformers.initialization import no_init_weights
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, build_2d_sinusoidal_position_embedding
 
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, build_image_processor
-from modeling_mae.conversion import VIT_POOLER_NOTE, export_to_vit, to_transformers_vit
 from modeling_mae.errors import UsageError
+from modeling_mae.interop.conversion import VIT_POOLER_NOTE, export_to_vit, to_transformers_vit
 from run_scripts.convert_checkpoint import main as convert_main
 
 HEADS = dict(num_attention_heads=2, decoder_num_attention_heads=2)

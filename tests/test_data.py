@@ -18,10 +18,6 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from datasets.exceptions import DatasetNotFoundError
-from PIL import Image, UnidentifiedImageError
-
-import modeling_mae.data as data
 from data_fixtures import (
     BAD_KINDS,
     CLASS_NAMES,
@@ -34,16 +30,18 @@ from data_fixtures import (
     make_webdataset,
     read_with_a_restart,
 )
-from modeling_mae.data import (
-    DataArguments,
-    build_dataloader,
+from datasets.exceptions import DatasetNotFoundError
+from PIL import Image, UnidentifiedImageError
+
+from modeling_mae.data import sources
+from modeling_mae.data.loader import ImageStreamLoader, build_dataloader
+from modeling_mae.data.sources import DataArguments, resolve_split_name, sample_dataset_path
+from modeling_mae.data.transforms import (
     decode_image,
     eval_transform,
     finetune_transform,
     mixup_cutmix,
     pretrain_transform,
-    resolve_split_name,
-    sample_dataset_path,
 )
 
 MAKERS: dict[str, Callable[..., list[pathlib.Path]]] = {
@@ -86,7 +84,7 @@ def make_textured_source(tmp_path: pathlib.Path, num_samples: int) -> str:
     return str(tmp_path)
 
 
-def epoch_ids(loader: data.ImageStreamLoader) -> list[int]:
+def epoch_ids(loader: ImageStreamLoader) -> list[int]:
     return [sample_id for batch in loader for sample_id in batch_ids(batch)]
 
 
@@ -289,7 +287,7 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped(
     source = make_source(tmp_path, "parquet", 44, num_shards=num_shards, kinds={6: "garbage", 30: "truncated"})
     args = DataArguments(dataset_name=source, dataloader_num_workers=num_workers, shuffle_buffer_size=8)
 
-    def loader() -> data.ImageStreamLoader:
+    def loader() -> ImageStreamLoader:
         stream = build_dataloader(args, "train", ID_TRANSFORM, 4, train=True, seed=5)
         stream.set_epoch(2)
         return stream
@@ -309,7 +307,7 @@ def test_a_resumed_stream_draws_the_same_augmentations(
                          shuffle_buffer_size=8, fast_decode=fast_decode)
     transform = pretrain_transform((8, 8))  # random crops and flips
 
-    def loader() -> data.ImageStreamLoader:
+    def loader() -> ImageStreamLoader:
         return build_dataloader(args, "train", transform, 4, train=True, seed=3)
 
     uninterrupted = [batch["pixel_values"] for batch in loader()]
@@ -407,7 +405,7 @@ def test_user_errors_are_clear(tmp_path: pathlib.Path, monkeypatch: pytest.Monke
     def not_found(*args: object, **kwargs: object) -> None:
         raise DatasetNotFoundError("missing")
 
-    monkeypatch.setattr(data, "load_dataset_builder", not_found)
+    monkeypatch.setattr(sources, "load_dataset_builder", not_found)
     with pytest.raises(ValueError, match=r"^--dataset_name someone/no-such-dataset: no such local folder .*hf auth"):
         build_dataloader(DataArguments(dataset_name="someone/no-such-dataset"), "train", ID_TRANSFORM, 2, train=True)
 
@@ -417,7 +415,9 @@ import json, sys
 import torch
 from accelerate import Accelerator
 from data_fixtures import encoded_id
-from modeling_mae.data import DataArguments, build_dataloader, eval_transform
+from modeling_mae.data.loader import build_dataloader
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.transforms import eval_transform
 
 accelerator = Accelerator(cpu=True)
 args = DataArguments(dataset_name=sys.argv[1], dataloader_num_workers=1, shuffle_buffer_size=8)

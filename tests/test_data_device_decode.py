@@ -13,16 +13,11 @@ import weakref
 import pytest
 import torch
 import torchvision
-
-import modeling_mae.data as data
 from data_fixtures import batch_ids, image_bytes, make_parquet_shards, read_with_a_restart
-from modeling_mae.data import (
-    DataArguments,
-    build_dataloader,
-    decode_images_on_device,
-    eval_transform,
-    pretrain_transform,
-)
+
+from modeling_mae.data.loader import ImageStreamLoader, build_dataloader
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.transforms import decode_images_on_device, eval_transform, pretrain_transform
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they are what decode_images_on_device uses.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -99,7 +94,7 @@ def test_a_resumed_device_stream_continues_exactly_where_it_stopped(
     args = DataArguments(dataset_name=source, dataloader_num_workers=num_workers, shuffle_buffer_size=8,
                          decode_on="cpu")
 
-    def loader() -> data.ImageStreamLoader:
+    def loader() -> ImageStreamLoader:
         stream = build_dataloader(args, "train", ID_PRETRAIN, 4, train=True, seed=5)
         stream.set_epoch(2)
         return stream

@@ -22,20 +22,23 @@ from data_fixtures import (
     truncate,
 )
 
-from modeling_mae import data, shards
-from modeling_mae.data import DataArguments, build_dataloader, eval_transform, pretrain_transform
+from modeling_mae.data import loader as data_loader
+from modeling_mae.data import shards, sources
+from modeling_mae.data.loader import build_dataloader
+from modeling_mae.data.shards import ShardGuard, ShardReadError
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.transforms import eval_transform, pretrain_transform
 from modeling_mae.errors import UsageError
-from modeling_mae.shards import ShardGuard, ShardReadError
 
 ID_TRANSFORM = eval_transform(8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # encoded_id reads each sample's id back
 UNSORTED_NAMES = ("fish", "cat", "dog")  # sample i is UNSORTED_NAMES[i % 3]; sorted, fish is class 2
 
 
-def ids_and_labels(loader: data.ImageStreamLoader) -> list[tuple[int, int]]:
+def ids_and_labels(loader: data_loader.ImageStreamLoader) -> list[tuple[int, int]]:
     return [pair for batch in loader for pair in zip(batch_ids(batch), batch["labels"].tolist())]
 
 
-def ids_of(loader: data.ImageStreamLoader) -> list[int]:
+def ids_of(loader: data_loader.ImageStreamLoader) -> list[int]:
     return [sample_id for batch in loader for sample_id in batch_ids(batch)]
 
 
@@ -92,7 +95,7 @@ def test_a_loader_without_labels_never_reads_the_label_column(
     def no_labels(*args: object) -> None:
         raise AssertionError("the label column was read")
 
-    monkeypatch.setattr(data, "_resolve_labels", no_labels)
+    monkeypatch.setattr(data_loader, "resolve_labels", no_labels)
     loader = build_dataloader(DataArguments(dataset_name=str(tmp_path)), "train", pretrain_transform(8), 4, train=True,
                               labels=False)
     assert [set(batch) for batch in loader] == [{"pixel_values"}] * 2 and not loader.has_labels
@@ -214,13 +217,13 @@ def test_a_tar_with_a_zeroed_header_is_found_bad(tmp_path: pathlib.Path) -> None
 def remote_shards(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards as a remote source has them: not checked before training, so that a bad one fails while streaming; and
     no waiting between the read attempts."""
-    monkeypatch.setattr(data, "find_bad_shards", lambda files: {})
+    monkeypatch.setattr(sources, "find_bad_shards", lambda files: {})
     monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
 
 
 def loader_with_a_cut_shard(
     folder: pathlib.Path, form: str, how: str, **flags: object
-) -> tuple[pathlib.Path, data.ImageStreamLoader]:
+) -> tuple[pathlib.Path, data_loader.ImageStreamLoader]:
     """An evaluation loader (each record once) over 4 shards, the second one cut; returns that shard and the loader."""
     paths = make_shards(folder, form)
     cut(paths[1], how)
@@ -263,7 +266,7 @@ def test_a_resumed_stream_with_a_skipped_shard_continues_exactly(
     args = DataArguments(dataset_name=str(tmp_path), dataloader_num_workers=num_workers, shuffle_buffer_size=8,
                          skip_bad_shards=True)
 
-    def loader() -> data.ImageStreamLoader:
+    def loader() -> data_loader.ImageStreamLoader:
         return build_dataloader(args, "train", ID_TRANSFORM, 4, train=True, seed=5)
 
     uninterrupted, restarted, resumed = read_with_a_restart(loader, stop_after=3)

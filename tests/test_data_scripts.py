@@ -68,7 +68,7 @@ def bad_shard_data(folder: pathlib.Path) -> list[pathlib.Path]:
 def test_pretraining_goes_on_without_bad_shards_and_counts_them(
     tmp_path: pathlib.Path, model_config: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("modeling_mae.shards.SHARD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr("modeling_mae.data.shards.SHARD_RETRY_DELAY_S", 0.0)
     bad_shard_data(tmp_path / "data")
     results = run_main(run_args(tmp_path / "data", model_config, tmp_path / "run", "--skip_bad_shards"))
     assert results["train_steps"] == 6 and results["skipped_shards"] == 2 and results["skipped_images"] == 0
@@ -80,7 +80,7 @@ def test_a_bad_shard_stops_pretraining_in_one_line_naming_it(
     tmp_path: pathlib.Path, model_config: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture, found: str
 ) -> None:
-    monkeypatch.setattr("modeling_mae.shards.SHARD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr("modeling_mae.data.shards.SHARD_RETRY_DELAY_S", 0.0)
     paths = bad_shard_data(tmp_path / "data")
     if found == "while streaming":
         paths[1].unlink()  # left: the shard damaged inside, which only reading finds

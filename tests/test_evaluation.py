@@ -32,31 +32,19 @@ from torch.multiprocessing import start_processes
 from transformers import AutoModelForImageClassification
 
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
-from modeling_mae.conversion import to_transformers_vit
 from modeling_mae.errors import UsageError
-from modeling_mae.evaluation import (
+from modeling_mae.evaluation.features import gather_variable_length, pool_features
+from modeling_mae.evaluation.knn import knn_scores
+from modeling_mae.evaluation.layer_decay import (
     FINETUNE_NO_WEIGHT_DECAY,
-    LARS,
-    TOP_K_ACCURACY_SCRIPT,
-    ClassificationMetric,
-    LinearProbeHead,
-    gather_variable_length,
-    knn_scores,
     layer_decay_lr_scale_fn,
     layer_id_for,
-    load_encoder,
     lr_scale,
-    pool_features,
-    resize_model_resolution,
 )
-from modeling_mae.training import (
-    build_accelerator,
-    build_optimizer,
-    build_scheduler,
-    iterate_in_lockstep,
-    list_checkpoints,
-)
-from modeling_mae.visualization import (
+from modeling_mae.evaluation.linear_probe import LARS, LinearProbeHead
+from modeling_mae.evaluation.metrics import TOP_K_ACCURACY_SCRIPT, ClassificationMetric
+from modeling_mae.evaluation.models import load_encoder, resize_model_resolution
+from modeling_mae.evaluation.visualization import (
     COLUMN_TITLES,
     GAP,
     MIN_TILE_SIDE,
@@ -65,6 +53,10 @@ from modeling_mae.visualization import (
     grid_image,
     wrap_to_width,
 )
+from modeling_mae.interop.conversion import to_transformers_vit
+from modeling_mae.training.accelerator import build_accelerator, iterate_in_lockstep
+from modeling_mae.training.checkpoints import list_checkpoints
+from modeling_mae.training.optimization import build_optimizer, build_scheduler
 from run_scripts import run_finetune
 from run_scripts.evidence import EvidenceArguments, render_table
 from run_scripts.run_finetune import main as finetune_main
@@ -598,7 +590,7 @@ def test_finetune_push_to_hub_offline(
 ) -> None:
     FakeHfApi.remote, FakeHfApi.calls = tmp_path / "remote", []
     FakeHfApi.remote.mkdir()
-    monkeypatch.setattr("modeling_mae.hub.HfApi", FakeHfApi)
+    monkeypatch.setattr("modeling_mae.interop.hub.HfApi", FakeHfApi)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub needs no network
     finetune_main([
         "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path / "run"),

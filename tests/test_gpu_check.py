@@ -21,8 +21,10 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config
 from PIL import Image
 
-from modeling_mae.data import DataArguments, build_dataloader, pretrain_transform
-from modeling_mae.synthetic_data import imagenet_features, natural_jpeg, write_imagenet_like
+from modeling_mae.data.loader import build_dataloader
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.data.synthetic import imagenet_features, natural_jpeg, write_imagenet_like
+from modeling_mae.data.transforms import pretrain_transform
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ from huggingface_hub import constants as hf_constants
 from test_training import EXPORTED_FILES, RUN_MAE, FakeHfApi, assert_loadable, run_args, run_main, weights
 
 from modeling_mae.errors import UsageError
-from modeling_mae.hub import HubUploader
-from modeling_mae.training import list_checkpoints
+from modeling_mae.interop.hub import HubUploader
+from modeling_mae.training.checkpoints import list_checkpoints
 
 TOKEN = "hf_FAKE_token_for_tests_0123456789"  # a made-up token that must never be written anywhere
 REPO_ID = "someone/tiny-mae"
@@ -32,7 +32,7 @@ REPO_ID = "someone/tiny-mae"
 def fake_hub(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> type[FakeHfApi]:
     FakeHfApi.remote, FakeHfApi.calls, FakeHfApi.failures = tmp_path / "remote", [], 0
     FakeHfApi.remote.mkdir()
-    monkeypatch.setattr("modeling_mae.hub.HfApi", FakeHfApi)
+    monkeypatch.setattr("modeling_mae.interop.hub.HfApi", FakeHfApi)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # the tests run offline; the fake needs no network
     return FakeHfApi
 
@@ -82,7 +82,7 @@ def test_push_to_hub_offline_or_without_a_token_fails_before_training(
     with pytest.raises(UsageError, match="HF_HUB_OFFLINE is set"):  # the tests run with HF_HUB_OFFLINE=1
         run_main(run_args(data_dir, model_config, output, "--push_to_hub", "--checkpointing_steps", "1"))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("modeling_mae.hub.get_token", lambda: None)  # nothing logged in on this machine
+    monkeypatch.setattr("modeling_mae.interop.hub.get_token", lambda: None)  # nothing logged in on this machine
     with pytest.raises(UsageError, match="needs a Hub token: run `hf auth login`"):
         run_main(run_args(data_dir, model_config, output, "--push_to_hub", "--checkpointing_steps", "1"))
     assert list_checkpoints(output) == [] and not (output / "model.safetensors").exists()

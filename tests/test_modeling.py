@@ -12,13 +12,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 from conftest import tiny_config
 from official_mae import get_2d_sincos_pos_embed
 from PIL import Image
 from safetensors.torch import save_file
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -28,17 +28,9 @@ from transformers import (
     pipeline,
 )
 
-from modeling_mae import (
-    MAE_PRESETS,
-    MAEConfig,
-    MAEForImageClassification,
-    MAEForPreTraining,
-    MAEModel,
-    load_config,
-)
-from modeling_mae.conversion import to_transformers_vit
+from modeling_mae import MAE_PRESETS, MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel, load_config
+from modeling_mae.interop.conversion import to_transformers_vit
 from modeling_mae.modeling_mae import MAEAttention, MAELayer
-
 
 # ---------------------------------------------------------------------------------------------- config
 

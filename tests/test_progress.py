@@ -7,30 +7,30 @@ import logging
 import pytest
 from tqdm.auto import tqdm
 
-from modeling_mae import training
-from modeling_mae.training import LogProgress, progress_bar
+from modeling_mae.training import progress
+from modeling_mae.training.progress import LogProgress, progress_bar
 
 
 def test_log_progress_writes_a_line_per_interval_not_per_update(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     now = [0.0]
-    monkeypatch.setattr(training.time, "monotonic", lambda: now[0])
-    caplog.set_level(logging.INFO, logger="modeling_mae.training")
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    caplog.set_level(logging.INFO, logger="modeling_mae.training.progress")
     bar = LogProgress(total=800, desc="pretraining", unit="step", interval=30.0)
     for step in range(800):  # 100 s in steps of 1/8 s
         now[0] += 0.125
         bar.update(1)
         bar.set_postfix(loss=f"{1 / (step + 1):.4f}")
     bar.close()
-    lines = [record.getMessage() for record in caplog.records if record.name == "modeling_mae.training"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "modeling_mae.training.progress"]
     assert len(lines) == 4  # at 30, 60 and 90 s, and at the end
     assert lines[0] == "pretraining: 240/800 step (30%), 00:00:30 elapsed, loss=0.0042"
     assert lines[-1] == "pretraining: 800/800 step (100%), 00:01:40 elapsed, loss=0.0013"
 
 
 def test_log_progress_of_an_unknown_total_counts_only(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="modeling_mae.training")
+    caplog.set_level(logging.INFO, logger="modeling_mae.training.progress")
     bar = LogProgress(total=None, desc="streaming", initial=5, unit="step")
     bar.update(2)
     bar.close()
@@ -41,7 +41,7 @@ def test_log_progress_of_an_unknown_total_counts_only(caplog: pytest.LogCaptureF
 def test_progress_bar_is_tqdm_on_a_terminal_and_log_lines_elsewhere(
     monkeypatch: pytest.MonkeyPatch, terminal: bool
 ) -> None:
-    monkeypatch.setattr(training, "is_terminal", lambda: terminal)
+    monkeypatch.setattr(progress, "is_terminal", lambda: terminal)
     bar = progress_bar(10, "fine-tuning", unit="epoch")
     assert isinstance(bar, tqdm if terminal else LogProgress)
     bar.close()

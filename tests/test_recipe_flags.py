@@ -18,10 +18,10 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from test_training import ARGUMENT_TYPES, paper_learning_rate, run_args, run_mae
 
-from modeling_mae import evaluation
 from modeling_mae.arguments import parse_arguments
-from modeling_mae.data import DataArguments
-from modeling_mae.evaluation import LARS
+from modeling_mae.data.sources import DataArguments
+from modeling_mae.evaluation import features
+from modeling_mae.evaluation.linear_probe import LARS
 from run_scripts import run_finetune, run_knn, run_linear_probe
 
 NUM_LAYERS = 2  # conftest's tiny_config
@@ -214,8 +214,8 @@ class Spy:
 @pytest.fixture
 def pooling_spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     """Records the pooling of every feature the scripts compute."""
-    spy = Spy(evaluation.pool_features, "last_hidden_state", "pooling")
-    monkeypatch.setattr(evaluation, "pool_features", spy)
+    spy = Spy(features.pool_features, "last_hidden_state", "pooling")
+    monkeypatch.setattr(features, "pool_features", spy)
     monkeypatch.setattr(run_linear_probe, "pool_features", spy)
     return spy
 

@@ -16,7 +16,7 @@ from datasets import load_dataset
 from PIL import Image
 
 from modeling_mae.errors import UsageError
-from modeling_mae.stages import Stage, StageRunner
+from modeling_mae.studies.stages import Stage, StageRunner
 from run_scripts import make_sample_data
 from run_scripts.make_sample_data import main as make_data_main
 from run_scripts.scaling_study import (

@@ -36,24 +36,23 @@ from modeling_mae.arguments import (
     load_yaml_config,
     parse_arguments,
 )
-from modeling_mae.data import DataArguments
+from modeling_mae.data.sources import DataArguments
 from modeling_mae.errors import UsageError
-from modeling_mae.training import (
+from modeling_mae.training.accelerator import fill_deepspeed_config, iterate_in_lockstep
+from modeling_mae.training.checkpoints import list_checkpoints, resolve_resume_checkpoint, rotate_checkpoints
+from modeling_mae.training.optimization import (
+    WarmupCosineSchedule,
+    build_optimizer,
+    build_scheduler,
+    plan_training,
+    restore_scheduler,
+)
+from modeling_mae.training.progress import (
     LossWindow,
     NonFiniteLossError,
     NonFiniteLossGuard,
     TrainingProgress,
-    WarmupCosineSchedule,
-    build_optimizer,
-    build_scheduler,
-    fill_deepspeed_config,
-    iterate_in_lockstep,
-    list_checkpoints,
     loss_is_finite_everywhere,
-    plan_training,
-    resolve_resume_checkpoint,
-    restore_scheduler,
-    rotate_checkpoints,
 )
 from run_scripts import run_mae  # a package module, as the other scripts' tests import theirs
 

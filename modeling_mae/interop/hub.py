@@ -19,8 +19,8 @@ from accelerate import Accelerator
 from huggingface_hub import HfApi, get_token
 from torch import nn
 
-from .arguments import RunArguments
-from .errors import UsageError
+from ..arguments import RunArguments
+from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-from .configuration_mae import MAEConfig, parse_overrides
-from .errors import UsageError
+from ..configuration_mae import MAEConfig, parse_overrides
+from ..errors import UsageError
 from .model_card import render_model_card, write_model_card
-from .modeling_mae import (
+from ..modeling_mae import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     MAEForImageClassification,
@@ -39,7 +39,7 @@ from .modeling_mae import (
     MAEPreTrainedModel,
     build_image_processor,
 )
-from .transforms import EVAL_CROP_FRACTION
+from ..data.transforms import EVAL_CROP_FRACTION
 
 logger = logging.getLogger(__name__)
 

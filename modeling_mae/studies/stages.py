@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 RESULTS_FILE = "all_results.json"
 STAGE_RECORD_FILE = "stage.json"  # the arguments a stage ran with and how long it took

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from datasets import ArrowBasedBuilder, DatasetBuilder
 from datasets.utils.file_utils import xopen
 
-from .errors import UsageError
+from ..errors import UsageError, describe
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,6 @@ class ShardReadError(UsageError):
     """A shard that could not be read, even after retries; the message names it."""
 
 
-def describe(error: BaseException) -> str:
-    """`Type: message` on one line (pyarrow's messages span several)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .arguments import OptimizationArguments
-from .configuration_mae import MAEConfig
-from .training import TrainingPlan, effective_batch_size
+from ..arguments import OptimizationArguments
+from ..configuration_mae import MAEConfig
+from ..training.optimization import TrainingPlan, effective_batch_size
 
 CARD_FILE = "README.md"
 SAMPLE_DATASET = "the embedded Fashion-MNIST sample"
@@ -95,7 +95,7 @@ def pretraining_card(
     explicit_lr = optim.learning_rate is not None
     sections: dict[str, dict[str, Any]] = {
         "Data": {
-            "dataset": dataset_name or f"{SAMPLE_DATASET} (modeling_mae/sample_data)",
+            "dataset": dataset_name or f"{SAMPLE_DATASET} (modeling_mae/data/sample_data)",
             "split": train_split,
             "images per epoch": images_per_epoch,
             "augmentation": "RandomResizedCrop(scale=(0.2, 1)) + horizontal flip",

@@ -1,0 +1,128 @@
+"""How a label column becomes class ids: a ``ClassLabel`` gives its ids and names, integers are ids, and strings
+become ids by sorted unique name over the train split (so that every process and split numbers them alike).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+from datasets import ClassLabel, DatasetBuilder, IterableDataset, Value
+from datasets.utils.file_utils import xopen
+
+from ..errors import UsageError, describe
+from .sources import LABEL_COLUMN_CANDIDATES, DataArguments, available_splits, detect_column, pick_split
+
+logger = logging.getLogger(__name__)
+
+
+_STRING_DTYPES = ("string", "large_string")
+
+
+@dataclass(frozen=True)
+class LabelColumn:
+    """How the label column's values become class ids."""
+
+    column: str
+    names: tuple[str, ...] | None = None  # ClassLabel's names, or the sorted string labels; None for integer labels
+    ids: dict[str, int] | None = None  # string label -> class id (string labels only)
+    count: int | None = None  # integer labels without names: the number of classes the user gave, if any
+
+    def problem(self, value: Any) -> str | None:
+        """Why a record with this label value cannot be used; None when `id_of` gives its class. An integer label at or
+        above the `count` the user gave is their mistake, not the record's: a `UsageError`."""
+        if value is None:
+            return "no label"
+        if self.count is not None and isinstance(value, int) and value >= self.count:
+            raise UsageError(f"Label {value} is no class id of the {self.count} classes --num_labels gives (0 to "
+                             f"{self.count - 1}): pass the data's number of classes as --num_labels.")
+        if self.id_of(value) is not None:
+            return None
+        return f"label {value!r} is not a class of the train split" if self.ids else f"label {value!r} is no class id"
+
+    def id_of(self, value: Any) -> int | None:
+        """The class id of a label value; None for no valid class (ClassLabel's "no label" is -1)."""
+        if self.ids is not None:
+            return self.ids.get(value) if isinstance(value, str) else None
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            return None
+        return index if index >= 0 and (self.names is None or index < len(self.names)) else None
+
+
+def resolve_labels(
+    builder: DatasetBuilder, args: DataArguments, split_name: str, stream: IterableDataset, features: dict[str, Any],
+    num_classes: int | None,
+) -> LabelColumn | None:
+    """The label column and its encoding: a ClassLabel's ids, integers as they are (checked against `num_classes` when
+    given), or strings mapped to ids by sorted unique name over the train split (the same on every process and for
+    every split)."""
+    column = detect_column(features, args.label_column_name, ClassLabel, LABEL_COLUMN_CANDIDATES, "Label")
+    if column is None:
+        return None
+    if isinstance(features[column], ClassLabel):
+        return _checked_count(LabelColumn(column, tuple(features[column].names)), num_classes)
+    if not _holds_strings(features[column], stream, column):
+        return LabelColumn(column, count=num_classes)
+    train_split = pick_split("train", args, available_splits(builder))
+    names = sorted(_label_names(builder, train_split, column))
+    if split_name != train_split:
+        unseen = sorted(_label_names(builder, split_name, column) - set(names))
+        if unseen:
+            shown = ", ".join(map(repr, unseen[:10])) + (f", ... ({len(unseen)} in all)" if len(unseen) > 10 else "")
+            raise UsageError(
+                f"The {split_name!r} split has label(s) that the {train_split!r} split has not: {shown}. Class ids are "
+                f"the train split's {len(names)} label names, sorted, so these cannot be scored."
+            )
+    logger.info("Labels in column %r are strings: %d classes, numbered by sorted name over the %r split.",
+                column, len(names), train_split)
+    return _checked_count(LabelColumn(column, tuple(names), {name: index for index, name in enumerate(names)}), num_classes)
+
+
+def _checked_count(labels: LabelColumn, num_classes: int | None) -> LabelColumn:
+    """Named labels fix the number of classes themselves: a different --num_labels is a mistake, not an override."""
+    if num_classes is not None and labels.names is not None and num_classes != len(labels.names):
+        raise UsageError(f"--num_labels {num_classes}, but the labels of column {labels.column!r} name "
+                         f"{len(labels.names)} classes: drop --num_labels (the names give the classes).")
+    return labels
+
+
+def _holds_strings(feature: Any, stream: IterableDataset, column: str) -> bool:
+    if feature is None:  # the source declares no features: look at the first value
+        return isinstance(next(iter(stream.select_columns([column]).take(1)))[column], str)
+    return isinstance(feature, Value) and feature.dtype in _STRING_DTYPES
+
+
+def _label_names(builder: DatasetBuilder, split_name: str, column: str) -> set[str]:
+    """The distinct string labels of a split: from the label column alone of parquet shards, else from the stream."""
+    files = (builder.config.data_files or {}).get(split_name)
+    if files and all(str(file).endswith(".parquet") for file in files):
+        return set().union(*(_parquet_label_names(_file_version(file), column) for file in files))
+    stream = builder.as_streaming_dataset(split=split_name).select_columns([column])
+    return {value for batch in stream.iter(batch_size=1024) for value in batch[column] if isinstance(value, str)}
+
+
+def _file_version(file: str) -> tuple[str, int, int]:
+    """A file and, when local, its size and modification time: a cache key that changes with the file."""
+    path = pathlib.Path(file)
+    if not path.is_file():
+        return file, 0, 0
+    stat = path.stat()
+    return file, stat.st_size, stat.st_mtime_ns
+
+
+@functools.cache
+def _parquet_label_names(file: tuple[str, int, int], column: str) -> frozenset[str]:
+    """The distinct string labels of one parquet shard, reading its label column only (cached: each loader of a run
+    needs the train split's names)."""
+    try:
+        with xopen(file[0], "rb") as handle:  # local or remote (hf://...)
+            values = pq.ParquetFile(handle).read(columns=[column]).column(column).unique().to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise UsageError(f"Cannot read the labels of shard {file[0]} ({describe(error)})") from error
+    return frozenset(value for value in values if isinstance(value, str))
