@@ -75,8 +75,8 @@ TARGETS = {
               ("models", "features", "metrics", "knn", "linear_probe", "layer_decay", "results")), (),
         ("tests/test_evaluation.py", "tests/test_recipe_flags.py"), "not two_processes and not launched", 20),
     "scripts": Target(
-        ("run_scripts/run_mae.py", "run_scripts/run_finetune.py", "run_scripts/run_linear_probe.py",
-         "run_scripts/run_knn.py"),
+        ("run_scripts/run_mae.py", "modeling_mae/loops/pretraining.py", "run_scripts/run_finetune.py",
+         "modeling_mae/loops/finetuning.py", "run_scripts/run_linear_probe.py", "run_scripts/run_knn.py"),
         ("x_build_config", "x_build_model", "x_setup", "x_mask_noise", "x_optimizer_step", "x_train_epoch",
          "x_build_classifier", "x_build_loaders", "x_build_finetune_optimizer", "xǁLoopǁepoch_budget",
          "x_train_one_epoch", "x_make_optimizer", "x_build_head_training", "x_cached_batches", "x_train_head",

@@ -28,12 +28,12 @@ from test_training import (
     assert_same_weights,
     export_model_on_a_full_disk,
     run_args,
-    run_mae,
     run_main,
     weights,
 )
 
 from modeling_mae.errors import UsageError
+from modeling_mae.loops import pretraining_outputs
 from modeling_mae.training import checkpoint_files
 from modeling_mae.training.accelerator import machine_count
 from modeling_mae.training.checkpoint_files import (
@@ -341,7 +341,7 @@ def test_a_full_disk_at_the_final_export_names_the_last_checkpoint(
 
     output = copy_run(straight, tmp_path)
     (output / "model.safetensors").unlink()
-    monkeypatch.setattr(run_mae, "export_model", export_model_on_a_full_disk)
+    monkeypatch.setattr(pretraining_outputs, "export_model", export_model_on_a_full_disk)
     flags = run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest", "--checkpointing_steps", "3")
     with pytest.raises(UsageError) as refused:
         run_main(flags)

@@ -22,6 +22,7 @@ from modeling_mae.arguments import parse_arguments
 from modeling_mae.data.sources import DataArguments
 from modeling_mae.evaluation import features
 from modeling_mae.evaluation.linear_probe import LARS
+from modeling_mae.loops import pretraining
 from run_scripts import run_finetune, run_knn, run_linear_probe
 
 NUM_LAYERS = 2  # conftest's tiny_config
@@ -88,7 +89,7 @@ def test_pretraining_flags_reach_the_optimizer_schedule_and_model(data_dir, mode
     adamw = trainer.optimizer.optimizer
     adamw_step = adamw.step
     adamw.step = lambda *args, **kwargs: (norms.append(gradient_norm(model)), adamw_step(*args, **kwargs))[1]
-    run_mae.optimizer_step(trainer, skip=False)
+    pretraining.optimizer_step(trainer, skip=False)
     assert norms == [pytest.approx(0.5)]  # ... clipped to --max_grad_norm before the step
 
 

@@ -38,6 +38,7 @@ from modeling_mae.arguments import (
 )
 from modeling_mae.data.sources import DataArguments
 from modeling_mae.errors import UsageError
+from modeling_mae.loops import pretraining
 from modeling_mae.training.accelerator import fill_deepspeed_config, iterate_in_lockstep
 from modeling_mae.training.checkpoints import list_checkpoints, resolve_resume_checkpoint, rotate_checkpoints
 from modeling_mae.training.optimization import (
@@ -473,7 +474,7 @@ def test_bad_images_are_skipped_and_counted_in_the_results(model_config, tmp_pat
 
 
 def test_each_process_draws_its_own_masks_and_the_same_again_on_resume() -> None:
-    """`run_mae.mask_noise`: the noise of a micro-batch depends on the process (the official code seeds with seed +
+    """`pretraining.mask_noise`: the noise of a micro-batch depends on the process (the official code seeds with seed +
     rank, so processes mask differently), the epoch and the micro-batch, and on nothing else."""
 
     def noise(process_index: int, epoch: int, micro_batch: int, seed: int = 0) -> torch.Tensor:
@@ -482,7 +483,7 @@ def test_each_process_draws_its_own_masks_and_the_same_again_on_resume() -> None
             args=SimpleNamespace(run=SimpleNamespace(seed=seed)),
             config=tiny_config(),
         )
-        return run_mae.mask_noise(trainer, TrainingProgress(epoch=epoch, epoch_micro_batches=micro_batch), 4)
+        return pretraining.mask_noise(trainer, TrainingProgress(epoch=epoch, epoch_micro_batches=micro_batch), 4)
 
     first = noise(0, 0, 0)
     assert first.shape == (4, 16)
