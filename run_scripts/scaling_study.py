@@ -27,143 +27,34 @@ rules fixed before any run, listed in `RECIPE_RULES` and written into the table.
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
-import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from modeling_mae import MAEModel, load_config
 from modeling_mae.arguments import AT_LEAST_ONE, DEFAULT_MODEL_CONFIG, SEED, Range, parse_arguments
-from modeling_mae.errors import UsageError, exit_process, run_main
+from modeling_mae.errors import exit_process, run_main
+from modeling_mae.studies.scaling import (
+    BUDGETS,
+    FINETUNE_WARMUP_FRACTION,
+    PRETRAIN_BASE_LR,
+    PRETRAIN_WARMUP_FRACTION,
+    RECIPE_RULES,
+    Budget,
+    Results,
+    Rung,
+)
+from modeling_mae.studies.scaling_report import plot_model_size, plot_pretraining_epochs, render_table, summarise
 from modeling_mae.studies.stages import Stage, StageRunner
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
+
+
 TABLE_FILE, NUMBERS_FILE = "scaling_study.md", "scaling_study.json"
+
+
 SIZE_FIGURE, EPOCHS_FIGURE = "model_size.png", "pretraining_epochs.png"
-PROTOCOLS = {  # cell key -> column title
-    "scratch": "from scratch, fine-tuning recipe",
-    "mae": "MAE pretrained, fine-tuned",
-    "linprobe": "MAE linear probe",
-    "knn": "MAE k-NN",
-}
-Results = dict[str, dict[str, Any]]  # a protocol's all_results.json, by PROTOCOLS key
-MAE_LABEL, SCRATCH_LABEL = "MAE pretraining, then fine-tuning", "supervised from scratch (same recipe)"
-
-# The paper's per-size fine-tuning settings (appendix A.1, Table 9): rung i of every ladder takes model i's.
-PAPER_SIZES = (
-    {"paper_model": "ViT-B", "layer_decay": 0.65, "drop_path_rate": 0.1, "paper_base_lr": 5e-4},
-    {"paper_model": "ViT-L", "layer_decay": 0.75, "drop_path_rate": 0.2, "paper_base_lr": 1e-3},
-    {"paper_model": "ViT-H", "layer_decay": 0.75, "drop_path_rate": 0.3, "paper_base_lr": 1e-3},
-)
-# The paper's schedules have ~1e5 optimizer steps, ours 1e2-1e3: at a few hundred steps the paper's learning rates
-# barely move the weights (evidence.py, measured before this study). Both factors are the ones the repository already
-# used for short runs: run_mae.py's default base lr 1.5e-3 (10 x 1.5e-4) and evidence.py's 4e-3 (4 x 1e-3).
-PRETRAIN_BASE_LR = 1.5e-4 * 10
-FINETUNE_LR_FACTOR = 4
-PRETRAIN_WARMUP_FRACTION = 0.05  # the paper's 40 of 800 epochs
-FINETUNE_WARMUP_FRACTION = 0.1  # the paper's 5 of 50 epochs (ViT-L/H)
-
-RECIPE_RULES = (
-    "Images: 32 px, 4 px patches (64 patches; the paper: 224 px, 16 px patches, 196 patches).",
-    ("Sizes: a ladder of three encoder widths with the same depth and decoder (the paper keeps one 512x8 decoder "
-     "for ViT-B/L/H); rung i takes the paper's per-size fine-tuning settings of ViT-B, L, H: layer decay "
-     "0.65/0.75/0.75, drop path 0.1/0.2/0.3, base lr 5e-4/1e-3/1e-3."),
-    (f"Learning rates: base lr x batch / 256 (the paper's rule), with base lrs {FINETUNE_LR_FACTOR}x the paper's for "
-     f"fine-tuning and {PRETRAIN_BASE_LR:g} (10x the paper's 1.5e-4) for pretraining, because our schedules have "
-     "1e2-1e3 optimizer steps instead of ~1e5."),
-    (f"Warmup: {PRETRAIN_WARMUP_FRACTION:.0%} of the pretraining epochs (the paper's 40 of 800), "
-     f"{FINETUNE_WARMUP_FRACTION:.0%} of the fine-tuning epochs (the paper's 5 of 50)."),
-    "Pretraining: mask ratio 0.75, norm_pix_loss, AdamW (0.9, 0.95), weight decay 0.05, RandomResizedCrop + flip.",
-    ("Fine-tuning: AdamW (0.9, 0.999), weight decay 0.05, RandAugment(9, 0.5), random erasing 0.25, MixUp 0.8, "
-     "CutMix 1.0, label smoothing 0.1, global-pool head; the same epochs, batch and base lr for both inits."),
-    ("Scratch: the fine-tuning recipe without layer decay (1.0): decay keeps pretrained lower layers close to their "
-     "weights, which a random init does not have (the paper's from-scratch recipe has none either)."),
-    ("Score: top-1 on the validation split after the last fine-tuning epoch (not the best epoch); mean and sample "
-     "standard deviation over the seeds."),
-)
-
-
-@dataclass(frozen=True)
-class Rung:
-    """One encoder size of the ladder, with the paper's settings for its place in the ladder."""
-
-    name: str
-    width: int
-    depth: int
-    heads: int
-    paper_model: str
-    layer_decay: float
-    drop_path_rate: float
-    paper_base_lr: float
-
-    @property
-    def slug(self) -> str:
-        return self.name.lower()
-
-    @property
-    def finetune_base_lr(self) -> float:
-        return self.paper_base_lr * FINETUNE_LR_FACTOR
-
-    def encoder_overrides(self) -> str:
-        return (f"hidden_size={self.width},num_hidden_layers={self.depth},num_attention_heads={self.heads},"
-                f"intermediate_size={4 * self.width}")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How big the study is: the ladder, the seeds, the epochs and the data."""
-
-    names: tuple[str, str, str]
-    widths: tuple[int, int, int]
-    heads: tuple[int, int, int]
-    depth: int
-    decoder_overrides: str
-    seeds: tuple[int, ...]
-    pretrain_epochs: float
-    finetune_epochs: float
-    sweep_epochs: tuple[float, ...]  # pretraining lengths of the schedule figure, pretrain_epochs among them
-    batch_size: int
-    eval_batch_size: int  # of every evaluation, and the linear probe's batch of cached features
-    dataloader_num_workers: int
-    data_flags: tuple[str, ...] = ()
-
-    def rungs(self) -> list[Rung]:
-        return [Rung(name, width, self.depth, heads, **paper)
-                for name, width, heads, paper in zip(self.names, self.widths, self.heads, PAPER_SIZES)]
-
-    def sweep_rung(self) -> Rung:
-        """The middle size (the paper's schedule figure uses its middle model, ViT-L)."""
-        return self.rungs()[1]
-
-
-BUDGETS = {
-    # CI: tiny models on 32 of the sample's images, two seeds (a standard deviation); checks the plumbing only.
-    "smoke": Budget(
-        names=("ViT-8", "ViT-16", "ViT-32"), widths=(8, 16, 32), heads=(2, 2, 2), depth=1,
-        decoder_overrides="decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,"
-                          "decoder_intermediate_size=32",
-        seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1, sweep_epochs=(0.5, 1), batch_size=8,
-        eval_batch_size=16, dataloader_num_workers=0,
-        data_flags=("--max_train_samples", "32", "--max_eval_samples", "16"),
-    ),
-    # A 2-core CPU: tiny-32px's 6 blocks and decoder at widths 32/64/128 (1:2:4, as ViT-Ti/S/B), 2 heads.
-    "cpu": Budget(
-        names=("ViT-32", "ViT-64", "ViT-128"), widths=(32, 64, 128), heads=(2, 2, 2), depth=6,
-        decoder_overrides="", seeds=(0, 1, 2), pretrain_epochs=4, finetune_epochs=2, sweep_epochs=(1, 2, 4),
-        batch_size=64, eval_batch_size=256, dataloader_num_workers=0,
-    ),
-    # One H100/H200: ViT-Ti/S/B (12 blocks, 64-wide heads) with the tiny/small presets' 256x4 decoder.
-    "gpu": Budget(
-        names=("ViT-Ti", "ViT-S", "ViT-B"), widths=(192, 384, 768), heads=(3, 6, 12), depth=12,
-        decoder_overrides="decoder_hidden_size=256,decoder_num_hidden_layers=4,decoder_num_attention_heads=8,"
-                          "decoder_intermediate_size=1024",
-        seeds=(0, 1, 2), pretrain_epochs=8, finetune_epochs=2, sweep_epochs=(2, 4, 8), batch_size=256,
-        eval_batch_size=256, dataloader_num_workers=8,
-    ),
-}
 
 
 @dataclass
@@ -180,9 +71,6 @@ class StudyArguments:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch threads of every stage (on a busy 2-core CPU, 1 is fastest)."})
     force: bool = field(default=False, metadata={"help": "Rerun stages that already have results."})
-
-
-# --------------------------------------------------------------------------------------------------------- stages
 
 
 def data_flags(budget: Budget, args: StudyArguments) -> tuple[str, ...]:
@@ -241,138 +129,6 @@ def run_sweep(runner: StageRunner, seed: int, budget: Budget, data: Sequence[str
     """MAE fine-tuning results of the sweep size after each pretraining length (the ladder's own run among them)."""
     rung = budget.sweep_rung()
     return {epochs: mae_finetune(runner, rung, epochs, seed, budget, data)[1] for epochs in budget.sweep_epochs}
-
-
-# -------------------------------------------------------------------------------------------------------- summary
-
-
-def cell(accuracies: Sequence[float]) -> dict[str, Any]:
-    """Top-1 of several seeds in percent: the values, their mean and sample standard deviation (n - 1)."""
-    percents = [100 * accuracy for accuracy in accuracies]
-    std = statistics.stdev(percents) if len(percents) > 1 else None
-    return {"values": percents, "n": len(percents), "mean": statistics.fmean(percents), "std": std}
-
-
-def format_parameters(count: int) -> str:
-    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"
-
-
-def format_cell(summary: dict[str, Any]) -> str:
-    spread = "n/a" if summary["std"] is None else f"{summary['std']:.1f}"
-    return f"{summary['mean']:.1f} ± {spread}"
-
-
-@functools.cache  # the summary is rewritten after every seed; building ViT-B to count it once is enough
-def encoder_parameters(rung: Rung) -> int:
-    """Parameters of the encoder that is fine-tuned (position table included, as in the paper's 86M for ViT-B)."""
-    return MAEModel(load_config(DEFAULT_MODEL_CONFIG, rung.encoder_overrides())).num_parameters()
-
-
-def summarise(
-    per_seed: dict[int, dict[str, Results]], sweep: dict[int, dict[float, dict[str, Any]]], rungs: Sequence[Rung]
-) -> dict[str, Any]:
-    """Cells of every size and protocol, and of every sweep length, over the seeds run so far."""
-    sizes = []
-    for rung in rungs:
-        cells = {key: cell([results[rung.name][key]["eval_accuracy"] for results in per_seed.values()])
-                 for key in PROTOCOLS}
-        # The last epoch's training loss says whether fine-tuning got anywhere (chance: ln 10 = 2.30).
-        losses = {key: statistics.fmean(results[rung.name][key]["train_loss"] for results in per_seed.values())
-                  for key in ("scratch", "mae")}
-        sizes.append({**asdict(rung), "finetune_base_lr": rung.finetune_base_lr,
-                      "parameters": encoder_parameters(rung), "cells": cells, "finetune_train_loss": losses})
-    lengths = sorted({epochs for results in sweep.values() for epochs in results})
-    schedule = {f"{epochs:g}": cell([results[epochs]["eval_accuracy"] for results in sweep.values()])
-                for epochs in lengths}
-    return {"seeds": sorted(per_seed), "sizes": sizes, "sweep": schedule}
-
-
-def render_table(summary: dict[str, Any], budget_line: str, sweep_rung: str) -> str:
-    """Markdown: the recipe's rules, the budget, the size table and the schedule table."""
-    rows = [f"Budget: {budget_line}; seeds {', '.join(map(str, summary['seeds']))}.", "",
-            "| model | encoder parameters | " + " | ".join(PROTOCOLS.values()) + " | MAE gain |",
-            "|---|---:|" + "---:|" * (len(PROTOCOLS) + 1)]
-    for size in summary["sizes"]:
-        cells = size["cells"]
-        gain = cells["mae"]["mean"] - cells["scratch"]["mean"]
-        rows.append(f"| {size['name']} ({size['width']} wide, {size['depth']} blocks) | "
-                    f"{format_parameters(size['parameters'])} | " + " | ".join(format_cell(cells[key]) for key in PROTOCOLS)
-                    + f" | {gain:+.1f} |")
-    losses = "; ".join(f"{size['name']} {size['finetune_train_loss']['scratch']:.2f} from scratch, "
-                       f"{size['finetune_train_loss']['mae']:.2f} from MAE" for size in summary["sizes"])
-    rows += ["", f"Fine-tuning loss in the last epoch, mean over seeds (chance: 2.30): {losses}."]
-    scratch = summary["sizes"][1]["cells"]["scratch"]
-    lengths = summary["sweep"]
-    rows += ["", f"| {sweep_rung}: pretraining epochs | 0 (from scratch) | " + " | ".join(lengths) + " |",
-             "|---|" + "---:|" * (len(lengths) + 1),
-             f"| fine-tuned top-1 % | {format_cell(scratch)} | "
-             + " | ".join(format_cell(value) for value in lengths.values()) + " |",
-             "", "Recipe (fixed before the runs):", *[f"- {rule}" for rule in RECIPE_RULES]]
-    return "\n".join(rows) + "\n"
-
-
-# -------------------------------------------------------------------------------------------------------- figures
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend; matplotlib is the optional `study` extra."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise UsageError("the study's figures need matplotlib: pip install 'modeling-mae[study]'") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def new_figure() -> tuple[Any, Any]:
-    return pyplot().subplots(figsize=(5, 4), dpi=150)
-
-
-def draw_cells(axes: Any, x: Sequence[float], cells: Sequence[dict[str, Any]], style: str, label: str) -> None:
-    """Mean top-1 of each cell, with an error bar of ±1 sample std (none for a single seed)."""
-    axes.errorbar(x, [c["mean"] for c in cells], yerr=[c["std"] or 0.0 for c in cells], fmt=style, capsize=4,
-                  label=label)
-
-
-def save_figure(figure: Any, axes: Any, path: pathlib.Path, xlabel: str, title: str) -> Any:
-    axes.set(xlabel=xlabel, ylabel="fine-tuned top-1 accuracy (%)")
-    axes.set_title(title, fontsize="medium")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path)
-    pyplot().close(figure)
-    return figure
-
-
-def plot_model_size(summary: dict[str, Any], path: pathlib.Path, title: str) -> Any:
-    """Top-1 against encoder parameters (log scale), MAE and scratch with error bars; returns the figure."""
-    figure, axes = new_figure()
-    parameters = [size["parameters"] for size in summary["sizes"]]
-    for key, label, style in (("mae", MAE_LABEL, "o-"), ("scratch", SCRATCH_LABEL, "s--")):
-        draw_cells(axes, parameters, [size["cells"][key] for size in summary["sizes"]], style, label)
-    axes.set_xscale("log")
-    axes.set_xticks(parameters, [f"{size['name']}\n{format_parameters(size['parameters'])}" for size in summary["sizes"]])
-    axes.minorticks_off()
-    return save_figure(figure, axes, path, "encoder parameters", title)
-
-
-def plot_pretraining_epochs(summary: dict[str, Any], path: pathlib.Path, title: str) -> Any:
-    """Fine-tuned top-1 of the sweep size against pretraining epochs, the scratch run as a band; returns the figure."""
-    figure, axes = new_figure()
-    epochs = [float(length) for length in summary["sweep"]]
-    draw_cells(axes, epochs, list(summary["sweep"].values()), "o-", MAE_LABEL)
-    scratch = summary["sizes"][1]["cells"]["scratch"]
-    axes.axhline(scratch["mean"], color="gray", linestyle="--", label=SCRATCH_LABEL)
-    spread = scratch["std"] or 0.0
-    axes.axhspan(scratch["mean"] - spread, scratch["mean"] + spread, color="gray", alpha=0.15)
-    axes.set_xticks(epochs, [f"{value:g}" for value in epochs])
-    return save_figure(figure, axes, path, "pretraining epochs", title)
-
-
-# ----------------------------------------------------------------------------------------------------------- main
 
 
 def budget_line(name: str, budget: Budget, args: StudyArguments, images: dict[str, int]) -> str:

@@ -16,18 +16,18 @@ from datasets import load_dataset
 from PIL import Image
 
 from modeling_mae.errors import UsageError
-from modeling_mae.studies.stages import Stage, StageRunner
-from run_scripts import make_sample_data
-from run_scripts.make_sample_data import main as make_data_main
-from run_scripts.scaling_study import (
+from modeling_mae.studies.scaling import PROTOCOLS
+from modeling_mae.studies.scaling_report import (
     MAE_LABEL,
-    PROTOCOLS,
     SCRATCH_LABEL,
     cell,
     plot_model_size,
     plot_pretraining_epochs,
     render_table,
 )
+from modeling_mae.studies.stages import Stage, StageRunner
+from run_scripts import make_sample_data
+from run_scripts.make_sample_data import main as make_data_main
 from run_scripts.scaling_study import main as study_main
 
 CELL = re.compile(r"(\d+\.\d) ± (\d+\.\d|n/a)")
