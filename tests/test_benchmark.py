@@ -23,6 +23,13 @@ from PIL import Image
 from modeling_mae import MAEConfig, MAEForPreTraining
 from modeling_mae.data.fast_decode import FastPretrainTransform, dct_reduction, sample_crop
 from modeling_mae.interop.conversion import convert_transformers_state_dict, export_to_vit
+from modeling_mae.studies.benchmark import (
+    encode_all_patches,
+    kernel_time_shares,
+    mask_token_loss,
+    pretraining_flops,
+    vitmae_config,
+)
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -114,7 +121,7 @@ def test_timed_training_steps_compute_the_same_loss_and_gradients(attn: str) -> 
     from transformers import ViTMAEForPreTraining
 
     config = MAEConfig.from_preset("tiny-32px", num_hidden_layers=2)
-    reference = ViTMAEForPreTraining._from_config(benchmark.vitmae_config(config), attn_implementation=attn).train()
+    reference = ViTMAEForPreTraining._from_config(vitmae_config(config), attn_implementation=attn).train()
     reference.vit.embeddings.position_embeddings.data.normal_()  # a fresh ViTMAE's tables are zeros
     reference.decoder.decoder_pos_embed.data.normal_()
     ours = MAEForPreTraining._from_config(config, attn_implementation=attn).train()
@@ -134,7 +141,7 @@ def test_timed_training_steps_compute_the_same_loss_and_gradients(attn: str) -> 
 
 def test_training_flops_count_the_visible_encoder_and_the_full_decoder() -> None:
     config = MAEConfig.from_preset("large")
-    visible, all_patches = benchmark.pretraining_flops(config, 1), benchmark.pretraining_flops(config, 1, False)
+    visible, all_patches = pretraining_flops(config, 1), pretraining_flops(config, 1, False)
     assert visible == pytest.approx(3 * 41.5e9, rel=0.01)  # ViT-L/16 + 8-block decoder, 49 of 196 patches kept
     assert 3.0 < all_patches / visible < 3.5  # the paper's 3.3x FLOPs (Table 2c)
 
@@ -144,10 +151,10 @@ def test_mask_token_baseline_without_masking_is_the_plain_encoder() -> None:
     config = MAEConfig.from_preset("tiny-32px", mask_ratio=0.0)
     model = MAEForPreTraining(config).eval()
     pixel_values = torch.randn(2, 3, 32, 32)
-    latent, mask = benchmark.encode_all_patches(model, torch.nn.Parameter(torch.randn(1, 1, 192)), pixel_values)
+    latent, mask = encode_all_patches(model, torch.nn.Parameter(torch.randn(1, 1, 192)), pixel_values)
     assert mask.sum() == 0
     torch.testing.assert_close(latent, model.mae(pixel_values).last_hidden_state)
-    loss = benchmark.mask_token_loss(model, torch.nn.Parameter(torch.zeros(1, 1, 192)), pixel_values)
+    loss = mask_token_loss(model, torch.nn.Parameter(torch.zeros(1, 1, 192)), pixel_values)
     assert torch.isfinite(loss)
 
 
@@ -158,7 +165,7 @@ def test_mask_token_baseline_is_a_vit_with_mask_tokens_and_the_vitmae_decoder() 
     from transformers import ViTMAEForPreTraining, ViTModel
 
     config = MAEConfig.from_preset("tiny-32px", num_hidden_layers=2, norm_pix_loss=True)
-    reference = ViTMAEForPreTraining(benchmark.vitmae_config(config)).eval()
+    reference = ViTMAEForPreTraining(vitmae_config(config)).eval()
     # Position tables that matter (a fresh ViTMAE's are zeros): the mask tokens must carry theirs.
     reference.vit.embeddings.position_embeddings.data.normal_()
     reference.decoder.decoder_pos_embed.data.normal_()
@@ -173,7 +180,7 @@ def test_mask_token_baseline_is_a_vit_with_mask_tokens_and_the_vitmae_decoder() 
     pixel_values = torch.randn(2, 3, 32, 32)
 
     torch.manual_seed(1)
-    latent, mask = benchmark.encode_all_patches(model, mask_token, pixel_values)
+    latent, mask = encode_all_patches(model, mask_token, pixel_values)
     assert mask.sum(1).tolist() == [48, 48]  # 75% of 64 patches
     with torch.no_grad():
         expected_latent = vit(pixel_values, bool_masked_pos=mask.bool()).last_hidden_state
@@ -183,7 +190,7 @@ def test_mask_token_baseline_is_a_vit_with_mask_tokens_and_the_vitmae_decoder() 
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
         expected_loss = (((logits - target) ** 2).mean(-1) * mask).sum() / mask.sum()
     torch.manual_seed(1)  # the same mask
-    torch.testing.assert_close(benchmark.mask_token_loss(model, mask_token, pixel_values), expected_loss, atol=1e-5,
+    torch.testing.assert_close(mask_token_loss(model, mask_token, pixel_values), expected_loss, atol=1e-5,
                                rtol=1e-4)
 
 
@@ -242,7 +249,7 @@ def test_kernel_time_shares_sort_gpu_kernels_by_kind() -> None:
         return SimpleNamespace(key=key, self_device_time_total=microseconds, device_type=device_type,
                                is_user_annotation=is_user_annotation)
 
-    shares = benchmark.kernel_time_shares([
+    shares = kernel_time_shares([
         event("sm90_xmma_gemm_bf16bf16_bf16f32", 50), event("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 10),
         event("void pytorch_flash::flash_fwd_kernel<...>", 10),
         event("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_7_64x64x64", 10),

@@ -12,6 +12,7 @@ import math
 import pathlib
 import shutil
 import sys
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -25,6 +26,16 @@ from modeling_mae.data.loader import build_dataloader
 from modeling_mae.data.sources import DataArguments
 from modeling_mae.data.synthetic import imagenet_features, natural_jpeg, write_imagenet_like
 from modeling_mae.data.transforms import pretrain_transform
+from modeling_mae.studies.gpu_check.config import GPU_SIZES
+from modeling_mae.studies.gpu_check.probes import export_probe
+from modeling_mae.studies.gpu_check.state import Check
+from modeling_mae.studies.gpu_check.summary import (
+    agreement_tolerance,
+    engine_checks,
+    relative_difference,
+    run_checks,
+    throughput_summary,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -127,7 +138,7 @@ def test_engine_worker_checkpoint_resume_export_and_noise_on_cpu(trained, shards
     assert abs(full["probe_end"] - full["probe_start"]) > 0.05 * full["probe_start"]  # it trained
     assert noisy["probe_start"] == full["probe_start"]  # the noise comes after each step
     assert 0 < abs(noisy["probe_end"] - full["probe_end"]) < 0.01 * full["probe_end"]
-    checks = gpu_check.engine_checks({"full": full, "resumed": resumed}, 2, 4, 2.0**-8, {"full": full})
+    checks = engine_checks({"full": full, "resumed": resumed}, 2, 4, 2.0**-8, {"full": full})
     assert checks["checkpoints_ok"] and checks["resume_ok"] and checks["full"]["export_reload_ok"]
 
 
@@ -144,9 +155,9 @@ def test_export_probe_sees_a_wrong_weight(trained, tmp_path, hf_home) -> None:
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(4, 3, 16, 16, generator=generator)
     noise = torch.rand(4, tiny_config().num_patches, generator=generator)
-    losses = [gpu_check.export_probe(folder, pixel_values, noise, torch.float32, False)
+    losses = [export_probe(folder, pixel_values, noise, torch.float32, False)
               for folder in (directory / "full", broken)]
-    assert gpu_check.relative_difference(losses[1], losses[0]) > 2.0**-8
+    assert relative_difference(losses[1], losses[0]) > 2.0**-8
 
 
 def test_agreement_tolerance_and_verdicts() -> None:
@@ -154,22 +165,22 @@ def test_agreement_tolerance_and_verdicts() -> None:
     the training signal; same start, agreement and reload each judged against their own threshold."""
     reference = {"probe_start": 2.0, "probe_end": 1.0, "probe_export": 1.0}
     noisy = {"probe_start": 2.0, "probe_end": 1.004}
-    agreement = gpu_check.agreement_tolerance(reference, noisy)
+    agreement = agreement_tolerance(reference, noisy)
     assert agreement["rounding_effect"] == pytest.approx(0.004)
     assert agreement["tolerance"] == pytest.approx(0.012) and agreement["signal"] == pytest.approx(0.5)
     assert agreement["conclusive"] and not agreement["provisional"]
-    tiny_effect = gpu_check.agreement_tolerance(reference, {"probe_end": 1.0001})
+    tiny_effect = agreement_tolerance(reference, {"probe_end": 1.0001})
     assert tiny_effect["tolerance"] == 2.0**-8
-    assert gpu_check.agreement_tolerance({"probe_start": 1.01, "probe_end": 1.0}, noisy)["conclusive"] is False
-    assert gpu_check.agreement_tolerance(reference, None) == {
+    assert agreement_tolerance({"probe_start": 1.01, "probe_end": 1.0}, noisy)["conclusive"] is False
+    assert agreement_tolerance(reference, None) == {
         "rounding_effect": None, "tolerance": 2.0**-8, "fp32_tolerance": 2.0**-16, "signal": 0.5, "conclusive": True,
         "provisional": True}
     engine = {"probe_start": 2.001, "probe_end": 1.011, "probe_export": 1.0111}
-    checks = gpu_check.run_checks(engine, 0.012, reference)
+    checks = run_checks(engine, 0.012, reference)
     assert checks["same_start"] and checks["agrees"] and checks["export_reload_ok"]
-    assert not gpu_check.run_checks({**engine, "probe_end": 1.013}, 0.012, reference)["agrees"]
-    assert not gpu_check.run_checks({**engine, "probe_start": 2.01}, 0.012, reference)["same_start"]
-    assert not gpu_check.run_checks({**engine, "probe_export": 1.02}, 0.012, reference)["export_reload_ok"]
+    assert not run_checks({**engine, "probe_end": 1.013}, 0.012, reference)["agrees"]
+    assert not run_checks({**engine, "probe_start": 2.01}, 0.012, reference)["same_start"]
+    assert not run_checks({**engine, "probe_export": 1.02}, 0.012, reference)["export_reload_ok"]
 
 
 @pytest.mark.parametrize("bf16_end, fp32_end, expected", [
@@ -183,7 +194,7 @@ def test_engine_verdict_reads_the_fp32_runs(bf16_end, fp32_end, expected) -> Non
                      "checkpoints": ["step_2", "step_4"]}}
     if fp32_end is not None:
         runs["fp32"] = {**reference["fp32"], "probe_end": fp32_end, "probe_export": fp32_end}
-    assert gpu_check.engine_checks(runs, 2, 4, 0.012, reference)["verdict"] == expected
+    assert engine_checks(runs, 2, 4, 0.012, reference)["verdict"] == expected
 
 
 def test_throughput_summary_counts_cores_per_gpu() -> None:
@@ -193,7 +204,7 @@ def test_throughput_summary_counts_cores_per_gpu() -> None:
 
     record = {"synthetic": {"images_per_s": 1000.0}, "workers_4": path(4, 950.0, 920.0),
               "workers_2": path(2, 500.0, 480.0), "decode_on_cuda": path(2, 3000.0, 700.0)}
-    summary = gpu_check.throughput_summary(record)
+    summary = throughput_summary(record)
     assert summary["of_model"] == {"workers_4": 0.92, "workers_2": 0.48, "decode_on_cuda": 0.7}
     assert summary["worker_images_per_s_per_core"] == 250.0 and summary["cores_for_90_percent"] == 5
     assert summary["fewest_workers_reaching_90_percent"] == 4
@@ -222,10 +233,10 @@ def test_without_cuda_gpu_sections_are_skipped_with_the_reason(tmp_path, capsys,
 def report(tmp_path: pathlib.Path, sections: dict[str, Any]) -> str:
     """The markdown the check writes for these sections (GPU sizes: 8 steps, checkpoint at 4)."""
     args = gpu_check.parse_args(["--output_dir", str(tmp_path)])
-    results = {"meta": {"engines": ["single_gpu", "fsdp"], "sizes": gpu_check.asdict(gpu_check.GPU_SIZES),
+    results = {"meta": {"engines": ["single_gpu", "fsdp"], "sizes": asdict(GPU_SIZES),
                         "started": "now", "command": "gpu_check", "monotonic_start": 0.0, "compile_modes": []},
                "sections": sections}
-    gpu_check.Check(args, gpu_check.GPU_SIZES, results, math.inf).write()
+    Check(args, GPU_SIZES, results, math.inf).write()
     assert "report_error" not in json.loads((tmp_path / "gpu_check.json").read_text())
     return (tmp_path / "gpu_check.md").read_text()
 
@@ -298,4 +309,4 @@ def test_throughput_child_on_cpu(shards, tmp_path, monkeypatch) -> None:
     assert {"synthetic", "decode", "decode_on_cpu", "workers_1"} <= measured.keys()
     assert measured["decode"]["pixels_vs_cpu_decoder"] == {"mean_abs": 0.0, "max_abs": 0.0}  # the same decoder
     assert all(measured[name]["training"]["images_per_s"] > 0 for name in ("decode_on_cpu", "workers_1"))
-    assert gpu_check.throughput_summary(measured)["cores_for_90_percent"] >= 2
+    assert throughput_summary(measured)["cores_for_90_percent"] >= 2
