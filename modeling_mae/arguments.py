@@ -5,6 +5,9 @@ flags given on the command line override the file. The pretraining and fine-tuni
 `ModelArguments`, `OptimizationArguments`, `RunArguments` and `parse_arguments`; each adds its own fields by
 subclassing (see `PretrainModelArguments`).
 
+The module imports no torch, so that `--help` answers at once: `configuration_mae` (transformers' PretrainedConfig
+imports torch) is imported by the functions that check or load a model config, once the command line is parsed.
+
 Every numeric flag is checked when the command line is parsed: each argument dataclass lists the values its flags
 accept in a `FLAG_RANGES` class variable (subclasses inherit it), and a flag that names a local path
 (`LOCAL_PATH_FLAGS`) must exist; a model name that is no local path must be a model on the Hub (one request, or the
@@ -18,33 +21,40 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import huggingface_hub
 import yaml
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError
 from transformers import HfArgumentParser
-
-from .configuration_mae import (
-    MAE_PRESETS,
-    MAEConfig,
-    config_source_problem,
-    load_config,
-    missing_local_path_message,
-    parse_overrides,
+from transformers.hf_argparser import string_to_bool
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
 )
-from .errors import UsageError
-from .errors import describe
+
+from .errors import UsageError, describe
+
+if TYPE_CHECKING:
+    from .configuration_mae import MAEConfig
 
 CONFIG_FLAG = "--config"
 DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample
 RUN_CONFIG_FILE = "run_config.yaml"  # the resolved configuration, saved with each run
 SECRET_FIELDS = ("hub_token",)
+PIPELINE_CHANNELS = 3  # the data pipeline decodes every image to RGB
+TRAINING_BYTES_PER_PARAMETER = 4 * 4  # float32 weight, its gradient and AdamW's two moments
+# The weights files that `from_pretrained` reads.
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -116,9 +126,12 @@ class PretrainModelArguments(ModelArguments):
 
     FLAG_RANGES: ClassVar[dict[str, Range]] = {"mask_ratio": FRACTION}
 
-    mask_ratio: float | None = field(default=None, metadata={"help": "Fraction of patches removed (paper: 0.75)."})
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of patches removed (paper: 0.75). Default: the model config's."}
+    )
     norm_pix_loss: bool | None = field(
-        default=None, metadata={"help": "Regress per-patch normalised pixels (paper's better target)."}
+        default=None,
+        metadata={"help": "Regress per-patch normalised pixels (paper's better target). Default: the model config's."},
     )
 
 
@@ -237,9 +250,24 @@ class RunArguments:
     hub_retry_wait_s: float = field(
         default=30.0, metadata={"help": "Seconds before the first retry of an upload; doubled before each next one."}
     )
+    save_on_signal: bool | None = field(
+        default=None,
+        metadata={"help": "On SIGTERM or SIGUSR1 (a preemption, SLURM's --signal), finish the optimizer step, save a "
+                          "checkpoint on every process and exit with status 128 + the signal. Default: on under SLURM "
+                          "(SLURM_JOB_ID set), else off."},
+    )
+    allow_objective_change: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint trained with another --mask_ratio, --norm_pix_loss or drop path rate "
+                          "(refused otherwise); the change is logged in the run's history."},
+    )
 
     def __post_init__(self) -> None:
         self.checkpoint_interval()  # a wrong --checkpointing_steps fails now, not at the first optimizer step
+
+    def saves_on_signal(self) -> bool:
+        """--save_on_signal, on by default in a SLURM job (whose preemption and time limit come as signals)."""
+        return self.save_on_signal if self.save_on_signal is not None else "SLURM_JOB_ID" in os.environ
 
     def checkpoint_every_epoch(self) -> bool:
         return self.checkpointing_steps == "epoch"
@@ -260,15 +288,76 @@ def load_model_config(source: str, config_overrides: str | None = None, **flags:
     """The config of `source` (a preset, config.json, folder or Hub id) with `--config_overrides` applied, then the
     dedicated flags' `flags` (which win over it).
 
-    A config that cannot build a model (an unknown field, `patch_size=0`, a width its heads do not divide: MAEConfig
-    validates every field when it is built) is a `UsageError`. The model library raises `ValueError`: its
-    configuration_mae.py travels alone as Hub remote code, without this package's errors.
+    A config that cannot build a model (an unknown field, `patch_size=0`, a width its heads do not divide, a
+    `layer_norm_eps` <= 0: MAEConfig validates every field when it is built) is a `UsageError`. The model library
+    raises `ValueError`: its configuration_mae.py travels alone as Hub remote code, without this package's errors. So
+    are the config of another model type (with the command that converts it), a model whose training state cannot fit
+    this machine's memory, and images of other than the pipeline's 3 channels.
     """
+    from .configuration_mae import ForeignConfigError, load_config, parse_overrides
+
+    given = f" with --config_overrides {config_overrides}" if config_overrides else ""
+    described = f"the model config ({source}{given})"
     try:
-        return load_config(source, {**parse_overrides(config_overrides), **flags})
+        config = load_config(source, {**parse_overrides(config_overrides), **flags})
+    except ForeignConfigError as error:
+        raise UsageError(f"{error}: {convert_first(source)}") from error
     except (ValueError, TypeError) as error:  # TypeError: a value of another type (`mask_ratio=abc`, `image_size=null`)
-        given = f" with --config_overrides {config_overrides}" if config_overrides else ""
-        raise UsageError(f"the model config ({source}{given}) cannot build a model: {error}") from error
+        raise UsageError(f"{described} cannot build a model: {error}") from error
+    problem = too_big_problem(config) or channels_problem(config)
+    if problem is not None:
+        raise UsageError(f"{described} {problem}")
+    return config
+
+
+def convert_first(source: str) -> str:
+    """What to do with a model of another implementation: the command that converts it."""
+    return (f"convert it first with `python run_scripts/convert_checkpoint.py --source {source} --output_dir FOLDER` "
+            "(transformers ViT and ViTMAE, timm and the official MAE checkpoints), then pass FOLDER")
+
+
+def channels_problem(config: MAEConfig) -> str | None:
+    """The data pipeline decodes every image to RGB (`data.fast_decode`): a model of other channels fails at its first
+    batch."""
+    if config.num_channels == PIPELINE_CHANNELS:
+        return None
+    return (f"has num_channels={config.num_channels}, but the data pipeline feeds RGB images ({PIPELINE_CHANNELS} "
+            f"channels; grayscale images are converted): set num_channels={PIPELINE_CHANNELS}")
+
+
+def too_big_problem(config: MAEConfig) -> str | None:
+    """A model whose float32 weights, gradients and AdamW states (counted from the config's sizes) exceed this
+    machine's memory: building it would end in an allocation traceback, or swap until the machine runs out."""
+    parameters = config.num_parameters()
+    needed, available = parameters * TRAINING_BYTES_PER_PARAMETER, machine_memory_bytes()
+    if needed <= available:
+        return None
+    return (f"cannot build a model: its {parameters:,} parameters need {format_bytes(needed)} for their float32 "
+            f"weights, gradients and AdamW states, more than the {format_bytes(available)} of memory here (RAM and "
+            "GPUs, on every machine of the run)")
+
+
+def machine_memory_bytes() -> int:
+    """RAM plus the memory of every GPU of this machine, times the machines of the run: the most that any strategy
+    (DeepSpeed ZeRO-3 with offload) could hold a model in. Only a model that fits nowhere is refused: one that fits
+    in RAM but not in a GPU may still train, sharded or offloaded."""
+    import psutil  # an Accelerate dependency
+    import torch
+
+    gpus = sum(torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count()))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch` / torchrun
+    machines = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))))
+    return (psutil.virtual_memory().total + gpus) * machines
+
+
+def format_bytes(count: float) -> str:
+    """`17179869184` -> `16.0 GiB`; PiB at most (`2048.0 PiB`)."""
+    *smaller, largest = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    for unit in smaller:
+        if count < 1024:
+            return f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count:,.1f} {largest}"
 
 
 def load_yaml_config(path: str | pathlib.Path) -> dict[str, Any]:
@@ -288,15 +377,43 @@ def _config_path(argv: Sequence[str]) -> str | None:
     return peek.parse_known_args(list(argv))[0].config
 
 
-def parse_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
-    """Instances of `dataclass_types` from defaults < `--config` YAML < command-line flags.
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The description as written (its example commands keep their lines); `(default: X)` after a flag's help only
+    where the help does not already say what the default is, and none after a flag that takes no value (`--no_X`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(dataclass_types: Sequence[type], description: str | None = None) -> HfArgumentParser:
+    """The parser of `dataclass_types` plus `--config`.
+
+    Every boolean flag takes the bare form (`--flag`), `--flag true|false` and, when its default is true,
+    `--no_flag`: HfArgumentParser gives the bare form to plain `bool` fields only, not to `bool | None` ones.
+    """
+    parser = HfArgumentParser(list(dataclass_types), description=description, formatter_class=HelpFormatter)
+    for action in parser._actions:
+        if action.type is string_to_bool:
+            action.nargs, action.const = "?", True
+        elif isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's `--no_flag`, with the flag's help
+            action.help = f"Same as --{action.dest} false."
+    parser.add_argument(CONFIG_FLAG, default=None, help="YAML file of flag values; command-line flags override it.")
+    return parser
+
+
+def parse_arguments(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, description: str | None = None
+) -> tuple[Any, ...]:
+    """Instances of `dataclass_types` from defaults < `--config` YAML < command-line flags; `description` (the
+    script's docstring) heads `--help`.
 
     Unknown flags and unknown YAML keys are errors (a typo must not silently fall back to a default), and so are values
     outside a flag's range and missing local paths (`check_arguments`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(list(dataclass_types))
-    parser.add_argument(CONFIG_FLAG, default=None, help="YAML file of flag values; command-line flags override it.")
+    parser = build_parser(dataclass_types, description)
     config_path = _config_path(argv)
     if config_path is not None:
         values = load_yaml_config(config_path)
@@ -330,6 +447,8 @@ def _hub_model_problem(name: str) -> str | None:
     """Why `name`, which is no local path, cannot be loaded as a Hub model: the Hub does not know it, or it cannot be
     reached (or is offline) and the model is not in the local cache. One request, not retried: transformers would
     retry for half a minute, then end in a 50-line "couldn't connect" or "not a valid model identifier" traceback."""
+    from .configuration_mae import MAE_PRESETS
+
     if name in MAE_PRESETS or pathlib.Path(name).expanduser().exists():
         return None
     try:
@@ -352,18 +471,41 @@ def _cached(name: str) -> bool:
 
 
 def _model_config_problem(name: str) -> str | None:
+    from .configuration_mae import config_source_problem
+
     return config_source_problem(name) or _hub_model_problem(name)
 
 
 def _model_problem(name: str) -> str | None:
-    return missing_local_path_message(name) or _hub_model_problem(name)
+    return _missing_path_problem(name) or model_folder_problem(name) or _hub_model_problem(name)
+
+
+def model_folder_problem(name: str) -> str | None:
+    """What a local model folder lacks to be loaded: its config.json, or its weights (a config alone: transformers'
+    "no file named model.safetensors" OSError). None for anything else: a complete folder, a file, a Hub id."""
+    folder = pathlib.Path(name).expanduser()
+    if not folder.is_dir():
+        return None
+    exported = "pass the folder a run exported its model to (its --output_dir; a step_N checkpoint only resumes)"
+    if not (folder / CONFIG_NAME).is_file():
+        return f"the folder holds no {CONFIG_NAME}: {exported}"
+    if not any((folder / weights).is_file() for weights in WEIGHT_FILES):
+        return (f"the folder holds a {CONFIG_NAME} but no weights ({SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME}, or a "
+                f"sharded index of either): {exported}, or this config alone as --model_config (random init)")
+    return None
+
+
+def _missing_path_problem(name: str) -> str | None:
+    from .configuration_mae import missing_local_path_message
+
+    return missing_local_path_message(name)
 
 
 # Flags that take a local path or a Hub id, and what is wrong with a value, found without asking the Hub.
 LOCAL_PATH_FLAGS: dict[str, Callable[[str], str | None]] = {
     "model_config": _model_config_problem,  # also a preset name
     "model_name_or_path": _model_problem,
-    "dataset_name": missing_local_path_message,
+    "dataset_name": _missing_path_problem,
 }
 
 

@@ -7,12 +7,14 @@ with a checkpoint as Hub remote code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 # The paper's models (ViT-B/16, L/16, H/14, all with the 512-wide, 8-block decoder) and small ones
 # for CPUs. Every other field keeps the MAEConfig default. Defined once: scripts resolve
@@ -71,12 +73,12 @@ class MAEConfig(PretrainedConfig):
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: encoder shape.
         decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads,
         decoder_intermediate_size: decoder shape (pretraining only).
-        hidden_act (`str`): MLP activation.
+        hidden_act (`str`): MLP activation, a name of transformers' `ACT2FN`.
         hidden_dropout_prob, attention_probs_dropout_prob (`float`): dropout (0 in the paper).
         drop_path_rate (`float`): stochastic depth of the encoder, increasing linearly with depth
             (fine-tuning: 0.1 ViT-B, 0.2 ViT-L, 0.3 ViT-H).
         initializer_range (`float`): std of the CLS/mask tokens (not of the weights: those are xavier).
-        layer_norm_eps (`float`): LayerNorm epsilon (the official models use 1e-6).
+        layer_norm_eps (`float`): LayerNorm epsilon, > 0 (the official models use 1e-6).
         qkv_bias (`bool`): bias of the fused query/key/value projection.
         mask_ratio (`float`): fraction of patches removed during pretraining, in [0, 1).
         norm_pix_loss (`bool`): regress per-patch normalised pixels (the paper's better target).
@@ -167,6 +169,32 @@ class MAEConfig(PretrainedConfig):
         for name in ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        # A LayerNorm of a constant token divides by sqrt(eps): eps <= 0 makes NaN (inf/NaN never compare true).
+        if not 0.0 < self.layer_norm_eps < math.inf:
+            raise ValueError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps}")
+        if self.hidden_act not in ACT2FN:
+            known = ", ".join(ACT2FN)
+            raise ValueError(f"hidden_act {self.hidden_act!r} is no activation of transformers; one of {known}")
+
+    def num_parameters(self) -> int:
+        """The parameters of `MAEForPreTraining` built from this config (encoder and decoder), counted from the sizes
+        alone: how big a model is, before building it allocates that much."""
+        channels, (patch_height, patch_width) = self.num_channels, self.patch_size
+        pixels = patch_height * patch_width * channels
+        tokens = self.num_patches + 1  # the CLS token's position too
+
+        def blocks(width: int, depth: int, intermediate: int) -> int:
+            qkv = 3 * width * width + (3 * width if self.qkv_bias else 0)
+            mlp = 2 * width * intermediate + intermediate + width
+            return depth * (4 * width + qkv + width * width + width + mlp)  # 4 * width: the two LayerNorms
+
+        width, decoder_width = self.hidden_size, self.decoder_hidden_size
+        encoder = (pixels * width + width + width + tokens * width  # patch projection, CLS token, positions
+                   + blocks(width, self.num_hidden_layers, self.intermediate_size) + 2 * width)
+        decoder = (width * decoder_width + decoder_width + decoder_width + tokens * decoder_width  # embed, mask token
+                   + blocks(decoder_width, self.decoder_num_hidden_layers, self.decoder_intermediate_size)
+                   + 2 * decoder_width + decoder_width * pixels + pixels)  # norm, pixel head
+        return encoder + decoder
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MAEConfig:
@@ -226,12 +254,16 @@ def config_source_problem(name_or_path: str) -> str | None:
     return missing
 
 
+class ForeignConfigError(ValueError):
+    """A config of another model type than ours (`model_type` "vit", "vit_mae", ...): its weights need converting."""
+
+
 def load_config(name_or_path: str, overrides: str | dict[str, Any] | None = None, **kwargs: Any) -> MAEConfig:
     """A preset name (`MAE_PRESETS`), a `config.json` path, a folder or Hub id holding one,
     with `overrides` applied. Unknown override keys raise, so a typo never passes silently.
 
     Raises FileNotFoundError for a local path that does not exist (see `missing_local_path_message`), ValueError for a
-    bare name that is no preset.
+    bare name that is no preset, ForeignConfigError for the config of another model type (a transformers ViT).
     """
     problem = config_source_problem(name_or_path)
     if problem is not None:
@@ -240,10 +272,15 @@ def load_config(name_or_path: str, overrides: str | dict[str, Any] | None = None
     path = os.path.expanduser(name_or_path)
     if name_or_path in MAE_PRESETS:
         config = MAEConfig.from_preset(name_or_path)
-    elif os.path.isfile(path):
-        config = MAEConfig.from_json_file(path)
-    else:  # a folder or a Hub id
-        config = MAEConfig.from_pretrained(path, **kwargs)
+    else:  # a config.json, or a folder or Hub id holding one
+        config_dict = MAEConfig._dict_from_json_file(path) if os.path.isfile(path) else \
+            MAEConfig.get_config_dict(path, **kwargs)[0]
+        # transformers only warns, then builds our model from another's config: a ViT's would give random weights.
+        model_type = config_dict.get("model_type", MAEConfig.model_type)
+        if model_type != MAEConfig.model_type:
+            raise ForeignConfigError(f"{name_or_path} holds a {model_type!r} model, not an MAE one (model_type "
+                                     f"{MAEConfig.model_type!r})")
+        config = MAEConfig.from_dict(config_dict)
     values = parse_overrides(overrides)
     unknown = sorted(set(values) - set(config.to_dict()))
     if unknown:

@@ -2,7 +2,10 @@
 
 Library code raises `UsageError` for a wrong flag, a missing folder, a corrupt checkpoint or shard, a full disk; the
 scripts' entry points run through `run_main`, which prints that one line and exits with status 2 (argparse's status
-for a bad command line). Every other exception keeps its traceback: it is a bug of ours. `exit_process` ends them.
+for a bad command line). Ctrl-C is one line too, `interrupted` followed by the notes that the code it stopped added to
+the `KeyboardInterrupt` (a training loop: the step, the newest checkpoint, the command that resumes), with status 130.
+A run that SIGTERM or SIGUSR1 stopped once its checkpoint was saved (`StoppedBySignal`) is one line, with status 128 +
+the signal's number. Every other exception keeps its traceback: it is a bug of ours. `exit_process` ends them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 
 class UsageError(ValueError):
@@ -24,6 +28,14 @@ class UsageError(ValueError):
 
     A `ValueError`, so code that validates inputs (and callers that catch `ValueError`) keep working.
     """
+
+
+class StoppedBySignal(Exception):
+    """A run stopped on a signal (a preemption's notice) after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, signal_number: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signal_number  # what a shell reports for a command that the signal ended
 
 
 def _rank_prefix() -> str:
@@ -41,7 +53,8 @@ def _tell_launcher(message: str) -> None:
 
 
 def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> int:
-    """Run a script's `main(argv)`; a `UsageError` becomes one line on stderr and exit status 2.
+    """Run a script's `main(argv)`; a `UsageError` becomes one line on stderr and exit status 2, Ctrl-C one line
+    (from the main process: every process gets the signal) and exit status 130.
 
     Use as `sys.exit(run_main(main))` under `if __name__ == "__main__":`.
     """
@@ -52,6 +65,14 @@ def run_main(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = 
         print(message, file=sys.stderr, flush=True)
         _tell_launcher(message)
         return EXIT_USAGE
+    except KeyboardInterrupt as interrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(" ".join(["interrupted", *getattr(interrupt, "__notes__", [])]), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except StoppedBySignal as stopped:  # every process saved; one line is enough
+        if os.environ.get("RANK", "0") == "0":
+            print(stopped, file=sys.stderr, flush=True)
+        return stopped.exit_status
     return 0
 
 

@@ -19,6 +19,7 @@ checkpoint as Hub remote code.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -62,6 +63,14 @@ def build_image_processor(config: MAEConfig) -> ViTImageProcessor:
         image_mean=list(IMAGENET_DEFAULT_MEAN),
         image_std=list(IMAGENET_DEFAULT_STD),
     )
+
+
+def name_the_cpu_for_deepspeed() -> None:
+    """`DS_ACCELERATOR=cpu` (unless set) on a machine without an accelerator: Accelerate imports DeepSpeed whenever it
+    is installed (transformers' `save_pretrained` unwraps the model with it), and DeepSpeed then warns that it fell
+    back to the CPU, which is what it would pick anyway."""
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,6 +599,7 @@ class MAEPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> None:
         """Also writes the code files, an `auto_map` for all four Auto classes and the image processor."""
+        name_the_cpu_for_deepspeed()
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):

@@ -16,15 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transformers import ViTModel
-
-from modeling_mae.interop.conversion import (
-    VIT_POOLER_NOTE,
-    convert_checkpoint,
-    export_to_timm,
-    load_ours,
-    save_vit_folder,
-)
 from modeling_mae.errors import exit_process, run_main
 
 
@@ -42,6 +33,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # After parsing: torch and transformers take seconds to import, which `--help` does without.
+    from transformers import ViTModel
+
+    from modeling_mae.interop.conversion import (
+        VIT_POOLER_NOTE,
+        convert_checkpoint,
+        export_to_timm,
+        load_ours,
+        save_vit_folder,
+    )
+
     if args.to_vit:
         model = save_vit_folder(load_ours(args.source), args.output_dir)
         if isinstance(model, ViTModel):

@@ -34,6 +34,7 @@ from modeling_mae.arguments import (
 )
 from modeling_mae.errors import exit_process, run_main
 from modeling_mae.studies.stages import Stage, StageRunner, script_main
+from modeling_mae.text import counted
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent
 
@@ -100,16 +101,15 @@ def percent(value: float) -> str:
 
 def protocols(args: EvidenceArguments) -> list[tuple[str, str]]:
     """(table label, stage prefix) of each protocol of the main comparison."""
+    epochs, long_epochs = counted(args.finetune_epochs, "epoch"), counted(args.long_finetune_epochs, "epoch")
     return [
         ("k-NN (k=20, T=0.07, mean-pooled)", "knn"),
         ("linear probe (BN + linear, SGD, CLS token)", "linprobe"),
         ("linear probe (mean-pooled)", "linprobe-mean"),
-        (f"fine-tuning, paper recipe ({args.finetune_samples} labelled images, {args.finetune_epochs:g} epochs)",
-         "finetune"),
+        (f"fine-tuning, paper recipe ({args.finetune_samples} labelled images, {epochs})", "finetune"),
         (f"fine-tuning, same with base lr {args.short_budget_base_lr:g}", "finetune-lr"),
         (f"fine-tuning, base lr {args.short_budget_base_lr:g}, no MixUp/CutMix", "finetune-nomix"),
-        (f"fine-tuning, base lr {args.short_budget_base_lr:g}, no MixUp/CutMix, {args.long_finetune_epochs:g} epochs",
-         "finetune-long"),
+        (f"fine-tuning, base lr {args.short_budget_base_lr:g}, no MixUp/CutMix, {long_epochs}", "finetune-long"),
     ]
 
 
@@ -157,7 +157,7 @@ def run_ablation(runner: StageRunner, args: EvidenceArguments) -> dict[float, di
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every stage and write the table; returns the collected numbers."""
-    (args,) = parse_arguments((EvidenceArguments,), argv)
+    (args,) = parse_arguments((EvidenceArguments,), argv, __doc__)
     output_dir = pathlib.Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     runner = StageRunner(SCRIPTS, output_dir, force=args.force, num_threads=args.num_threads)

@@ -48,12 +48,20 @@ from modeling_mae.studies.gpu_check.config import (
     Results,
     now_utc,
 )
-from modeling_mae.studies.gpu_check.engines import engines_resume_section, engines_train_section, option_section
+from modeling_mae.studies.gpu_check.engines import (
+    engines_resume_section,
+    engines_train_section,
+    option_section,
+)
 from modeling_mae.studies.gpu_check.probes import run_between_probes
 from modeling_mae.studies.gpu_check.setup import data_section, environment_section
 from modeling_mae.studies.gpu_check.state import Check
 from modeling_mae.studies.gpu_check.summary import AGREEMENT_FACTOR, BF16_UNIT_ROUNDOFF
-from modeling_mae.studies.gpu_check.throughput import compile_modes_child, throughput_child, warmup_child
+from modeling_mae.studies.gpu_check.throughput import (
+    compile_modes_child,
+    throughput_child,
+    warmup_child,
+)
 
 
 def comma_list(cast: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
@@ -113,10 +121,10 @@ def sections(check: Check) -> list[tuple[str, Callable[[Results], None], float, 
 
 
 def engine_worker(record_path: pathlib.Path, run_argv: list[str], rounding_noise: bool = False) -> None:
-    """The engine role: run_mae.py's main between the probes (`gpu_check_probes.run_between_probes`)."""
+    """The engine role: run_mae.py's main between the probes (`studies.gpu_check.probes.run_between_probes`)."""
     import run_mae  # the sibling script: only this role trains
 
-    run_between_probes(run_mae, record_path, run_argv, rounding_noise)
+    run_between_probes(run_mae.main, record_path, run_argv, rounding_noise)
 
 
 def run_check(args: argparse.Namespace) -> Results:

@@ -1,7 +1,7 @@
 """Build the embedded sample data set: a class-balanced Fashion-MNIST subset in the Hub's ImageNet layout.
 
     apt-get install -y dataset-fashion-mnist        # Debian package, installs the IDX files under /usr/share/datasets
-    python run_scripts/make_sample_data.py          # writes modeling_mae/sample_data/fashion_mnist/
+    python run_scripts/make_sample_data.py          # writes modeling_mae/data/sample_data/fashion_mnist/
     python run_scripts/make_sample_data.py --full   # all 60,000/10,000 images, to outputs/fashion_mnist_full/
 
 Output: parquet shards ``data/{train,test}-0000i-of-0000n.parquet`` with ``image`` (Image, PNG bytes) and ``label``
@@ -20,8 +20,6 @@ import subprocess
 from collections.abc import Sequence
 
 import numpy as np
-from datasets import ClassLabel, Dataset, Features
-from datasets import Image as ImageFeature
 from PIL import Image
 
 from modeling_mae.errors import UsageError, exit_process, run_main
@@ -86,6 +84,13 @@ def write_split(source: pathlib.Path, output: pathlib.Path, split: str, per_clas
     images = read_idx(idx_path(source, split, "images"))
     labels = read_idx(idx_path(source, split, "labels"))
     indices = np.arange(len(labels)) if per_class is None else balanced_indices(labels, per_class, rng)
+    from datasets import (  # here, not on top: `--help` needs no `datasets` (a second)
+        ClassLabel,
+        Dataset,
+        Features,
+    )
+    from datasets import Image as ImageFeature
+
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(CLASS_NAMES))})
     dataset = Dataset.from_dict(
         {"image": [{"bytes": png_bytes(images[i]), "path": None} for i in indices],
@@ -172,10 +177,11 @@ configs:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=pathlib.Path, default=pathlib.Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--output", type=pathlib.Path, default=None,
-                        help="Default: modeling_mae/sample_data/fashion_mnist, with --full outputs/fashion_mnist_full")
+                        help="Default: modeling_mae/data/sample_data/fashion_mnist, with --full "
+                        "outputs/fashion_mnist_full")
     parser.add_argument("--full", action="store_true", help="Every image (60,000/10,000) instead of the subset.")
     parser.add_argument("--train_per_class", type=int, default=1000)
     parser.add_argument("--test_per_class", type=int, default=200)

@@ -5,7 +5,8 @@ pixels (see ``encoded_id``), so a test can check exactly which samples came out 
 Bad files can be mixed in: ``"truncated"`` (a JPEG cut in half) and ``"garbage"`` (bytes that are no image); odd but
 valid ones too: ``"cmyk"``, ``"gray"``, ``"rgba"``, ``"palette"``, ``"gray16"`` and ``"tiny"`` (3x2 pixels); and
 ``"pixel"`` (1x1, smaller than any patch). Labels: sample ``i`` is of class ``i % 3``, stored as a ``ClassLabel``, as
-strings (``CLASS_NAMES``, or any ``names``) or not at all. ``truncate`` cuts a shard as a partial copy would.
+strings (``CLASS_NAMES``, or any ``names``), as plain integers or not at all. ``truncate`` cuts a shard as a partial
+copy would.
 """
 
 from __future__ import annotations
@@ -110,17 +111,18 @@ def make_parquet_shards(
     names: Sequence[str] = CLASS_NAMES,
 ) -> list[pathlib.Path]:
     """HF-layout parquet shards ``data/{split}-0000i-of-0000n.parquet`` with ``image`` (Image) + ``label``: a
-    ClassLabel of ``names`` (``labels="classlabel"``), the names as strings (``"string"``), or none (None)."""
+    ClassLabel of ``names`` (``labels="classlabel"``), the names as strings (``"string"``), their indices as plain
+    integers (``"int"``), or none (None)."""
     from datasets import ClassLabel, Dataset, Features, Value
     from datasets import Image as ImageFeature
 
-    label_types = {"classlabel": ClassLabel(names=list(names)), "string": Value("string")}
+    label_types = {"classlabel": ClassLabel(names=list(names)), "string": Value("string"), "int": Value("int64")}
     feature_types = {"image": ImageFeature()} | ({"label": label_types[labels]} if labels else {})
     ids = list(range(num_samples))
     columns = {"image": [{"bytes": image_bytes(i, kind), "path": f"{i}{_suffix(kind)}"} for i, kind in
                          zip(ids, sample_kinds(num_samples, kinds))]}
     if labels:
-        columns["label"] = [i % len(names) if labels == "classlabel" else names[i % len(names)] for i in ids]
+        columns["label"] = [names[i % len(names)] if labels == "string" else i % len(names) for i in ids]
     dataset = Dataset.from_dict(columns, features=Features(feature_types))
     (directory / "data").mkdir(parents=True, exist_ok=True)
     paths = []
@@ -208,3 +210,11 @@ def corrupt_page(path: pathlib.Path) -> None:
     blob = bytearray(path.read_bytes())
     blob[start : start + 40] = b"\xff" * 40
     path.write_bytes(bytes(blob))
+
+
+def empty_parquet(path: pathlib.Path) -> None:
+    """Rewrite a parquet shard with its schema and 0 rows, as pyarrow writes an empty table: one row group of 0 rows
+    (a valid file, that `datasets` alone cannot read)."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path).slice(0, 0), path)

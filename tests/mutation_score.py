@@ -75,12 +75,12 @@ TARGETS = {
               ("models", "features", "metrics", "knn", "linear_probe", "layer_decay", "results")), (),
         ("tests/test_evaluation.py", "tests/test_recipe_flags.py"), "not two_processes and not launched", 20),
     "scripts": Target(
-        ("run_scripts/run_mae.py", "modeling_mae/loops/pretraining.py", "run_scripts/run_finetune.py",
-         "modeling_mae/loops/finetuning.py", "run_scripts/run_linear_probe.py", "run_scripts/run_knn.py"),
+        tuple(f"modeling_mae/loops/{name}.py" for name in
+              ("pretraining_setup", "pretraining", "finetuning_setup", "finetuning", "linear_probe", "knn")),
         ("x_build_config", "x_build_model", "x_setup", "x_mask_noise", "x_optimizer_step", "x_train_epoch",
          "x_build_classifier", "x_build_loaders", "x_build_finetune_optimizer", "xǁLoopǁepoch_budget",
          "x_train_one_epoch", "x_make_optimizer", "x_build_head_training", "x_cached_batches", "x_train_head",
-         "x_main"),
+         "x_pretrain", "x_finetune", "x_linear_probe", "x_evaluate_knn"),
         ("tests/test_training.py", "tests/test_recipe_flags.py", "tests/test_evaluation.py"),
         "not (sigkill or torch_compile or two_processes or push_to_hub or visualize or launched)", 6),
 }

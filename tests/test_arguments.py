@@ -4,6 +4,7 @@ mistake is one line naming the flag, the value and what is allowed, with exit st
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import pathlib
@@ -14,30 +15,42 @@ import types
 import typing
 
 import huggingface_hub
+import psutil
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config, use_hub
+from transformers import ViTConfig, ViTModel
 
-from modeling_mae.arguments import OptimizationArguments, PretrainModelArguments, Range, RunArguments, parse_arguments
+from modeling_mae import MAEConfig, MAEForPreTraining, arguments
+from modeling_mae.arguments import (
+    OptimizationArguments,
+    PretrainModelArguments,
+    Range,
+    RunArguments,
+    load_model_config,
+    parse_arguments,
+)
 from modeling_mae.configuration_mae import load_config
 from modeling_mae.data.loader import build_dataloader
 from modeling_mae.data.sources import DataArguments
 from modeling_mae.errors import EXIT_USAGE, UsageError, run_main
-from run_scripts.evidence import EvidenceArguments
-from run_scripts.run_finetune import (
+from modeling_mae.evaluation.arguments import (
     AugmentationArguments,
     FinetuneModelArguments,
     FinetuneOptimizationArguments,
     FinetuneRunArguments,
+    KnnArguments,
+    LinearProbeArguments,
+    VisualizeArguments,
 )
+from modeling_mae.modeling_mae import MAELayer
+from run_scripts.evidence import EvidenceArguments
 from run_scripts.run_finetune import main as finetune_main
-from run_scripts.run_knn import KnnArguments
 from run_scripts.run_knn import main as knn_main
-from run_scripts.run_linear_probe import LinearProbeArguments
 from run_scripts.run_linear_probe import main as linear_probe_main
 from run_scripts.run_mae import main as pretrain_main
 from run_scripts.scaling_study import StudyArguments
-from run_scripts.visualize import VisualizeArguments
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = (PretrainModelArguments, DataArguments, OptimizationArguments, RunArguments)
@@ -45,7 +58,7 @@ PRETRAIN = (PretrainModelArguments, DataArguments, OptimizationArguments, RunArg
 ALL_ARGUMENTS = (*PRETRAIN, KnnArguments, LinearProbeArguments, FinetuneModelArguments, AugmentationArguments,
                  FinetuneOptimizationArguments, FinetuneRunArguments, VisualizeArguments, EvidenceArguments,
                  StudyArguments)
-REQUIRED = {VisualizeArguments: ["--model_name_or_path", str(REPO)],  # a folder that exists
+REQUIRED = {VisualizeArguments: ["--model_name_or_path", __file__],  # a file that exists (visualize takes a .pth)
             StudyArguments: ["--budget", "smoke"]}
 
 
@@ -248,6 +261,8 @@ def script_error(main: typing.Callable[[list[str]], object], argv: list[str], ca
     ("num_attention_heads=3", "num_attention_heads=3 must divide hidden_size=32"),
     ("hidden_size", "config override 'hidden_size' is not of the form key=value"),
     ("mask_ratio=abc", "'<=' not supported between instances of 'float' and 'str'"),
+    ("layer_norm_eps=-1", "layer_norm_eps must be a positive number, got -1"),  # was NaN, then "lower the lr"
+    ("hidden_act=swish2", "hidden_act 'swish2' is no activation of transformers; one of gelu, gelu_10, .*, xielu"),
 ])
 @pytest.mark.parametrize("main", [pretrain_main, finetune_main, knn_main, linear_probe_main],
                          ids=["run_mae", "run_finetune", "run_knn", "run_linear_probe"])
@@ -262,6 +277,119 @@ def test_a_config_override_mistake_is_one_line(
         rf"build a model: {problem}\n",
         script_error(main, argv, capsys),
     )
+
+
+SCRIPTS = pytest.mark.parametrize("main", [pretrain_main, finetune_main, knn_main, linear_probe_main],
+                                  ids=["run_mae", "run_finetune", "run_knn", "run_linear_probe"])
+
+
+@SCRIPTS
+def test_a_model_of_other_channels_than_the_pipelines_is_refused_before_any_data(
+    main, model_config: pathlib.Path, tmp_path: pathlib.Path, capsys
+) -> None:
+    """The pipeline decodes every image to RGB: a 1-channel model failed at its first batch."""
+    argv = ["--model_config", str(model_config), "--config_overrides", "num_channels=1", "--output_dir", str(tmp_path)]
+    assert script_error(main, argv, capsys) == (
+        f"error: the model config ({model_config} with --config_overrides num_channels=1) has num_channels=1, but the "
+        "data pipeline feeds RGB images (3 channels; grayscale images are converted): set num_channels=3\n"
+    )
+
+
+def test_a_model_too_big_for_the_machine_is_refused_with_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine whose memory holds tiny-32px's training state, 16 bytes a parameter (float32 weights, gradients,
+    AdamW's two moments), but not with a 7th block. The counts are those of built models. Before, the sizes users get
+    wrong were allocation tracebacks (image_size 10^6, hidden_size 4*10^6) or a machine out of memory (10^6 blocks)."""
+    config = MAEConfig.from_preset("tiny-32px")
+    block = MAELayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size)
+    six_blocks = sum(parameter.numel() for parameter in MAEForPreTraining(config).parameters())
+    seven_blocks = six_blocks + sum(parameter.numel() for parameter in block.parameters())
+    memory = 16 * (six_blocks + seven_blocks) // 2
+    monkeypatch.setattr(arguments, "machine_memory_bytes", lambda: memory)
+    assert load_model_config("tiny-32px").num_hidden_layers == 6
+    with pytest.raises(UsageError) as raised:
+        load_model_config("tiny-32px", "num_hidden_layers=7")
+    assert str(raised.value) == (
+        f"the model config (tiny-32px with --config_overrides num_hidden_layers=7) cannot build a model: its "
+        f"{seven_blocks:,} parameters need {16 * seven_blocks / 2**20:.1f} MiB for their float32 weights, gradients "
+        f"and AdamW states, more than the {memory / 2**20:.1f} MiB of memory here (RAM and GPUs, on every machine of "
+        "the run)"
+    )
+
+
+def test_the_memory_of_a_run_is_that_of_its_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAM and GPUs of this machine, times the machines of the run (2 under torchrun with 4 processes, 2 a machine)."""
+    gpus = sum(torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count()))
+    one_machine = psutil.virtual_memory().total + gpus
+    assert arguments.machine_memory_bytes() == one_machine
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert arguments.machine_memory_bytes() == 2 * one_machine
+
+
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A plain transformers ViT, as `ViTModel(config).save_pretrained` writes it (with its pooler)."""
+    folder = tmp_path_factory.mktemp("vit")
+    ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(("main", "flags"), [
+    (pretrain_main, []), (pretrain_main, ["--model_config", "tiny-32px"]), (finetune_main, []), (knn_main, []),
+], ids=["run_mae", "run_mae_with_a_model_config", "run_finetune", "run_knn"])
+def test_a_transformers_vit_is_refused_with_the_command_that_converts_it(
+    main, flags: list[str], vit_folder: pathlib.Path, tmp_path: pathlib.Path, capsys
+) -> None:
+    """Its weights loaded into nothing: the run trained from random weights, exited 0, and its config.json and model
+    card said it started from that folder."""
+    output = tmp_path / "run"
+    argv = ["--model_name_or_path", str(vit_folder), *flags, "--output_dir", str(output)]
+    assert script_error(main, argv, capsys) == (
+        f"error: {vit_folder} holds a 'vit' model, not an MAE one (model_type 'mae'): convert it first with `python "
+        f"run_scripts/convert_checkpoint.py --source {vit_folder} --output_dir FOLDER` (transformers ViT and ViTMAE, "
+        "timm and the official MAE checkpoints), then pass FOLDER\n"
+    )
+    assert not {"config.json", "README.md", "all_results.json"} & {path.name for path in output.glob("*")}
+
+
+@SCRIPTS
+def test_a_model_folder_without_weights_is_refused_when_parsed(main, tmp_path: pathlib.Path, capsys) -> None:
+    """A config alone (transformers: an OSError traceback, "no file named model.safetensors")."""
+    folder = tmp_path / "config-only"
+    tiny_config().save_pretrained(folder)
+    assert script_error(main, ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path)], capsys) == (
+        f"error: --model_name_or_path {folder}: the folder holds a config.json but no weights (model.safetensors or "
+        "pytorch_model.bin, or a sharded index of either): pass the folder a run exported its model to (its "
+        "--output_dir; a step_N checkpoint only resumes), or this config alone as --model_config (random init)\n"
+    )
+
+
+class PicklePayload:
+    """What a malicious `pytorch_model.bin` holds: a call that runs when the file is unpickled."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+@SCRIPTS
+def test_a_pickle_payload_is_never_run_and_named_in_one_line(main, tmp_path: pathlib.Path, capsys) -> None:
+    """transformers loads `pytorch_model.bin` with torch's weights-only unpickler, which refuses the payload: an
+    UnpicklingError traceback before; one line naming the file, what it holds and what to do now."""
+    folder, marker = tmp_path / "model", tmp_path / "payload-ran"
+    MAEForPreTraining(tiny_config()).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"mae.embeddings.cls_token": PicklePayload(marker)}, folder / "pytorch_model.bin")
+    error = script_error(main, ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "run")], capsys)
+    assert error == (
+        f"error: {folder}/pytorch_model.bin holds pickled code ({os.system.__module__}.system), which is never run "
+        "here: nothing was loaded. Only if you trust where it comes from, load it with torch.load(..., "
+        "weights_only=False) and save the model again with save_pretrained (safetensors)\n"
+    )
+    assert not marker.exists()
 
 
 def test_load_config_names_a_missing_file() -> None:
@@ -288,6 +416,78 @@ def test_an_evaluation_script_names_a_missing_model_folder(
     assert run_main(knn_main, ["--model_name_or_path", "./outputs/mae-pretrain"]) == EXIT_USAGE
     assert capsys.readouterr().err == (f"error: --model_name_or_path ./outputs/mae-pretrain: folder does not exist: "
                                        f"{tmp_path}/outputs/mae-pretrain\n")
+
+
+def boolean_fields(cls: type) -> list[str]:
+    """Fields of type bool or `bool | None` (None: keep the model config's value)."""
+    hints = typing.get_type_hints(cls)
+    return [field.name for field in dataclasses.fields(cls) if hints[field.name] in (bool, bool | None)]
+
+
+BOOLEAN_FLAGS = [(cls, name) for cls in ALL_ARGUMENTS for name in boolean_fields(cls)]
+
+
+@pytest.mark.parametrize(("cls", "name"), BOOLEAN_FLAGS, ids=lambda value: getattr(value, "__name__", value))
+def test_every_boolean_flag_takes_the_bare_form_a_value_and_its_negation(cls: type, name: str) -> None:
+    def parsed(*flags: str) -> bool | None:
+        return getattr(parse_arguments((cls,), [*REQUIRED.get(cls, []), *flags])[0], name)
+
+    assert (parsed(f"--{name}"), parsed(f"--{name}", "true"), parsed(f"--{name}", "false")) == (True, True, False)
+    if next(field.default for field in dataclasses.fields(cls) if field.name == name) is True:
+        assert parsed(f"--no_{name}") is False
+
+
+def test_an_optional_boolean_flag_is_none_unless_given() -> None:
+    """`--norm_pix_loss` (bool | None) keeps the model config's value when absent, and takes the bare form too."""
+    assert (PretrainModelArguments, "norm_pix_loss") in BOOLEAN_FLAGS
+    model, data = parse_arguments((PretrainModelArguments, DataArguments), ["--norm_pix_loss", "--fast_decode"])
+    assert (model.norm_pix_loss, data.fast_decode) == (True, True)  # the bare flag does not take the next one
+    assert parse_arguments((PretrainModelArguments,), [])[0].norm_pix_loss is None
+
+
+SCRIPTS = sorted(path.stem for path in (REPO / "run_scripts").glob("*.py"))
+
+
+def help_entries(text: str) -> list[str]:
+    """The help of each option in `--help`'s output, its lines joined."""
+    entries: list[str] = []
+    for line in text.split("\noptions:\n", 1)[1].splitlines():
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif entries:
+            entries[-1] += " " + line.strip()
+    return entries
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_scripts_help_starts_with_its_docstring_and_says_each_default_once(
+    script: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = importlib.import_module(f"run_scripts.{script}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    description = text.split("\noptions:\n", 1)[0]
+    assert module.__doc__.strip() in description  # what it does, and example commands, before the flags
+    for entry in help_entries(text):
+        assert len(re.findall("default:", entry, re.IGNORECASE)) <= 1, entry
+        assert not entry.startswith("--no_") or "Same as --" in entry, entry  # the negation has its own text
+
+
+LIGHT_IMPORTS = """
+import sys
+import modeling_mae.arguments, modeling_mae.data.sources, modeling_mae.errors, modeling_mae.evaluation.metrics
+heavy = {"torch", "datasets", "pyarrow", "evaluate", "accelerate"} & set(sys.modules)
+assert not heavy, f"a module of flags imported {heavy}: every script's --help would take seconds"
+from modeling_mae import MAEConfig
+from transformers import AutoConfig
+assert type(AutoConfig.for_model(MAEConfig.model_type)) is MAEConfig, "a name of the package registers the Auto classes"
+"""
+
+
+def test_the_flags_import_without_torch_and_a_model_name_registers_the_auto_classes() -> None:
+    subprocess.run([sys.executable, "-c", LIGHT_IMPORTS], check=True, cwd=REPO, timeout=120)
 
 
 def test_ranges_read_like_maths() -> None:

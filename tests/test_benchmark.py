@@ -21,8 +21,15 @@ import torchvision
 from PIL import Image
 
 from modeling_mae import MAEConfig, MAEForPreTraining
-from modeling_mae.data.fast_decode import FastPretrainTransform, dct_reduction, sample_crop
-from modeling_mae.interop.conversion import convert_transformers_state_dict, export_to_vit
+from modeling_mae.data.fast_decode import (
+    FastPretrainTransform,
+    dct_reduction,
+    sample_crop,
+)
+from modeling_mae.interop.conversion import (
+    convert_transformers_state_dict,
+    export_to_vit,
+)
 from modeling_mae.studies.benchmark import (
     encode_all_patches,
     kernel_time_shares,

@@ -1,9 +1,12 @@
-"""Checkpoints under faults, in one process: a poisoned pickle never runs, a resume with another batch layout is
-refused, a damaged checkpoint is named with the one to use instead (and the run resumed from that one replaces it),
-a full disk keeps the previous checkpoint, and a diverged run names a checkpoint it can really go on from. Each
-failure is one `UsageError` line.
+"""Checkpoints under faults, in one process: a poisoned pickle never runs, a resume with another batch layout, model,
+data or objective is refused before anything is loaded or written, a damaged or malformed checkpoint is named with the
+one to use instead (and the run resumed from that one replaces it), a linked checkpoint is used and rotated as a link,
+a full disk keeps the previous checkpoint, a diverged run names a checkpoint it can really go on from, a second run
+cannot share a folder in use, a read-only folder is refused at start-up, and SIGTERM saves a checkpoint that resumes
+exactly. Each failure is one `UsageError` line.
 
-The multi-process cases (DeepSpeed shards, 2 -> 1 processes, a missing process file) are in test_distributed.py.
+The multi-process cases (DeepSpeed shards, 2 -> 1 processes, a missing process file, SIGUSR1 to 2 processes) are in
+test_distributed.py.
 """
 
 from __future__ import annotations
@@ -11,18 +14,27 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import pathlib
 import pickle
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config
+from data_fixtures import make_parquet_shards
 from test_training import (
     RUN_MAE,
     assert_same_weights,
@@ -32,9 +44,11 @@ from test_training import (
     weights,
 )
 
+from modeling_mae import errors
+from modeling_mae.arguments import RunArguments
 from modeling_mae.errors import UsageError
-from modeling_mae.loops import pretraining_outputs
-from modeling_mae.training import checkpoint_files
+from modeling_mae.loops import finetuning, pretraining, pretraining_outputs
+from modeling_mae.training import checkpoint_files, output_lock
 from modeling_mae.training.accelerator import machine_count
 from modeling_mae.training.checkpoint_files import (
     FULL_DISK_FREE_BYTES,
@@ -44,7 +58,14 @@ from modeling_mae.training.checkpoint_files import (
     check_rng_states,
 )
 from modeling_mae.training.checkpoints import list_checkpoints
+from modeling_mae.training.output_lock import (
+    LOCK_NAME,
+    STALE_AFTER_S,
+    Holder,
+    OutputDirLock,
+)
 from modeling_mae.training.progress import NonFiniteLossError
+from run_scripts import run_finetune
 
 PAGE = 4096
 
@@ -218,6 +239,143 @@ def test_a_resume_with_other_dataloader_workers_is_refused(straight, data_dir, m
     )
 
 
+# ------------------------------------------------------------------------------------------ what the checkpoint trained
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Another data set laid out like `data_dir` (one train shard, one validation shard), of other images."""
+    directory = tmp_path_factory.mktemp("other_data")
+    make_parquet_shards(directory, 32, num_shards=1)
+    make_parquet_shards(directory, 16, num_shards=1, split="validation")
+    return directory
+
+
+def snapshot(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: its modification time and size."""
+    return {str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.stat().st_size)
+            for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("change", ["dataset", "config_overrides", "model_config"])
+def test_a_resume_on_other_data_or_another_model_is_refused_before_the_run_writes_anything(
+    change, straight, data_dir, other_data, model_config, tmp_path
+) -> None:
+    """The stream position of other data, or the weights of another model (a 64-line state-dict traceback before):
+    one line naming the old and the new values, and the output folder exactly as it was (run_config.yaml used to be
+    rewritten first, and the later checkpoint step_6 would be set aside)."""
+    output = copy_run(straight, tmp_path)
+    deeper = tmp_path / "deeper" / "config.json"
+    tiny_config(num_hidden_layers=3).save_pretrained(deeper.parent)
+    data = other_data if change == "dataset" else data_dir
+    flags = run_args(data, deeper if change == "model_config" else model_config, output, "--resume_from_checkpoint",
+                     str(output / "step_3"))
+    if change == "config_overrides":
+        flags += ["--config_overrides", "hidden_size=64,intermediate_size=128"]
+    before = snapshot(output)
+    with pytest.raises(UsageError) as refused:
+        run_main(flags)
+    start_over = "or start a new run in another --output_dir"
+    expected = {
+        "dataset": rf'was trained on other data \(dataset "{re.escape(str(data_dir))}" -> "{re.escape(str(data))}", '
+                   r'fingerprint "\w+" -> "\w+"\): its data-stream position means nothing on this data\. Resume with '
+                   rf"the data it was trained on, {start_over}",
+        "config_overrides": r"holds another model \(hidden_size 32 -> 64, intermediate_size 64 -> 128\): resume with "
+                            r"the model flags it was trained with \(--model_config, --config_overrides: "
+                            rf"{re.escape(str(output / 'run_config.yaml'))}\), {start_over}",
+        "model_config": r"holds another model \(num_hidden_layers 2 -> 3\): resume with",
+    }[change]
+    assert re.match(rf"{re.escape(str(output / 'step_3'))} {expected}", str(refused.value)), str(refused.value)
+    assert snapshot(output) == before
+
+
+def test_a_checkpoint_of_an_older_version_resumes_unchecked_and_another_model_is_still_one_line(
+    straight, data_dir, model_config, tmp_path, caplog
+) -> None:
+    """A checkpoint written before the run identity was recorded: resumed with a warning, and another model's weights
+    stop the resume in one line, not in PyTorch's state-dict report."""
+    output = copy_run(straight, tmp_path)
+    path = output / "step_6" / "trainer_state.json"
+    path.write_text(json.dumps({key: value for key, value in json.loads(path.read_text()).items()
+                                if key != "run_identity"}))
+    flags = run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest", "--max_train_steps", "8")
+    with pytest.raises(UsageError) as refused:
+        run_main([*flags, "--config_overrides", "hidden_size=64,intermediate_size=128"])
+    assert str(refused.value) == (
+        f"{output / 'step_6'} holds another model (Error(s) in loading state_dict for MAEForPreTraining:): resume "
+        "with the model flags it was trained with, or start a new run in another --output_dir"
+    )
+    assert f"{output / 'step_6'} records neither its model nor its data (an older version wrote it)" in caplog.text
+    assert run_main(flags)["train_steps"] == 8
+
+
+def test_a_resume_with_another_objective_is_refused_unless_meant_then_logged(
+    straight, data_dir, model_config, tmp_path
+) -> None:
+    """--mask_ratio and --norm_pix_loss change what the model learns: refused in one line, unless
+    --allow_objective_change says the change is meant; the change is then in log_history.json and the new value in the
+    next checkpoints."""
+    output = copy_run(straight, tmp_path)
+    resume = run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest", "--max_train_steps", "8",
+                      "--checkpointing_steps", "4")
+    for change, described in ((["--mask_ratio", "0.5"], "mask_ratio 0.75 -> 0.5"),
+                              (["--norm_pix_loss", "true"], "norm_pix_loss false -> true")):
+        with pytest.raises(UsageError) as refused:
+            run_main([*resume, *change])
+        assert str(refused.value) == (
+            f"{output / 'step_6'} was trained with another objective ({described}): pass --allow_objective_change to "
+            "go on with this run's (the change is logged in the run's history), or resume with the values it was "
+            "trained with"
+        )
+    assert run_main([*resume, "--mask_ratio", "0.5", "--allow_objective_change"])["train_steps"] == 8
+    history = json.loads((output / "log_history.json").read_text())["log_history"]
+    assert [entry for entry in history if "objective_change" in entry] == [
+        {"step": 6, "objective_change": {"mask_ratio": [0.75, 0.5]}}]
+    state = json.loads((output / "step_8" / "trainer_state.json").read_text())
+    assert state["run_identity"]["model"]["mask_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("completed_steps", "6", "completed_steps is '6', not int"),
+    ("log_history", {"step": 2}, "log_history is {'step': 2}, not list[dict[str, typing.Any]]"),
+    ("batch_layout", "num_processes", "batch_layout: TypeError: num_processes is '1', not a whole number"),
+    ("lr_scheduler", "last_epoch", "lr_scheduler has no usable last_epoch"),
+])
+def test_a_malformed_trainer_state_is_one_line_naming_the_previous_checkpoint(
+    key, value, problem, straight, data_dir, model_config, tmp_path
+) -> None:
+    """Valid JSON, but a string where a number belongs (a TypeError traceback before): the one line of a truncated
+    file."""
+    output = copy_run(straight, tmp_path)
+    path = output / "step_6" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    if isinstance(state[key], dict):
+        state[key][value] = str(state[key][value])
+    else:
+        state[key] = value
+    path.write_text(json.dumps(state))
+    with pytest.raises(UsageError) as refused:
+        run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest",
+                          "--max_train_steps", "8"))
+    assert str(refused.value) == (
+        f"{path} cannot be read ({problem}); resume from the previous one with --resume_from_checkpoint "
+        f"{output / 'step_3'}"
+    )
+
+
+def test_a_trainer_state_key_of_a_newer_version_resumes_with_a_warning(
+    straight, data_dir, model_config, tmp_path, caplog
+) -> None:
+    output = copy_run(straight, tmp_path)
+    path = output / "step_6" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "written_by_a_newer_version": {"x": 1}}))
+    results = run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest",
+                                "--max_train_steps", "8"))
+    assert results["train_steps"] == 8
+    warning = f"{path}: written_by_a_newer_version unknown to this version (a newer one wrote it?): left out"
+    assert warning in caplog.text
+
+
 def test_machine_count_from_the_launchers_environment() -> None:
     assert machine_count(1, {}) == 1  # no launcher
     assert machine_count(16, {"LOCAL_WORLD_SIZE": "8"}) == 2  # torchrun (accelerate launch)
@@ -279,6 +437,26 @@ def test_a_resumed_run_sets_aside_the_checkpoints_of_the_run_it_went_back_on(
     assert sorted(path.name for path in (output / "superseded").iterdir()) == ["step_4", "step_6", "step_6.2"]
 
 
+def test_a_linked_checkpoint_resumes_with_latest_and_rotation_removes_the_link_not_its_target(
+    straight, data_dir, model_config, tmp_path
+) -> None:
+    """step_6 a link to a checkpoint kept on another disk: `latest` resumes it (it used to be taken for another run's
+    checkpoint), and --checkpoints_total_limit later removes the link (rmtree used to fail on it mid-training), never
+    the folder it points to."""
+    output = copy_run(straight, tmp_path)
+    kept = tmp_path / "other-disk" / "step_6"
+    kept.parent.mkdir()
+    shutil.move(output / "step_6", kept)
+    (output / "step_6").symlink_to(kept, target_is_directory=True)
+    results = run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest",
+                                "--max_train_steps", "8", "--checkpointing_steps", "1",
+                                "--checkpoints_total_limit", "1"))
+    assert results["train_steps"] == 8
+    assert [path.name for path in list_checkpoints(output)] == ["step_8"]
+    assert not os.path.lexists(output / "step_6")
+    assert_same_weights(weights(kept), weights(straight / "step_6"))  # the target, untouched
+
+
 def test_a_fresh_run_refuses_a_folder_that_holds_another_runs_checkpoints(
     straight, data_dir, model_config, tmp_path
 ) -> None:
@@ -290,18 +468,21 @@ def test_a_fresh_run_refuses_a_folder_that_holds_another_runs_checkpoints(
     assert [path.name for path in list_checkpoints(output)] == ["step_3", "step_6"]
 
 
-def test_saving_the_step_a_run_resumed_from_keeps_that_checkpoint(data_dir, model_config, tmp_path) -> None:
+def test_saving_the_step_a_run_resumed_from_keeps_that_checkpoint(data_dir, model_config, tmp_path, caplog) -> None:
     """A checkpoint at an epoch's last step, resumed with --checkpointing_steps epoch: the epoch ends at once and
     saves that same step. The folder already holds this run's state there: it is kept, not rewritten (rewriting it
-    would leave it missing for a moment, and it may be the only checkpoint)."""
+    would leave it missing for a moment, and it may be the only checkpoint), and the log says kept, not saved."""
     output = tmp_path / "run"
     run_main(run_args(data_dir, model_config, output, "--checkpointing_steps", "8", "--max_train_steps", "8"))
     saved = (output / "step_8" / "trainer_state.json").read_text()
+    caplog.clear()
     results = run_main(run_args(data_dir, model_config, output, "--resume_from_checkpoint", "latest",
                                 "--checkpointing_steps", "epoch", "--max_train_steps", "10"))
     assert results["train_steps"] == 10
     assert [path.name for path in list_checkpoints(output)] == ["step_8"]
     assert (output / "step_8" / "trainer_state.json").read_text() == saved
+    assert f"step 8: kept {output / 'step_8'}, which already holds this run's state at that step" in caplog.text
+    assert "step 8: saved" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------------- a full disk
@@ -424,3 +605,188 @@ def test_a_diverged_run_names_a_checkpoint_it_can_go_on_from(data_dir, model_con
     results = run_main(run_args(data_dir, model_config, output, *sane, "--resume_from_checkpoint", "latest"))
     assert results["train_steps"] == 6 and math.isfinite(results["final_loss"])
     assert results["nonfinite_losses"] == 0  # the count restarts with the state of step_1
+
+
+# ------------------------------------------------------------------------------------------------ one run per folder
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 120.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_naming_the_first_then_takes_it_back_once_the_first_died(
+    data_dir, model_config, tmp_path, caplog
+) -> None:
+    """Two runs on one output_dir both ran and exited 0, their checkpoints, exports and results mixed. Now the second
+    stops in one line naming the first; once the first is killed (its lock left behind), the lock is taken back."""
+    output = tmp_path / "run"
+    flags = run_args(data_dir, model_config, output)
+    endless = [*flags]
+    endless[endless.index("--max_train_steps") + 1] = "100000"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, str(RUN_MAE), *endless], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=env)
+    lock = output / LOCK_NAME
+    try:
+        assert wait_for(lambda: lock.is_file() and Holder.from_text(lock.read_text()) is not None), "no lock taken"
+        with pytest.raises(UsageError) as refused:
+            run_main(flags)
+    finally:
+        first.kill()
+        first.wait()
+    assert re.fullmatch(
+        rf"--output_dir {re.escape(str(output))} is in use by another run \(process {first.pid} on "
+        rf"{re.escape(socket.gethostname())}, started [-\d: ]+, heartbeat \d+ s ago: .+/run_mae\.py .+\): wait for it "
+        r"to end, or pass another --output_dir\. A lock whose run is gone is taken back: at once for a process of this "
+        rf"host, after 300 s without heartbeat for another host's \({re.escape(str(lock))}\)",
+        str(refused.value),
+    )
+    assert lock.is_file()  # left behind by the killed run
+    assert run_main(flags)["train_steps"] == 6
+    assert f"Took back the lock of {output} from a run that is gone (its process {first.pid} has ended)" in caplog.text
+    assert not lock.exists()  # released at the end
+
+
+def write_lock(folder: pathlib.Path, heartbeat_age: float, **holder: Any) -> pathlib.Path:
+    """A lock file as another run writes it, its heartbeat `heartbeat_age` seconds old."""
+    path = folder / LOCK_NAME
+    path.write_text(json.dumps({**asdict(Holder.this_process()), "token": "theirs", **holder}))
+    beat = time.time() - heartbeat_age
+    os.utime(path, (beat, beat))
+    return path
+
+
+def test_another_hosts_lock_is_refused_while_its_heartbeat_is_fresh_and_taken_back_once_stale(
+    tmp_path, caplog
+) -> None:
+    """Another machine's process cannot be looked up: its heartbeat, as old as the filesystem's clock says, decides."""
+    write_lock(tmp_path, 10, host="node-7", pid=4242)
+    with pytest.raises(UsageError, match=r"another run \(process 4242 on node-7, started .+, heartbeat 1\d s ago"):
+        OutputDirLock(tmp_path).acquire()
+    write_lock(tmp_path, STALE_AFTER_S + 60, host="node-7", pid=4242)
+    lock = OutputDirLock(tmp_path)
+    lock.acquire()
+    assert re.search(r"Took back the lock of .+ from a run that is gone \(no heartbeat for 36\d s\): process 4242 on "
+                     "node-7", caplog.text)
+    assert Holder.from_text(lock.path.read_text()) == lock.holder
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_a_requeued_slurm_job_takes_back_the_lock_of_its_earlier_run(tmp_path, monkeypatch, caplog) -> None:
+    """A requeued job may start on another node at once, before the lock's heartbeat is stale: the same job id with a
+    lower restart count is its own earlier run. The same run of the job (another of its steps) is refused."""
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    write_lock(tmp_path, 5, host="node-7", pid=4242, slurm_job="1234", slurm_restarts=0)
+    lock = OutputDirLock(tmp_path)
+    lock.acquire()
+    lock.release()
+    assert "a run that is gone (an earlier run of this SLURM job 1234, requeued since)" in caplog.text
+    write_lock(tmp_path, 5, host="node-7", pid=4242, slurm_job="1234", slurm_restarts=1)
+    with pytest.raises(UsageError, match=r"\(process 4242 on node-7, SLURM job 1234, started "):
+        OutputDirLock(tmp_path).acquire()
+
+
+def test_the_heartbeat_keeps_the_lock_fresh_and_a_lock_written_meanwhile_is_never_taken(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(output_lock, "HEARTBEAT_S", 0.05)
+    lock = OutputDirLock(tmp_path)
+    lock.acquire()
+    os.utime(lock.path, (time.time() - 1000, time.time() - 1000))
+    assert wait_for(lambda: time.time() - lock.path.stat().st_mtime < 10, seconds=5)
+    lock.release()
+    # Two runs start at once on a stale lock: the first takes it back and writes its own, then the second, acting on
+    # what it saw before, must put the first one's lock back instead of removing it.
+    seen = write_lock(tmp_path, STALE_AFTER_S + 60, host="node-7", pid=1).read_text()
+    write_lock(tmp_path, 0, host="node-8", pid=2)
+    OutputDirLock(tmp_path)._take_back(seen, "no heartbeat", "process 1 on node-7")
+    assert Holder.from_text((tmp_path / LOCK_NAME).read_text()).host == "node-8"
+    assert [path.name for path in tmp_path.iterdir()] == [LOCK_NAME]
+
+
+@pytest.mark.skipif(not can_mount_a_private_tmpfs(), reason="unshare -rm cannot mount a tmpfs here")
+def test_a_read_only_output_dir_is_refused_at_start_up(data_dir, model_config, tmp_path) -> None:
+    """It used to fail with an OSError traceback once the model and data were built (writing run_config.yaml)."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    flags = run_args(data_dir, model_config, mount / "run")
+    script = f"mount -t tmpfs -o ro tmpfs {mount} && exec {sys.executable} {RUN_MAE} {' '.join(flags)}"
+    completed = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, check=False)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir {mount / 'run'} is not writable (OSError: [Errno 30] Read-only file system: "
+        f"'{mount / 'run'}'): pass a folder you can write to"
+    )
+    assert "process(es) on" not in completed.stderr  # refused before the accelerator's first log, the model and data
+
+
+# ------------------------------------------------------------------------------------------------------- preemption
+
+
+def test_save_on_signal_is_on_by_default_under_slurm(monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert not RunArguments().saves_on_signal() and RunArguments(save_on_signal=True).saves_on_signal()
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert RunArguments().saves_on_signal() and not RunArguments(save_on_signal=False).saves_on_signal()
+
+
+def test_sigterm_finishes_the_step_saves_it_and_the_resumed_run_is_the_uninterrupted_one(
+    straight, data_dir, model_config, tmp_path, monkeypatch, capsys
+) -> None:
+    """SIGTERM in the middle of step 4 (sent from its logging): the step ends, step_4 is saved, the run exits 143 in
+    one line; `--resume_from_checkpoint latest` then ends with the uninterrupted run's weights and history."""
+    output = tmp_path / "run"
+    after_step = pretraining.after_step
+
+    def signalled_after_step_4(trainer: Any, progress: Any, loop: Any, lr: float) -> None:
+        after_step(trainer, progress, loop, lr)
+        if progress.completed_steps == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pretraining, "after_step", signalled_after_step_4)
+    handler = signal.getsignal(signal.SIGTERM)
+    flags = run_args(data_dir, model_config, output, "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    assert errors.run_main(run_main, [*flags, "--save_on_signal"]) == 128 + signal.SIGTERM == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"stopped by SIGTERM at step 4, its checkpoint saved: {output / 'step_4'}; resume with: ")
+    assert [path.name for path in list_checkpoints(output)] == ["step_3", "step_4"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # the process's own handler again
+    monkeypatch.undo()
+    assert run_main(flags)["train_steps"] == 6
+    assert_same_weights(weights(output), weights(straight))
+    assert (output / "log_history.json").read_text() == (straight / "log_history.json").read_text()
+
+
+def test_fine_tuning_saves_on_sigterm_the_same_way(data_dir, model_config, tmp_path, monkeypatch, capsys) -> None:
+    """The same mechanism in run_finetune.py: SIGTERM during step 3 (8 steps an epoch), step_3 saved, status 143, and
+    the resumed run ends with the weights and per-epoch history of one never stopped."""
+
+    def finetune(output: pathlib.Path, *extra: str) -> dict[str, Any]:
+        try:
+            return run_finetune.main(["--dataset_name", str(data_dir), "--model_config", str(model_config),
+                                      "--output_dir", str(output), "--per_device_train_batch_size", "8",
+                                      "--per_device_eval_batch_size", "8", "--max_train_steps", "5", *extra])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+    straight = finetune(tmp_path / "straight")
+    seed_micro_batch = finetuning.seed_micro_batch
+
+    def signalled_in_step_3(loop: Any, progress: Any) -> None:
+        seed_micro_batch(loop, progress)
+        if progress.completed_steps == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(finetuning, "seed_micro_batch", signalled_in_step_3)
+    output = tmp_path / "run"
+    assert errors.run_main(lambda argv: finetune(output, *argv), ["--save_on_signal"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"stopped by SIGTERM at step 3, its checkpoint saved: {output / 'step_3'}; resume with: ")
+    monkeypatch.undo()
+    resumed = finetune(output, "--resume_from_checkpoint", "latest")
+    assert_same_weights(weights(output), weights(tmp_path / "straight"))
+    assert resumed["history"] == straight["history"]

@@ -8,7 +8,12 @@ masking noise), our converted model must give the same features, logits and loss
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import pathlib
 import re
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -18,15 +23,35 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoImageProcessor, ViTMAEConfig, ViTMAEForPreTraining, ViTModel
+from transformers import (
+    AutoImageProcessor,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+    ViTModel,
+)
 from transformers.initialization import no_init_weights
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, build_2d_sinusoidal_position_embedding
+from transformers.models.vit_mae.modeling_vit_mae import (
+    ViTMAEDecoder,
+    build_2d_sinusoidal_position_embedding,
+)
 
-from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel, build_image_processor
+from modeling_mae import (
+    MAEForImageClassification,
+    MAEForPreTraining,
+    MAEModel,
+    build_image_processor,
+)
 from modeling_mae.errors import UsageError
-from modeling_mae.interop.conversion import VIT_POOLER_NOTE, export_to_vit, to_transformers_vit
+from modeling_mae.interop.conversion import (
+    VIT_POOLER_NOTE,
+    export_to_vit,
+    to_transformers_vit,
+)
 from run_scripts.convert_checkpoint import main as convert_main
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 HEADS = dict(num_attention_heads=2, decoder_num_attention_heads=2)
 
 
@@ -249,6 +274,7 @@ def test_timm_export_loads_in_timm_with_equal_features_and_logits(kind: str, tmp
     assert printed_call.startswith("timm.create_model(")
     from_call = eval(printed_call, {"timm": timm})  # exactly what a user would paste
     from_folder = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert str(tmp_path) not in (folder / "README.md").read_text()  # the card may be uploaded: no local path
     exported = load_file(folder / "model.safetensors")
     for timm_model in (from_call, from_folder):
         assert timm_model.state_dict().keys() == exported.keys()  # no missing or extra key
@@ -298,7 +324,8 @@ def test_vit_export_folder_has_our_preprocessing_and_says_the_pooler_is_random(t
     convert_main(["--source", str(tmp_path / "ours"), "--output_dir", str(folder), "--to_vit"])
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [f"warning: {VIT_POOLER_NOTE}"]
-    assert VIT_POOLER_NOTE in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert VIT_POOLER_NOTE in card and str(tmp_path) not in card  # the card may be uploaded: no local path
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
     processed = AutoImageProcessor.from_pretrained(folder)(image, return_tensors="pt").pixel_values
     expected_pixels = build_image_processor(encoder.config)(image, return_tensors="pt").pixel_values
@@ -313,7 +340,74 @@ def test_vit_export_folder_has_our_preprocessing_and_says_the_pooler_is_random(t
         torch.testing.assert_close(without(pixel_values).last_hidden_state, expected)
 
 
+def tiny_vit_config(**overrides) -> ViTConfig:
+    return ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, **overrides)
+
+
+def test_a_plain_transformers_vit_converts_to_the_same_features(tmp_path, caplog) -> None:
+    """What `ViTModel(config).save_pretrained` writes (keys without `vit.`, a pooler, LayerNorm eps 1e-12): the
+    folder that scripts refuse, pointing here. The converted encoder gives transformers' own features."""
+    vit = randomised(ViTModel(tiny_vit_config()))
+    vit.save_pretrained(tmp_path / "vit")
+    convert_main(["--source", str(tmp_path / "vit"), "--output_dir", str(tmp_path / "mae")])
+    assert "Leaving out the ViTModel pooler (pooler.dense.bias, pooler.dense.weight)" in caplog.text
+    encoder = MAEModel.from_pretrained(tmp_path / "mae").eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixel_values).last_hidden_state, vit(pixel_values).last_hidden_state)
+
+
+def test_a_transformers_vit_classifier_converts_to_the_same_logits(tmp_path) -> None:
+    """transformers' ViT classifies the CLS token after its final LayerNorm: `use_mean_pooling=False`."""
+    vit = randomised(ViTForImageClassification(tiny_vit_config(num_labels=3)))
+    vit.save_pretrained(tmp_path / "vit")
+    convert_main(["--source", str(tmp_path / "vit"), "--output_dir", str(tmp_path / "mae")])
+    classifier = MAEForImageClassification.from_pretrained(tmp_path / "mae").eval()
+    assert not classifier.config.use_mean_pooling
+    pixel_values = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(pixel_values).logits, vit(pixel_values).logits)
+
+
+class PicklePayload:
+    def __reduce__(self) -> tuple:
+        return os.system, ("true",)  # what would run on unpickling, were the file loaded without weights_only
+
+
+def test_a_checkpoint_with_a_pickle_payload_is_one_line_and_never_runs(tmp_path) -> None:
+    torch.save({"model": {"cls_token": PicklePayload()}}, tmp_path / "mae.pth")
+    with pytest.raises(UsageError) as raised:
+        convert_main(["--source", str(tmp_path / "mae.pth"), "--output_dir", str(tmp_path / "out")])
+    assert str(raised.value).startswith(f"{tmp_path / 'mae.pth'} holds pickled code ({os.system.__module__}.system), "
+                                        "which is never run here: nothing was loaded.")
+
+
 def test_unrecognised_checkpoint_is_a_clear_error(tmp_path) -> None:
     torch.save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(UsageError, match="official"):
         convert_main(["--source", str(tmp_path / "other.pth"), "--output_dir", str(tmp_path / "out")])
+
+
+SAVE_A_MODEL = """
+import sys
+from modeling_mae import MAEConfig, MAEModel
+MAEModel(MAEConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=64)).save_pretrained(sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the warning is DeepSpeed's")
+def test_saving_and_converting_print_no_deepspeed_accelerator_warning(tmp_path: pathlib.Path) -> None:
+    """Accelerate imports DeepSpeed (when installed) to unwrap a model that transformers saves; on a machine without
+    a GPU, DeepSpeed then warned "Setting accelerator to CPU" from a plain save_pretrained and from the script."""
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    ours, vit = tmp_path / "ours", tmp_path / "vit"
+    commands = ([sys.executable, "-c", SAVE_A_MODEL, str(ours)],
+                [sys.executable, str(REPO / "run_scripts" / "convert_checkpoint.py"), "--source", str(ours),
+                 "--output_dir", str(vit), "--to_vit"])
+    for command in commands:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Setting accelerator" not in done.stdout + done.stderr
+    assert (vit / "model.safetensors").is_file()

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -33,9 +34,12 @@ from data_fixtures import (
 from datasets.exceptions import DatasetNotFoundError
 from PIL import Image, UnidentifiedImageError
 
-from modeling_mae.data import sources
 from modeling_mae.data.loader import ImageStreamLoader, build_dataloader
-from modeling_mae.data.sources import DataArguments, resolve_split_name, sample_dataset_path
+from modeling_mae.data.sources import (
+    DataArguments,
+    resolve_split_name,
+    sample_dataset_path,
+)
 from modeling_mae.data.transforms import (
     decode_image,
     eval_transform,
@@ -405,7 +409,7 @@ def test_user_errors_are_clear(tmp_path: pathlib.Path, monkeypatch: pytest.Monke
     def not_found(*args: object, **kwargs: object) -> None:
         raise DatasetNotFoundError("missing")
 
-    monkeypatch.setattr(sources, "load_dataset_builder", not_found)
+    monkeypatch.setattr(datasets, "load_dataset_builder", not_found)  # sources imports it when it loads a source
     with pytest.raises(ValueError, match=r"^--dataset_name someone/no-such-dataset: no such local folder .*hf auth"):
         build_dataloader(DataArguments(dataset_name="someone/no-such-dataset"), "train", ID_TRANSFORM, 2, train=True)
 

@@ -13,11 +13,20 @@ import weakref
 import pytest
 import torch
 import torchvision
-from data_fixtures import batch_ids, image_bytes, make_parquet_shards, read_with_a_restart
+from data_fixtures import (
+    batch_ids,
+    image_bytes,
+    make_parquet_shards,
+    read_with_a_restart,
+)
 
 from modeling_mae.data.loader import ImageStreamLoader, build_dataloader
 from modeling_mae.data.sources import DataArguments
-from modeling_mae.data.transforms import decode_images_on_device, eval_transform, pretrain_transform
+from modeling_mae.data.transforms import (
+    decode_images_on_device,
+    eval_transform,
+    pretrain_transform,
+)
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they are what decode_images_on_device uses.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -1,20 +1,28 @@
-"""Messy data at the data layer: string and ClassLabel labels, records without a usable label, images smaller than a
-patch, and shards that cannot be read (found before training, or failing while streaming)."""
+"""Messy data at the data layer: string, integer and ClassLabel labels, records without a usable label, images smaller
+than a patch, shards that cannot be read (found before training, or failing while streaming), errors that are not the
+shard's, and splits that yield nothing or less than a batch."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
 import pathlib
+import signal
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 from data_fixtures import (
     CLASS_NAMES,
     batch_ids,
+    corrupt_page,
+    empty_parquet,
     make_imagefolder,
     make_parquet_shards,
     make_webdataset,
@@ -23,12 +31,15 @@ from data_fixtures import (
 )
 
 from modeling_mae.data import loader as data_loader
-from modeling_mae.data import shards, sources
+from modeling_mae.data import shards
 from modeling_mae.data.loader import build_dataloader
 from modeling_mae.data.shards import ShardGuard, ShardReadError
 from modeling_mae.data.sources import DataArguments
 from modeling_mae.data.transforms import eval_transform, pretrain_transform
-from modeling_mae.errors import UsageError
+from modeling_mae.errors import EXIT_USAGE, UsageError, run_main
+from run_scripts.run_finetune import main as finetune_main
+from run_scripts.run_linear_probe import main as linear_probe_main
+from run_scripts.run_mae import main as pretrain_main
 
 ID_TRANSFORM = eval_transform(8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # encoded_id reads each sample's id back
 UNSORTED_NAMES = ("fish", "cat", "dog")  # sample i is UNSORTED_NAMES[i % 3]; sorted, fish is class 2
@@ -67,6 +78,31 @@ def test_a_validation_label_the_train_split_lacks_is_a_clear_error(tmp_path: pat
     args = DataArguments(dataset_name=str(tmp_path))
     with pytest.raises(UsageError, match=r"'validation' split has label\(s\) that the 'train' split has not: 'bird'"):
         build_dataloader(args, "validation", ID_TRANSFORM, 4, train=False)
+
+
+def test_integer_validation_labels_the_train_split_lacks_are_refused_alike(tmp_path: pathlib.Path) -> None:
+    """k-NN and the linear probe take their classes from the train split: labels 3-5 could never be predicted."""
+    make_parquet_shards(tmp_path, 12, labels="int")  # 0, 1, 2
+    make_parquet_shards(tmp_path, 12, num_shards=1, split="validation", labels="int", names=tuple("abcdef"))  # 0-5
+    args = DataArguments(dataset_name=str(tmp_path))
+    with pytest.raises(UsageError) as raised:
+        build_dataloader(args, "validation", ID_TRANSFORM, 4, train=False)
+    assert str(raised.value) == ("The 'validation' split has label(s) that the 'train' split has not: 3, 4, 5. The "
+                                 "classes are the train split's 3 labels, so these cannot be scored.")
+    # --num_labels 6 (fine-tuning) makes them class ids of a 6-class head: scorable.
+    six_classes = build_dataloader(args, "validation", ID_TRANSFORM, 4, train=False, num_classes=6)
+    assert sorted(ids_and_labels(six_classes)) == [(i, i % 6) for i in range(12)]
+
+
+def test_a_split_without_the_label_column_names_the_flag_and_its_columns(tmp_path: pathlib.Path) -> None:
+    """`datasets` gives the validation split the train split's columns: its records would all come without a label."""
+    make_parquet_shards(tmp_path, 12)
+    bare = make_parquet_shards(tmp_path, 6, num_shards=1, split="validation", labels=None)[0]
+    with pytest.raises(UsageError) as raised:
+        build_dataloader(DataArguments(dataset_name=str(tmp_path)), "validation", ID_TRANSFORM, 4, train=False)
+    assert str(raised.value) == (
+        f"The 'validation' split has no label column 'label': the columns of {bare} are image. Name its label column "
+        "with --label_column_name, or choose a split with labels.")
 
 
 def test_string_labels_of_a_webdataset_are_read_from_the_stream(tmp_path: pathlib.Path) -> None:
@@ -217,7 +253,7 @@ def test_a_tar_with_a_zeroed_header_is_found_bad(tmp_path: pathlib.Path) -> None
 def remote_shards(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards as a remote source has them: not checked before training, so that a bad one fails while streaming; and
     no waiting between the read attempts."""
-    monkeypatch.setattr(sources, "find_bad_shards", lambda files: {})
+    monkeypatch.setattr(shards, "find_bad_shards", lambda files: {})
     monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
 
 
@@ -321,3 +357,195 @@ def test_a_shard_given_up_fails_fast_the_next_time(monkeypatch: pytest.MonkeyPat
     assert epochs == [[0]] * 4 and len(reads) == shards.SHARD_READ_ATTEMPTS + 3
     assert [guard.take_skipped() for guard in guards] == [["/data/train-0001.tar"] * 2] * 2
     assert guards[0].skipped == []
+
+
+
+# --- Errors that are not the shard's ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [MemoryError(), pa.ArrowMemoryError("malloc of size 4294967296 failed"),
+                                   OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt(),
+                                   TypeError("a bug of ours")], ids=lambda error: type(error).__name__)
+@pytest.mark.parametrize("skip_bad_shards", [False, True])
+def test_resource_errors_and_bugs_pass_through_and_mark_no_shard_bad(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException, skip_bad_shards: bool
+) -> None:
+    """Out of memory or disk, Ctrl-C, a bug: the run stops with that error at once, no shard is retried, blamed or
+    given up (--skip_bad_shards would otherwise go on without valid data)."""
+    monkeypatch.setattr(shards, "_GIVEN_UP", set())
+    monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
+    reads = []
+
+    def failing_tables(files: list[str]) -> Iterator[tuple[int, pa.Table]]:
+        reads.append(files[0])
+        yield 0, pa.table({"row": [0, 1]})
+        raise error
+
+    guard = ShardGuard(failing_tables, skip_bad_shards=skip_bad_shards)
+    with pytest.raises(type(error)) as raised:
+        list(guard(files=["/data/train-0000.parquet"]))
+    assert raised.value is error and reads == ["/data/train-0000.parquet"]
+    assert guard.skipped == [] and shards._GIVEN_UP == set()
+
+
+# --- Splits that yield nothing, or less than a batch -----------------------------------------------------------------
+
+
+class Hang(BaseException):
+    """Raised by `within` in the main thread: a BaseException, so that no `except Exception` of the code swallows it."""
+
+
+@contextlib.contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Fail a block that runs longer than `seconds` (a hang) instead of waiting for ever (main thread, no workers)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_of_shards_all_given_up_stops_in_one_line(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, num_workers: int
+) -> None:
+    """Every shard fails at its first record (damaged inside, past a whole footer): an epoch yields nothing, and a
+    training loop that counted it as an epoch would start the next one for ever."""
+    monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
+    paths = make_parquet_shards(tmp_path, 24, num_shards=2)
+    for path in paths:
+        corrupt_page(path)
+    args = DataArguments(dataset_name=str(tmp_path), skip_bad_shards=True, dataloader_num_workers=num_workers)
+    loader = build_dataloader(args, "train", ID_TRANSFORM, 4, train=True)
+    with pytest.raises(UsageError) as raised:
+        list(loader)
+    assert str(raised.value) == (
+        "the train split yielded no images: it holds no readable record (2 unreadable shard(s) left out with "
+        f"--skip_bad_shards: {paths[0]}; {paths[1]})")
+
+
+def test_an_epoch_whose_records_are_all_skipped_stops_instead_of_reading_them_again(tmp_path: pathlib.Path) -> None:
+    """--max_bad_image_fraction 1 never stops for bad images: a fixed-length epoch must not make pass after pass over
+    records that give no image."""
+    make_parquet_shards(tmp_path, 12, kinds=dict.fromkeys(range(12), "garbage"))
+    args = DataArguments(dataset_name=str(tmp_path), max_bad_image_fraction=1.0)
+    loader = build_dataloader(args, "train", ID_TRANSFORM, 4, train=True)
+    with within(60), pytest.raises(UsageError, match=r"^the train split yielded no images: all 12 records read were "
+                                                     r"skipped \(unreadable"):
+        list(loader)
+
+
+def test_an_evaluation_share_may_be_empty_when_several_processes_read(tmp_path: pathlib.Path) -> None:
+    """3 images for 4 processes: the 4th gets nothing, and the metric counts what the others scored."""
+    make_parquet_shards(tmp_path, 3, num_shards=1)
+    args = DataArguments(dataset_name=str(tmp_path))
+    assert ids_of(build_dataloader(args, "train", ID_TRANSFORM, 4, train=False, process_index=3, num_processes=4)) == []
+
+
+def test_a_split_whose_shards_were_all_left_out_stops_before_reading(tmp_path: pathlib.Path) -> None:
+    paths = make_parquet_shards(tmp_path, 24, num_shards=2)
+    for path in paths:
+        truncate(path)
+    with pytest.raises(UsageError) as raised:
+        build_dataloader(DataArguments(dataset_name=str(tmp_path), skip_bad_shards=True), "train", ID_TRANSFORM, 4,
+                         train=True)
+    assert str(raised.value) == (
+        "the train split yielded no images: its 2 shard(s) are all unreadable, and --skip_bad_shards left them out: "
+        f"{paths[0]} (truncated parquet file (no PAR1 footer)); {paths[1]} (truncated parquet file (no PAR1 footer))")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_split_of_zero_records_is_said_to_be_empty(tmp_path: pathlib.Path, train: bool) -> None:
+    paths = make_parquet_shards(tmp_path, 6, num_shards=2)
+    for path in paths:
+        empty_parquet(path)
+    with pytest.raises(UsageError) as raised:
+        build_dataloader(DataArguments(dataset_name=str(tmp_path)), "train", ID_TRANSFORM, 4, train=train)
+    assert str(raised.value) == (f"the train split has 0 records ({paths[0]} and 1 more files): point --train_split or "
+                                 "--dataset_name at a split with images")
+
+
+def test_a_zero_row_shard_among_others_is_read_as_empty(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A valid shard of 0 rows (pyarrow's empty table) is no bad shard: no retries, nothing skipped, no error."""
+    monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
+    paths = make_parquet_shards(tmp_path, 12, num_shards=3)
+    empty_parquet(paths[1])
+    loader = build_dataloader(DataArguments(dataset_name=str(tmp_path)), "train", ID_TRANSFORM, 4, train=False)
+    assert sorted(ids_of(loader)) == [0, 1, 2, 3, 8, 9, 10, 11] and loader.skipped_shards() == []
+
+
+@pytest.mark.parametrize(("num_samples", "num_processes", "advice"), [
+    (3, 1, "fewer than one training batch of 8: pass --per_device_train_batch_size 3 or less"),
+    (10, 2, "fewer than one training batch of 8 on each of 2 processes: pass --per_device_train_batch_size 5 or less"),
+    (1, 2, "fewer than one training batch of 8 on each of 2 processes: use fewer processes"),
+], ids=["one process", "two processes", "fewer images than processes"])
+def test_a_training_split_smaller_than_one_batch_is_refused(
+    tmp_path: pathlib.Path, num_samples: int, num_processes: int, advice: str
+) -> None:
+    """Rather than repeated to fill a batch: every step would train on copies of the same few images."""
+    make_parquet_shards(tmp_path, num_samples, num_shards=1)
+    args = DataArguments(dataset_name=str(tmp_path))
+    with pytest.raises(UsageError) as raised:
+        build_dataloader(args, "train", ID_TRANSFORM, 8, train=True, num_processes=num_processes)
+    assert str(raised.value) == f"the train split has {num_samples} images, {advice}, or train on more images"
+    evaluation = build_dataloader(args, "train", ID_TRANSFORM, 8, train=False)  # evaluation reads each image once
+    assert sorted(ids_of(evaluation)) == list(range(num_samples))
+
+
+def script_error(main: Callable[[list[str]], Any], argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """A script's exit status and the last line it wrote to stderr (Accelerate's singletons reset after it)."""
+    try:
+        with within(120):  # a loop that counts an empty epoch as an epoch never ends
+            status = run_main(main, argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+EPOCH_LOOPS = {
+    "pretraining": (pretrain_main, ["--max_train_steps", "2"]),
+    "fine-tuning": (finetune_main, ["--num_train_epochs", "1", "--mixup", "0", "--cutmix", "0"]),
+    "linear probe": (linear_probe_main, ["--num_train_epochs", "1"]),
+}
+
+
+@pytest.mark.parametrize("loop", list(EPOCH_LOOPS))
+def test_every_epoch_loop_stops_on_a_train_split_that_yields_nothing(
+    tmp_path: pathlib.Path, model_config: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    loop: str
+) -> None:
+    monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
+    paths = make_parquet_shards(tmp_path / "data", 24, num_shards=2)
+    for path in paths:
+        corrupt_page(path)  # a whole footer: only reading finds them, and --skip_bad_shards gives each up
+    make_parquet_shards(tmp_path / "data", 6, num_shards=1, split="validation")
+    main, flags = EPOCH_LOOPS[loop]
+    status, error = script_error(main, ["--dataset_name", str(tmp_path / "data"), "--model_config", str(model_config),
+                                        "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "4",
+                                        "--skip_bad_shards", *flags], capsys)
+    assert status == EXIT_USAGE
+    assert error == ("error: the train split yielded no images: it holds no readable record (2 unreadable shard(s) "
+                     f"left out with --skip_bad_shards: {paths[0]}; {paths[1]})")
+
+
+def test_the_linear_probe_refuses_cached_features_fewer_than_one_batch(
+    tmp_path: pathlib.Path, model_config: pathlib.Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Its train features come from an evaluation pass (each image once): the batch is checked on their count."""
+    make_parquet_shards(tmp_path / "data", 3, num_shards=1)
+    make_parquet_shards(tmp_path / "data", 3, num_shards=1, split="validation")
+    status, error = script_error(linear_probe_main, [
+        "--dataset_name", str(tmp_path / "data"), "--model_config", str(model_config), "--output_dir",
+        str(tmp_path / "run"), "--per_device_train_batch_size", "8", "--num_train_epochs", "1"], capsys)
+    assert status == EXIT_USAGE
+    assert error == ("error: the train split has 3 images, fewer than one training batch of 8: pass "
+                     "--per_device_train_batch_size 3 or less, or train on more images")

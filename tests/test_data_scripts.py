@@ -7,7 +7,14 @@ import math
 import pathlib
 
 import pytest
-from data_fixtures import CLASS_NAMES, corrupt_page, make_imagefolder, make_parquet_shards, make_webdataset, truncate
+from data_fixtures import (
+    CLASS_NAMES,
+    corrupt_page,
+    make_imagefolder,
+    make_parquet_shards,
+    make_webdataset,
+    truncate,
+)
 from test_evaluation import pretrained  # noqa: F401 - the fixture: a random tiny MAE saved once
 from test_training import run_args, run_main
 

@@ -1,6 +1,7 @@
 """`accelerate launch` with 2 CPU processes: DDP (gloo) matches one process, DeepSpeed ZeRO-2/3 train, checkpoint,
 resume (and refuse a poisoned shard) and export a loadable model; 2 machines are counted, and a resume on another
-number of processes or with a process's file missing stops in one line. FSDP2 (which Accelerate runs on GPUs only)
+number of processes or with a process's file missing stops in one line; SIGUSR1 to every process of the launch saves
+one checkpoint in lockstep, from which the run resumes exactly. FSDP2 (which Accelerate runs on GPUs only)
 with torch's `fully_shard` on 2 CPU processes, sharded as Accelerate shards it, gives the unsharded model's
 gradients."""
 
@@ -9,11 +10,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,6 +43,7 @@ from torch.multiprocessing import spawn
 
 from modeling_mae import MAEForPreTraining
 from modeling_mae.errors import UsageError
+from modeling_mae.training.checkpoints import list_checkpoints
 
 ACCELERATE = shutil.which("accelerate", path=str(pathlib.Path(sys.executable).parent)) or "accelerate"
 LAUNCH_TIMEOUT_S = 300  # DeepSpeed's first CPU run also compiles its shared-memory collective op
@@ -68,21 +74,32 @@ def launch_command(launch_flags: list[str], script_flags: list[str], port: int |
     ]
 
 
-def launch(
-    launch_flags: list[str], script_flags: list[str], env: dict[str, str], succeed: bool = True
-) -> subprocess.CompletedProcess[str]:
-    completed = subprocess.run(
-        launch_command(launch_flags, script_flags),
+def start(command: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command,
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},  # 1 thread per process, 2 cores
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=LAUNCH_TIMEOUT_S,
-        check=False,
     )
+
+
+def finished(launched: subprocess.Popen[str], succeed: bool = True) -> subprocess.CompletedProcess[str]:
+    try:
+        stdout, stderr = launched.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        launched.kill()
+    completed = subprocess.CompletedProcess(launched.args, launched.returncode, stdout, stderr)
     assert (completed.returncode == 0) == succeed, completed.stdout[-2000:] + completed.stderr[-5000:]
     assert "2 process(es)" in completed.stderr
     return completed
+
+
+def launch(
+    launch_flags: list[str], script_flags: list[str], env: dict[str, str], succeed: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return finished(start(launch_command(launch_flags, script_flags), env), succeed)
 
 
 def test_two_ddp_processes_match_one_process_with_the_same_global_batch(data_dir, model_config, tmp_path) -> None:
@@ -189,6 +206,48 @@ def test_two_machines_then_one_process_then_a_lost_process_file(data_dir, model_
     assert f"[rank 0] {error}" in refused.stderr
     summary = refused.stderr[refused.stderr.index("Root Cause (first observed failure):") :]
     assert f"traceback : [rank 0] {error}" in summary or f"traceback : [rank 1] {error}" in summary
+
+
+def test_sigusr1_to_a_two_process_run_saves_in_lockstep_and_the_resumed_run_is_the_uninterrupted_one(
+    data_dir, model_config, tmp_path
+) -> None:
+    """SIGUSR1 to the launcher, which ignores it as the sbatch template makes it (`trap '' USR1`), and to training
+    process 1 only (SLURM signals every process, each at a moment of its own): the processes agree at each step, so
+    both finish the same step, save it, and exit with 128 + SIGUSR1; resuming `latest` ends with the weights of a
+    2-process run never stopped. The learning rate is constant (min_lr = lr, no warmup), so that the 400-step schedule
+    of the stopped run and the shorter runs' agree step by step."""
+
+    def flags(max_train_steps: int, output: pathlib.Path, *extra: str) -> list[str]:
+        flags = run_args(data_dir, model_config, output, "--per_device_train_batch_size", "4", "--logging_steps", "50",
+                         "--learning_rate", "1e-3", "--min_lr", "1e-3", "--warmup_steps", "0", *extra)
+        flags[flags.index("--max_train_steps") + 1] = str(max_train_steps)
+        return flags
+
+    output, env = tmp_path / "run", {"ACCELERATE_USE_CPU": "true"}
+    command = launch_command(["--multi_gpu"], flags(400, output, "--checkpointing_steps", "2", "--save_on_signal"))
+    launcher = start(["bash", "-c", 'trap "" USR1; exec "$@"', "bash", *command], env)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not list_checkpoints(output) and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until training runs: every handler is set by then
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    rank_1 = [child for child in children if child.environ().get("RANK") == "1"]
+    assert len(rank_1) == 1
+    for process in [psutil.Process(launcher.pid), *rank_1]:
+        process.send_signal(signal.SIGUSR1)
+    stderr = finished(launcher, succeed=False).stderr
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+), its checkpoint saved: (\S+); resume with: ", stderr)
+    assert stopped, stderr[-5000:]
+    step = int(stopped[1])
+    assert stopped[2] == str(output / f"step_{step}") == str(list_checkpoints(output)[-1])
+    assert "exitcode  : 138" in stderr  # torchrun's summary: 128 + SIGUSR1, for each process
+    assert {path.name for path in (output / f"step_{step}").glob("process_state_*.json")} == {
+        "process_state_0.json", "process_state_1.json"}
+
+    resumed = start(launch_command(["--multi_gpu"], flags(step + 3, output, "--resume_from_checkpoint", "latest")), env)
+    straight = start(launch_command(["--multi_gpu"], flags(step + 3, tmp_path / "straight")), env)  # side by side
+    assert f"resumed from {output / f'step_{step}'}: step {step}" in finished(resumed).stderr
+    finished(straight)
+    assert_same_weights(weights(output), weights(tmp_path / "straight"))
 
 
 def shard_like_accelerate(model: MAEForPreTraining, layer_class: str) -> None:

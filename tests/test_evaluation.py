@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -25,9 +27,15 @@ from conftest import tiny_config
 from data_fixtures import image_bytes, make_colour_classes, make_parquet_shards
 from official_mae import interpolate_pos_embed
 from PIL import Image, ImageFont
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_distributed import free_port
-from test_training import FakeHfApi, assert_same_weights, export_model_on_a_full_disk, printed_paths, weights
+from test_training import (
+    FakeHfApi,
+    assert_same_weights,
+    export_model_on_a_full_disk,
+    printed_paths,
+    weights,
+)
 from torch.multiprocessing import start_processes
 from transformers import AutoModelForImageClassification
 
@@ -43,7 +51,11 @@ from modeling_mae.evaluation.layer_decay import (
 )
 from modeling_mae.evaluation.linear_probe import LARS, LinearProbeHead
 from modeling_mae.evaluation.metrics import TOP_K_ACCURACY_SCRIPT, ClassificationMetric
-from modeling_mae.evaluation.models import load_encoder, resize_model_resolution
+from modeling_mae.evaluation.models import (
+    load_encoder,
+    load_pretrained,
+    resize_model_resolution,
+)
 from modeling_mae.evaluation.visualization import (
     COLUMN_TITLES,
     GAP,
@@ -54,15 +66,16 @@ from modeling_mae.evaluation.visualization import (
     wrap_to_width,
 )
 from modeling_mae.interop.conversion import to_transformers_vit
+from modeling_mae.loops import finetuning_setup
+from modeling_mae.loops.linear_probe import train_head
+from modeling_mae.training import progress
 from modeling_mae.training.accelerator import build_accelerator, iterate_in_lockstep
 from modeling_mae.training.checkpoints import list_checkpoints
 from modeling_mae.training.optimization import build_optimizer, build_scheduler
-from run_scripts import run_finetune
 from run_scripts.evidence import EvidenceArguments, render_table
 from run_scripts.run_finetune import main as finetune_main
 from run_scripts.run_knn import main as knn_main
 from run_scripts.run_linear_probe import main as linear_probe_main
-from run_scripts.run_linear_probe import train_head
 from run_scripts.visualize import main as visualize_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -274,7 +287,7 @@ def test_a_hub_metric_offline_is_a_one_line_usage_error(monkeypatch: pytest.Monk
 
 
 def score_in_lockstep(shares: list[list[tuple[torch.Tensor, torch.Tensor]]], output: pathlib.Path) -> None:
-    """In each of 2 processes: score this process's batches as run_finetune.evaluate does, write what rank 0 got."""
+    """In each of 2 processes: score this process's batches as loops.finetuning.evaluate does, write what rank 0 got."""
     AcceleratorState._reset_state(reset_partial_state=True)  # forked from pytest: start from a fresh state
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
@@ -346,6 +359,37 @@ def test_load_encoder_applies_config_overrides_to_pretrained_weights(pretrained:
     assert (encoder.config.drop_path_rate, encoder.config.layer_norm_eps) == (0.3, 1e-5)
     with pytest.raises(ValueError, match="--model_name_or_path .* or --model_config"):
         load_encoder(None, None)
+
+
+@pytest.mark.parametrize(("damage", "missing"), [
+    (lambda key: f"backbone.{key}", 3 + 2 * 12),  # every weight renamed: the patch projection (weight and bias),
+    # the CLS token, and 2 blocks of 12 (2 LayerNorms, qkv, proj, fc1, fc2: a weight and a bias each)
+    (lambda key: None if key.startswith("mae.encoder.layers.1.") else key, 12),  # a block lost
+], ids=["renamed", "block_lost"])
+@pytest.mark.parametrize("model_class", [MAEModel, MAEForPreTraining, MAEForImageClassification])
+def test_load_pretrained_refuses_a_checkpoint_without_the_encoder(
+    model_class: type, damage, missing: int, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """An MAE config.json over weights of which the encoder lacks some: transformers starts them from a random init
+    (a warning table), and the run claimed to start from that folder."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(pretrained, folder)
+    weights = load_file(folder / "model.safetensors")
+    kept = {damage(key): tensor for key, tensor in weights.items() if damage(key) is not None}
+    save_file(kept, folder / "model.safetensors")
+    with pytest.raises(UsageError) as raised:
+        load_pretrained(model_class, str(folder))
+    assert re.fullmatch(
+        rf"{folder} lacks {missing} weights of the MAE encoder \(\S+, \.\.\.\), which would start from random "
+        rf"values: convert it first with `python run_scripts/convert_checkpoint.py --source {folder} --output_dir "
+        r"FOLDER` \(transformers ViT and ViTMAE, timm and the official MAE checkpoints\), then pass FOLDER",
+        str(raised.value),
+    )
+    loaded = load_pretrained(model_class, str(pretrained))  # the same weights under their own names: found
+    prefix = "mae." if model_class is MAEModel else ""
+    encoder = {f"{prefix}{key}": tensor for key, tensor in loaded.state_dict().items()}
+    for key in [key for key in encoder if key.startswith("mae.")]:
+        torch.testing.assert_close(encoder[key], weights[key])
 
 
 @pytest.mark.parametrize("trained", [False, True])
@@ -432,6 +476,29 @@ def test_knn_accuracy_is_the_same_with_two_processes(
     assert double["num_processes"] == 2
     assert double["eval_samples"] == NUM_VALIDATION and double["train_samples"] == NUM_TRAIN
     assert double["eval_accuracy"] == pytest.approx(single["eval_accuracy"])
+
+
+def test_the_evaluation_scripts_show_their_progress(
+    dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Away from a terminal, feature extraction, the k-NN vote and the probe's epochs each end with a progress line
+    (45 train / 21 validation images in batches of 4: 12 and 6 batches; the 21 queries in one chunk)."""
+    monkeypatch.setattr(progress, "is_terminal", lambda: False)
+    caplog.set_level(logging.INFO, logger="modeling_mae.training.progress")
+    flags = ["--dataset_name", str(dataset), "--model_name_or_path", str(pretrained),
+             "--per_device_eval_batch_size", "4"]
+    knn_main([*flags, "--output_dir", str(tmp_path / "knn")])
+    linear_probe_main([*flags, "--output_dir", str(tmp_path / "probe"), "--num_train_epochs", "2",
+                       "--warmup_epochs", "0", "--per_device_train_batch_size", "8"])
+    lines = [record.getMessage() for record in caplog.records if record.name == progress.__name__]
+    done = [re.sub(r", \d\d:\d\d:\d\d elapsed", "", line) for line in lines]
+    probe_loss = float(done[-1].rpartition("loss=")[2])
+    assert done == ["train features: 12/12 batch (100%)", "validation features: 6/6 batch (100%)",
+                    "k-NN: 1/1 chunk (100%)",
+                    "validation features: 6/6 batch (100%)", "train features: 12/12 batch (100%)",
+                    f"linear probe: 2/2 epoch (100%), loss={probe_loss:.4f}"]
+    assert probe_loss == pytest.approx(read_results(tmp_path / "probe")["train_loss"], abs=1e-4)
 
 
 @pytest.mark.parametrize("cached", ["true", "false"])
@@ -551,7 +618,7 @@ def test_finetune_script_saves_a_loadable_classifier(
     pretrained_qkv = MAEModel.from_pretrained(pretrained).encoder.layers[0].attention.qkv.weight
     assert torch.allclose(model.mae.encoder.layers[0].attention.qkv.weight, pretrained_qkv, atol=1e-2)
     card = (tmp_path / "README.md").read_text()
-    for fact in (f"| initialisation | {pretrained} |", "| layer decay | 0.65 |", "| head | mean of patch tokens + fc_norm |",
+    for fact in ("| initialisation | a local checkpoint |", "| layer decay | 0.65 |", "| head | mean of patch tokens + fc_norm |",
                  "ViT 32x2, patch (4, 4), image (24, 24)", "MixUp 0.8, CutMix 1.0", "| eval_accuracy |", "- image-classification"):
         assert fact in card
     assert "eval_accuracy" in read_results(tmp_path)
@@ -562,7 +629,7 @@ def test_finetune_on_a_full_disk_at_the_export_names_the_last_checkpoint(
 ) -> None:
     """The classifier's export runs out of space (safetensors' own error): one line, as at a checkpoint."""
 
-    monkeypatch.setattr(run_finetune, "export_model", export_model_on_a_full_disk)
+    monkeypatch.setattr(finetuning_setup, "export_model", export_model_on_a_full_disk)
     with pytest.raises(UsageError) as refused:
         finetune_main([
             "--dataset_name", str(dataset), "--model_name_or_path", str(pretrained), "--output_dir", str(tmp_path),

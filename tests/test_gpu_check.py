@@ -22,10 +22,22 @@ from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config
 from PIL import Image
 
+from modeling_mae.arguments import (
+    OptimizationArguments,
+    PretrainModelArguments,
+    RunArguments,
+    parse_arguments,
+)
 from modeling_mae.data.loader import build_dataloader
 from modeling_mae.data.sources import DataArguments
-from modeling_mae.data.synthetic import imagenet_features, natural_jpeg, write_imagenet_like
+from modeling_mae.data.synthetic import (
+    imagenet_features,
+    natural_jpeg,
+    write_imagenet_like,
+)
 from modeling_mae.data.transforms import pretrain_transform
+from modeling_mae.loops.pretraining_setup import build_model
+from modeling_mae.loops.pretraining_state import Arguments
 from modeling_mae.studies.gpu_check.config import GPU_SIZES
 from modeling_mae.studies.gpu_check.probes import export_probe
 from modeling_mae.studies.gpu_check.state import Check
@@ -273,10 +285,10 @@ def test_report_without_the_reference_engine_still_checks_the_others(tmp_path) -
 def test_torch_compile_mode_reaches_torch_compile(monkeypatch) -> None:
     compiled: list[dict[str, Any]] = []
     monkeypatch.setattr(torch, "compile", lambda function, **options: compiled.append(options) or function)
-    args = run_mae.Arguments(*run_mae.parse_arguments(
-        (run_mae.PretrainModelArguments, run_mae.DataArguments, run_mae.OptimizationArguments, run_mae.RunArguments),
+    args = Arguments(*parse_arguments(
+        (PretrainModelArguments, DataArguments, OptimizationArguments, RunArguments),
         ["--torch_compile", "--torch_compile_mode", "max-autotune-no-cudagraphs"]))
-    run_mae.build_model(args, tiny_config())
+    build_model(args, tiny_config())
     assert compiled == [{"mode": "max-autotune-no-cudagraphs"}]
 
 

@@ -10,19 +10,42 @@ import http.server
 import json
 import os
 import pathlib
+import re
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
-from conftest import serve_http
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from conftest import serve_http, tiny_config
 from huggingface_hub import constants as hf_constants
-from test_training import EXPORTED_FILES, RUN_MAE, FakeHfApi, assert_loadable, run_args, run_main, weights
+from test_training import (
+    EXPORTED_FILES,
+    RUN_MAE,
+    FakeHfApi,
+    assert_loadable,
+    run_args,
+    run_main,
+    weights,
+)
 
+from modeling_mae import MAEConfig, MAEForPreTraining
+from modeling_mae.arguments import OptimizationArguments
 from modeling_mae.errors import UsageError
-from modeling_mae.interop.hub import HubUploader
+from modeling_mae.interop.hub import (
+    SNAPSHOTS_FOLDER,
+    HubUploader,
+    export_model,
+    snapshot_for_upload,
+)
+from modeling_mae.interop.model_card import finetuning_card, pretraining_card
 from modeling_mae.training.checkpoints import list_checkpoints
+from modeling_mae.training.optimization import TrainingPlan
 
 TOKEN = "hf_FAKE_token_for_tests_0123456789"  # a made-up token that must never be written anywhere
 REPO_ID = "someone/tiny-mae"
@@ -52,8 +75,9 @@ def test_push_to_hub_uploads_the_export_at_checkpoints_and_at_the_end(
     ]
     checkpoint_files = set(EXPORTED_FILES) - {"all_results.json", "log_history.json", "reconstruction.png"}
     assert set(uploads[0]["files"]) == checkpoint_files  # no results or figure yet, never the step_* state
-    assert set(uploads[-1]["files"]) == EXPORTED_FILES | {"reconstruction_step6.png"}
+    assert set(uploads[-1]["files"]) == EXPORTED_FILES  # no --log_images_steps: the final figure, no step file
     assert TOKEN not in (fake_hub.remote / "run_config.yaml").read_text()
+    assert f'.from_pretrained("{REPO_ID}", trust_remote_code=True)' in (fake_hub.remote / "README.md").read_text()
     assert_loadable(fake_hub.remote, weights(output))
 
 
@@ -141,7 +165,9 @@ def test_a_hub_that_fails_mid_run_costs_no_training_and_leaks_no_token(
     assert f"Bearer {TOKEN}" in FailingHub.authorizations  # the token was there to leak
     assert completed.returncode == 2, completed.stderr[-3000:]
     # Training went on past the failed checkpoint push, and everything was saved before the final push failed.
-    assert "The Hub upload 'Training in progress, step 2' to someone/tiny-mae failed after 2 tries" in completed.stderr
+    # The final push cuts a checkpoint upload's retries short: it sends everything that one would.
+    assert re.search(r"The Hub upload 'Training in progress, step 2' to someone/tiny-mae failed after (1 try|2 tries)",
+                     completed.stderr)
     assert [path.name for path in list_checkpoints(output)] == ["step_2"]
     assert json.loads((output / "all_results.json").read_text())["train_steps"] == 2
     assert EXPORTED_FILES <= {path.name for path in output.iterdir()}
@@ -149,10 +175,176 @@ def test_a_hub_that_fails_mid_run_costs_no_training_and_leaks_no_token(
     assert last_line.startswith(f"error: pushing {output} to the Hub repository someone/tiny-mae failed after 2 tries")
     assert last_line.endswith(
         f"Everything is saved locally in {output.resolve()}; push it later with: hf upload {REPO_ID} "
-        f"{output.resolve()} . --exclude 'step_*' --exclude '.step_*' --exclude 'superseded/*' --exclude 'runs/*'"
+        f"{output.resolve()} . --exclude 'step_*' --exclude '.step_*' --exclude 'superseded/*' --exclude 'runs/*' "
+        "--exclude '.hub_snapshots/*' --exclude '.run.lock*'"
     )
     assert "Done: 2 steps" in completed.stdout
     # The token is nowhere: not in the logs, the run's config, the model card, TensorBoard's hparams, checkpoints.
     assert TOKEN not in completed.stdout + completed.stderr
     leaks = [path for path in output.rglob("*") if path.is_file() and TOKEN.encode() in path.read_bytes()]
     assert leaks == []
+
+
+# ------------------------------------------------------------------------------------- uploads never block the loop
+
+
+def test_checkpoint_uploads_return_at_once_and_only_the_newest_waiting_one_is_kept(
+    tmp_path: pathlib.Path, fake_hub: type[FakeHfApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Hub that fails: each of three checkpoint uploads returns at once (one upload's retries wait 1 + 2 s). Step 4,
+    still waiting when step 6 comes, is skipped with a warning; the final push cuts step 2's retries short."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    fake_hub.failures = 10**6
+    uploader = HubUploader(REPO_ID, token=TOKEN, retries=2, retry_wait_s=1.0)
+    durations = []
+    for step in (2, 4, 6):
+        start = time.perf_counter()
+        uploader.upload_in_background(folder, f"step {step}")
+        durations.append(time.perf_counter() - start)
+    assert max(durations) < 0.5, durations  # waiting for step 2 would take 3 s
+    assert "Hub upload 'step 4' skipped: the upload before it is still in flight, and 'step 6' replaces it" in [
+        record.getMessage() for record in caplog.records]
+
+    fake_hub.failures = 0  # the Hub is back for the final push
+    start = time.perf_counter()
+    uploader.upload(folder, "End of training")
+    assert time.perf_counter() - start < 1.0  # step 2's retries (1 s, then 2 s) ended with the final push
+    assert [call["message"] for call in fake_hub.calls[1:]] == ["step 2", "step 6", "End of training"]
+    assert (fake_hub.remote / "config.json").is_file() and not (folder / SNAPSHOTS_FOLDER).exists()
+
+
+def test_a_checkpoint_upload_sends_the_export_as_it_was_at_that_checkpoint(tmp_path: pathlib.Path) -> None:
+    """The loop rewrites the export while an upload of the previous one runs: the snapshot keeps the old weights (a
+    hard link: safetensors replaces its file) and the old config (a copy: transformers rewrites it in place), and
+    holds no checkpoint."""
+    folder = tmp_path / "run"
+    old_model, new_model = MAEForPreTraining(tiny_config(mask_ratio=0.5)), MAEForPreTraining(tiny_config())
+    old_model.save_pretrained(folder)
+    (folder / "step_2").mkdir()
+    (folder / "step_2" / "optimizer.bin").write_bytes(b"state")
+    snapshot = snapshot_for_upload(folder)
+    assert (snapshot / "model.safetensors").samefile(folder / "model.safetensors")  # no copy of the weights
+    new_model.save_pretrained(folder)
+    old = MAEForPreTraining.from_pretrained(snapshot)
+    assert old.config.mask_ratio == 0.5 and MAEConfig.from_pretrained(folder).mask_ratio == 0.75
+    for name, tensor in old_model.state_dict().items():
+        torch.testing.assert_close(old.state_dict()[name], tensor)
+    assert not (snapshot / "step_2").exists() and not (snapshot / SNAPSHOTS_FOLDER).exists()
+    assert snapshot.parent == folder / SNAPSHOTS_FOLDER
+
+
+def test_a_hub_down_for_the_whole_run_costs_the_loop_no_time(
+    data_dir, model_config, tmp_path, fake_hub, hf_home, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """6 steps, a checkpoint every 2, a Hub that fails until the final push, 30 s before the retry of an upload: the
+    loop never waits for one (it did at every checkpoint: 30 s, then 60, 120, 240 with the default flags)."""
+    fake_hub.failures = 10**6
+    entered: list[tuple[str, float]] = []
+    background, final = HubUploader.upload_in_background, HubUploader.upload
+
+    def timed_background(self: HubUploader, folder: pathlib.Path, commit_message: str) -> None:
+        start = time.perf_counter()
+        background(self, folder, commit_message)
+        entered.append((commit_message, start))
+        assert time.perf_counter() - start < 1.0, "a checkpoint upload blocked the loop"
+
+    def recovered_final(self: HubUploader, folder: pathlib.Path, commit_message: str) -> None:
+        entered.append((commit_message, time.perf_counter()))
+        fake_hub.failures = 0  # the Hub is back: the final push, and the upload still waiting, go through
+        final(self, folder, commit_message)
+
+    monkeypatch.setattr(HubUploader, "upload_in_background", timed_background)
+    monkeypatch.setattr(HubUploader, "upload", recovered_final)
+    output = tmp_path / "run"
+    flags = ("--push_to_hub", "--hub_model_id", REPO_ID, "--hub_token", TOKEN, "--checkpointing_steps", "2",
+             "--hub_upload_retries", "1", "--hub_retry_wait_s", "30")
+    run_main(run_args(data_dir, model_config, output, *flags))
+    messages = [message for message, _ in entered]
+    assert messages == [f"Training in progress, step {step}" for step in (2, 4, 6)] + ["End of training"]
+    # From the first checkpoint to the final push: 4 steps and 2 checkpoints, not one 30 s wait for the Hub.
+    assert entered[-1][1] - entered[0][1] < 10.0
+    assert any("'Training in progress, step 4' skipped" in record.getMessage() for record in caplog.records)
+    uploads = [call["message"] for call in fake_hub.calls if call["call"] == "upload_folder"]
+    assert uploads == ["Training in progress, step 2", "Training in progress, step 6", "End of training"]
+    assert_loadable(fake_hub.remote, weights(output))
+
+
+# ---------------------------------------------------------------------------------------------------- model cards
+
+
+def card_metadata(card: str) -> list[str]:
+    """The lines of the card's YAML front matter."""
+    return card.split("---\n")[1].splitlines()
+
+
+def pretraining_card_of(dataset_name: str | None, model_source: str, repo_id: str | None) -> str:
+    return pretraining_card(
+        tiny_config(), model_source=model_source, dataset_name=dataset_name, train_split="train", images_per_epoch=64,
+        optim=OptimizationArguments(), learning_rate=1e-3, plan=TrainingPlan(8, 16, 2, 2), completed_steps=16,
+        num_processes=1, mixed_precision="no", results={"train_runtime": 12.345, "train_loss": 0.8371186554431915},
+        final=True, repo_id=repo_id,
+    )
+
+
+def finetuning_card_of(model_name_or_path: str | None, model_config: str | None, dataset_name: str | None,
+                       repo_id: str | None = None) -> str:
+    return finetuning_card(
+        tiny_config(), model_name_or_path=model_name_or_path, model_config=model_config, seed=3,
+        dataset_name=dataset_name, layer_decay=0.75, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+        results={"eval_accuracy": 0.5}, repo_id=repo_id,
+    )
+
+
+def test_a_card_names_hub_ids_and_no_local_path(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card is uploaded: local models and data are "a local checkpoint" / "local data", whether their path is
+    absolute or relative; Hub ids are named, and Hub datasets go to the `datasets:` metadata."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "mae-pretrain").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    local_cards = [
+        pretraining_card_of(str(tmp_path / "data"), "outputs/mae-pretrain", None),
+        finetuning_card_of("outputs/mae-pretrain", None, str(tmp_path / "data")),
+        finetuning_card_of(None, str(tmp_path / "data"), "data"),  # a random init of a local config.json
+    ]
+    for card in local_cards:
+        assert str(tmp_path) not in card and "outputs/mae-pretrain" not in card and "| data |" not in card
+        assert "datasets:" not in card
+    assert "| dataset | local data |" in local_cards[0] and "| model | a local model: ViT 32x2" in local_cards[0]
+    assert "| initialisation | a local checkpoint |" in local_cards[1] and "| dataset | local data |" in local_cards[1]
+    assert "| initialisation | random init of a local config (seed 3) |" in local_cards[2]
+
+    hub = finetuning_card_of("facebook/vit-mae-base", None, "ILSVRC/imagenet-1k")
+    assert "| initialisation | facebook/vit-mae-base |" in hub and "| dataset | ILSVRC/imagenet-1k |" in hub
+    assert card_metadata(hub)[-2:] == ["datasets:", "- ILSVRC/imagenet-1k"]
+    assert "| initialisation | random init of tiny-32px (seed 3) |" in finetuning_card_of(None, None, None)
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "fine-tuning"])
+def test_a_card_shows_how_to_load_its_own_repository_and_its_pipeline(kind: str) -> None:
+    make_card = (lambda repo_id: pretraining_card_of(None, "tiny-32px", repo_id)) if kind == "pretraining" else (
+        lambda repo_id: finetuning_card_of(None, None, None, repo_id))
+    pushed, local = make_card(REPO_ID), make_card(None)
+    assert f'.from_pretrained("{REPO_ID}", trust_remote_code=True)' in pushed and "PATH_OR_REPO" not in pushed
+    assert '.from_pretrained("PATH_OR_REPO", trust_remote_code=True)' in local  # the repository is not known yet
+    pipeline = "image-feature-extraction" if kind == "pretraining" else "image-classification"
+    assert f"pipeline_tag: {pipeline}" in card_metadata(pushed)
+
+
+def test_a_pretraining_card_gives_runtimes_in_seconds() -> None:
+    card = pretraining_card_of(None, "tiny-32px", None)
+    assert "| train_runtime | 12.35 s |" in card and "| train_loss | 0.8371 |" in card
+
+
+def test_the_exported_weights_have_the_mode_of_every_other_file(tmp_path: pathlib.Path) -> None:
+    """safetensors writes its files with mode 0600: the export's weights get 0644 under umask 022, like its config."""
+    previous = os.umask(0o022)
+    try:
+        export_model(Accelerator(cpu=True), MAEForPreTraining(tiny_config()), tmp_path)
+    finally:
+        os.umask(previous)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644

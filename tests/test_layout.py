@@ -14,7 +14,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "modeling_mae"
 LAYERS = ("model", "common", "data", "training", "interop", "evaluation", "loops", "studies")
 TOP_LEVEL_LAYER = {"": "model", "configuration_mae": "model", "modeling_mae": "model", "errors": "common",
-                   "arguments": "common"}
+                   "arguments": "common", "text": "common"}
 SUB_PACKAGES = LAYERS[2:]
 MODULES = sorted(PACKAGE.rglob("*.py"))
 

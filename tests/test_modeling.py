@@ -16,7 +16,10 @@ from conftest import tiny_config
 from official_mae import get_2d_sincos_pos_embed
 from PIL import Image
 from safetensors.torch import save_file
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from transformers import (
@@ -25,10 +28,20 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForPreTraining,
+    ViTConfig,
+    ViTMAEConfig,
     pipeline,
 )
 
-from modeling_mae import MAE_PRESETS, MAEConfig, MAEForImageClassification, MAEForPreTraining, MAEModel, load_config
+from modeling_mae import (
+    MAE_PRESETS,
+    MAEConfig,
+    MAEForImageClassification,
+    MAEForPreTraining,
+    MAEModel,
+    load_config,
+)
+from modeling_mae.configuration_mae import ForeignConfigError
 from modeling_mae.interop.conversion import to_transformers_vit
 from modeling_mae.modeling_mae import MAEAttention, MAELayer
 
@@ -55,11 +68,24 @@ def test_presets_have_the_papers_shapes() -> None:
         (dict(mask_ratio=-0.1), "mask_ratio"),
         (dict(hidden_size=0), "hidden_size"),
         (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(layer_norm_eps=-1), "layer_norm_eps must be a positive number, got -1"),  # NaN at the first step
+        (dict(layer_norm_eps=0.0), "layer_norm_eps must be a positive number, got 0.0"),
+        (dict(hidden_act="swish2"), "hidden_act 'swish2' is no activation of transformers; one of gelu, "),
     ],
 )
 def test_invalid_config_names_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(qkv_bias=False), dict(image_size=(16, 24), patch_size=(4, 8)), dict(num_channels=1),
+    dict(num_hidden_layers=3, decoder_num_hidden_layers=2, intermediate_size=48, decoder_intermediate_size=24),
+])
+def test_num_parameters_counts_the_pretraining_model_from_its_sizes(overrides: dict) -> None:
+    """What scripts check against the machine's memory before building a model: the built model's own count."""
+    config = tiny_config(**overrides)
+    assert config.num_parameters() == sum(parameter.numel() for parameter in MAEForPreTraining(config).parameters())
 
 
 def test_load_config_from_preset_file_and_overrides(tmp_path) -> None:
@@ -72,6 +98,18 @@ def test_load_config_from_preset_file_and_overrides(tmp_path) -> None:
         load_config("tiny-32px", "mask_ration=0.5")
     with pytest.raises(ValueError, match="preset"):
         load_config("no-such-preset")
+
+
+@pytest.mark.parametrize("config_class", [ViTConfig, ViTMAEConfig])
+def test_load_config_refuses_the_config_of_another_model_type(config_class: type, tmp_path) -> None:
+    """transformers only warns, then builds an MAEConfig from a ViT's config.json: its weights would then load into
+    nothing, and a run would start from random weights that claim to come from that folder."""
+    config_class(image_size=16, patch_size=4, hidden_size=32, num_attention_heads=2).save_pretrained(tmp_path)
+    message = f"{tmp_path} holds a '{config_class.model_type}' model, not an MAE one (model_type 'mae')"
+    for source in (tmp_path, tmp_path / "config.json"):
+        with pytest.raises(ForeignConfigError) as raised:
+            load_config(str(source))
+        assert str(raised.value) == message.replace(str(tmp_path), str(source), 1)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -94,7 +132,9 @@ def test_position_tables_are_the_official_sincos_when_built_from_config(tmp_path
 def test_non_square_position_table_is_the_official_formula_and_transformers_own() -> None:
     """A 4 x 6 grid: the official formula on a (height, width) grid, and transformers' ViTMAE table builder with the
     half swap its ViTMAE applies for the official layout ([sin_w | cos_w | sin_h | cos_h])."""
-    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+    from transformers.models.vit_mae.modeling_vit_mae import (
+        build_2d_sinusoidal_position_embedding,
+    )
 
     model = MAEModel(tiny_config(image_size=(16, 24), patch_size=4))
     table = model.embeddings.position_embeddings[0].double()  # (1 + 24, 32)
@@ -538,7 +578,8 @@ def test_unset_problem_type_is_inferred_from_num_labels_and_label_dtype_and_reco
 def test_finetuning_classifier_takes_mixup_targets_as_single_label() -> None:
     """run_finetune's MixUp/CutMix targets are float: its classifier says single-label, so they get cross-entropy,
     not the multi-label BCE that transformers' rule would infer."""
-    from run_scripts.run_finetune import FinetuneModelArguments, build_classifier
+    from modeling_mae.evaluation.arguments import FinetuneModelArguments
+    from modeling_mae.loops.finetuning_setup import build_classifier
 
     model = build_classifier(FinetuneModelArguments(model_config="tiny-32px"), ["cat", "dog", "fox"]).eval()
     out = model(torch.randn(4, 3, 32, 32), labels=MIXED_TARGETS)

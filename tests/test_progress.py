@@ -7,6 +7,7 @@ import logging
 import pytest
 from tqdm.auto import tqdm
 
+from modeling_mae.text import counted, format_number
 from modeling_mae.training import progress
 from modeling_mae.training.progress import LogProgress, progress_bar
 
@@ -47,3 +48,14 @@ def test_progress_bar_is_tqdm_on_a_terminal_and_log_lines_elsewhere(
     bar.close()
     silent = progress_bar(10, "fine-tuning", enabled=False)  # every process but the main one
     assert isinstance(silent, tqdm) and silent.disable
+
+
+def test_printed_counts_take_the_plural_only_when_not_one() -> None:
+    assert [counted(n, "epoch") for n in (1, 2, 0, 1.0, 0.5)] == ["1 epoch", "2 epochs", "0 epochs", "1 epoch",
+                                                                  "0.5 epochs"]
+    assert counted(1, "batch", "batches") == "1 batch" and counted(3, "batch", "batches") == "3 batches"
+
+
+def test_printed_losses_have_four_decimals() -> None:
+    assert format_number(0.8371186554431915) == "0.8371" and format_number(12) == "12"
+    assert format_number(None) == "None"  # no loss yet (a run of 0 steps)

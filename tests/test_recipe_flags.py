@@ -16,19 +16,36 @@ from typing import Any
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from test_training import ARGUMENT_TYPES, paper_learning_rate, run_args, run_mae
+from test_training import ARGUMENT_TYPES, paper_learning_rate, run_args
 
 from modeling_mae.arguments import parse_arguments
 from modeling_mae.data.sources import DataArguments
 from modeling_mae.evaluation import features
+from modeling_mae.evaluation.arguments import (
+    AugmentationArguments,
+    FinetuneModelArguments,
+    FinetuneOptimizationArguments,
+    FinetuneRunArguments,
+    LinearProbeArguments,
+)
 from modeling_mae.evaluation.linear_probe import LARS
-from modeling_mae.loops import pretraining
-from run_scripts import run_finetune, run_knn, run_linear_probe
+from modeling_mae.evaluation.metrics import MetricArguments
+from modeling_mae.loops import (
+    finetuning,
+    finetuning_setup,
+    pretraining,
+    pretraining_setup,
+    pretraining_state,
+)
+from modeling_mae.loops import knn as knn_loop
+from modeling_mae.loops import linear_probe as linear_probe_loop
+from modeling_mae.training.accelerator import build_accelerator
+from run_scripts import run_knn, run_linear_probe
 
 NUM_LAYERS = 2  # conftest's tiny_config
-FINETUNE_GROUPS = (run_finetune.FinetuneModelArguments, DataArguments, run_finetune.AugmentationArguments,
-                   run_finetune.FinetuneOptimizationArguments, run_finetune.FinetuneRunArguments,
-                   run_finetune.MetricArguments)
+FINETUNE_GROUPS = (FinetuneModelArguments, DataArguments, AugmentationArguments,
+                   FinetuneOptimizationArguments, FinetuneRunArguments,
+                   MetricArguments)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +81,7 @@ def test_pretraining_flags_reach_the_optimizer_schedule_and_model(data_dir, mode
                      "--gradient_accumulation_steps", "2", "--min_lr", "1e-5", "--max_train_steps", "5",
                      "--warmup_steps", "2", "--gradient_checkpointing", "--attn_implementation", "eager",
                      "--max_grad_norm", "0.5")
-    trainer = run_mae.setup(run_mae.Arguments(*parse_arguments(ARGUMENT_TYPES, flags)))
+    trainer = pretraining_setup.setup(pretraining_state.Arguments(*parse_arguments(ARGUMENT_TYPES, flags)))
     model = trainer.unwrapped
     peak = 0.02 * (4 * 2) / 256
     groups = peak_lr_by_name(model, trainer.optimizer)
@@ -102,10 +119,10 @@ def gradient_norm(model: torch.nn.Module) -> float:
 
 
 def finetune_setup(data_dir: pathlib.Path, model_config: pathlib.Path, tmp_path: pathlib.Path,
-                   *flags: str) -> run_finetune.Loop:
+                   *flags: str) -> finetuning.Loop:
     argv = ["--dataset_name", str(data_dir), "--model_config", str(model_config), "--output_dir", str(tmp_path),
             "--per_device_train_batch_size", "4", *flags]
-    return run_finetune.setup(run_finetune.Arguments(*parse_arguments(FINETUNE_GROUPS, argv)))
+    return finetuning_setup.setup(finetuning.Arguments(*parse_arguments(FINETUNE_GROUPS, argv)))
 
 
 def test_finetune_flags_reach_the_classifier_optimizer_and_schedule(data_dir, model_config, tmp_path) -> None:
@@ -178,12 +195,12 @@ def test_finetune_mixing_flags_reach_the_mixer(data_dir, model_config, tmp_path)
 
 @pytest.mark.parametrize("optimizer", ["lars", "sgd"])
 def test_linear_probe_flags_reach_its_optimizer_and_schedule(optimizer: str, tmp_path) -> None:
-    probe = parse_arguments((run_linear_probe.LinearProbeArguments,), [
+    probe = parse_arguments((LinearProbeArguments,), [
         "--optimizer", optimizer, "--weight_decay", "0.01", "--base_learning_rate", "0.2",
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--num_train_epochs", "3",
         "--warmup_epochs", "1", "--output_dir", str(tmp_path)])[0]
-    accelerator = run_linear_probe.build_accelerator(2, tmp_path)
-    training = run_linear_probe.build_head_training(accelerator, probe, feature_dim=6, num_classes=3,
+    accelerator = build_accelerator(2, tmp_path)
+    training = linear_probe_loop.build_head_training(accelerator, probe, feature_dim=6, num_classes=3,
                                                     batches_per_epoch=17)
     inner = training.optimizer.optimizer
     assert type(inner) is (LARS if optimizer == "lars" else torch.optim.SGD)
@@ -217,7 +234,7 @@ def pooling_spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     """Records the pooling of every feature the scripts compute."""
     spy = Spy(features.pool_features, "last_hidden_state", "pooling")
     monkeypatch.setattr(features, "pool_features", spy)
-    monkeypatch.setattr(run_linear_probe, "pool_features", spy)
+    monkeypatch.setattr(linear_probe_loop, "pool_features", spy)
     return spy
 
 
@@ -236,8 +253,8 @@ def test_linear_probe_pooling_reaches_the_features(cached: str, data_dir, model_
 
 
 def test_knn_flags_reach_the_vote(data_dir, model_config, tmp_path, monkeypatch, pooling_spy) -> None:
-    knn = Spy(run_knn.knn_scores, "queries", "bank", "bank_labels", "num_classes", "k", "temperature")
-    monkeypatch.setattr(run_knn, "knn_scores", knn)
+    knn = Spy(knn_loop.knn_scores, "queries", "bank", "bank_labels", "num_classes", "k", "temperature")
+    monkeypatch.setattr(knn_loop, "knn_scores", knn)
     common = ["--dataset_name", str(data_dir), "--model_config", str(model_config),
               "--per_device_eval_batch_size", "16"]
     run_knn.main([*common, "--output_dir", str(tmp_path / "default")])

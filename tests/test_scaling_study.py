@@ -1,14 +1,20 @@
-"""The scaling study: its smoke budget end to end (what CI runs), its statistics, table and figures, the stage runner
-it shares with evidence.py, and the full Fashion-MNIST build of make_sample_data.py."""
+"""The scaling study: its statistics against textbook values, its report from a hand-written record, its smoke budget
+end to end (what CI runs: learning rates chosen on the held-out split, records, a stage rerun from its record), the
+committed records against their committed tables, the stage runner it shares with evidence.py, and the full
+Fashion-MNIST build of make_sample_data.py."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,140 +22,193 @@ from datasets import load_dataset
 from PIL import Image
 
 from modeling_mae.errors import UsageError
-from modeling_mae.studies.scaling import PROTOCOLS
+from modeling_mae.studies.recipe_sweep import render_sweep
+from modeling_mae.studies.scaling import PROTOCOLS, chosen_learning_rate
 from modeling_mae.studies.scaling_report import (
-    MAE_LABEL,
-    SCRATCH_LABEL,
-    cell,
-    plot_model_size,
-    plot_pretraining_epochs,
+    README_END,
+    README_START,
+    plot_gain,
+    readme_section,
     render_table,
+    replace_readme_section,
+    summarise,
+)
+from modeling_mae.studies.scaling_statistics import (
+    last_quarter_change,
+    mean_interval,
+    slope_interval,
+    t_quantile,
 )
 from modeling_mae.studies.stages import Stage, StageRunner
 from run_scripts import make_sample_data
 from run_scripts.make_sample_data import main as make_data_main
 from run_scripts.scaling_study import main as study_main
 
-CELL = re.compile(r"(\d+\.\d) ± (\d+\.\d|n/a)")
-
-
-def hand_summary() -> dict:
-    """Three sizes whose every cell differs, and a sweep: what `summarise` returns, written out by hand."""
-    def cells(scratch: float, mae: float) -> dict:
-        return {"scratch": {"mean": scratch, "std": 1.0}, "mae": {"mean": mae, "std": 2.0},
-                "linprobe": {"mean": mae - 5, "std": 3.0}, "knn": {"mean": mae - 10, "std": None}}
-
-    sizes = [{"name": f"ViT-{width}", "width": width, "depth": 6, "parameters": parameters, "cells": cells(s, m),
-              "finetune_train_loss": {"scratch": 2.0, "mae": 1.5}}
-             for width, parameters, s, m in ((48, 170_000, 60.0, 70.0), (96, 670_000, 61.0, 75.0),
-                                             (192, 2_690_000, 62.0, 80.0))]
-    sweep = {"1": {"mean": 65.0, "std": 0.5}, "2": {"mean": 70.0, "std": 1.5}, "4": {"mean": 75.0, "std": 2.0}}
-    return {"seeds": [0, 1, 2], "sizes": sizes, "sweep": sweep}
-
+DOCS_RECORDS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "records"
 
 # ------------------------------------------------------------------------------------------------------ statistics
 
 
-def test_a_cell_is_the_percent_mean_and_sample_std_of_its_seeds() -> None:
-    three = cell([0.5, 0.6, 0.7])
-    assert three["values"] == pytest.approx([50.0, 60.0, 70.0])
-    assert three["n"] == 3
-    assert three["mean"] == pytest.approx(60.0)
-    assert three["std"] == pytest.approx(10.0)  # sqrt((100 + 0 + 100) / (3 - 1)); the population std is 8.16
-    assert cell([0.8])["std"] is None  # one seed has no spread: "n/a", not 0
+def test_t_quantiles_are_the_textbook_values() -> None:
+    # Two-sided 95% critical values of Student's t (any printed t-table).
+    for df, expected in ((1, 12.706), (2, 4.303), (3, 3.182), (7, 2.365), (10, 2.228), (30, 2.042)):
+        assert t_quantile(df) == pytest.approx(expected, abs=5e-4)
 
 
-def test_the_table_puts_every_cell_in_its_column_and_the_gain_of_mae() -> None:
-    table = render_table(hand_summary(), "a budget line", "ViT-96")
-    header = next(line for line in table.splitlines() if line.startswith("| model |"))
-    columns = [title.strip() for title in header.strip("|").split("|")]
-    assert columns[2:6] == list(PROTOCOLS.values()) and columns[6] == "MAE gain"
-    row = next(line for line in table.splitlines() if line.startswith("| ViT-96 "))
+def test_the_mean_interval_is_the_t_interval_of_the_mean() -> None:
+    summary = mean_interval([1.0, 2.0, 3.0])  # std 1, n 3: half width 4.303 / sqrt(3) = 2.4843
+    assert (summary["mean"], summary["std"]) == pytest.approx((2.0, 1.0))
+    assert (summary["low"], summary["high"]) == pytest.approx((2.0 - 2.4843, 2.0 + 2.4843), abs=1e-3)
+    assert mean_interval([5.0])["low"] is None  # one seed: no interval
+
+
+def test_the_slope_interval_matches_numpys_least_squares() -> None:
+    x = [float(v) for v in (16, 16, 16, 18, 18, 18, 20, 20, 20)]  # log2 parameters of three sizes, three seeds
+    y = [0.5, 1.5, 1.0, 2.0, 3.5, 2.5, 4.0, 5.5, 4.5]
+    (slope, _), covariance = np.polyfit(x, y, 1, cov=True)  # covariance scaled by residuals / (n - 2)
+    got = slope_interval(x, y)
+    assert got["slope"] == pytest.approx(slope)
+    half = 2.365 * math.sqrt(covariance[0, 0])  # t(0.975, 7 df) from the table
+    assert (got["low"], got["high"]) == pytest.approx((slope - half, slope + half), abs=1e-3)
+    assert slope_interval([16.0, 16.0, 16.0], [1.0, 2.0, 3.0]) is None  # one size: no slope
+
+
+def test_the_plateau_is_the_change_since_three_quarters_of_the_epochs() -> None:
+    curve = [50.0, 60.0, 70.0, 71.0, 71.3, 71.4, 71.5, 71.6]  # 8 epochs: epoch 6 (71.4) to epoch 8 (71.6)
+    assert last_quarter_change(curve) == pytest.approx(0.2)
+
+
+def test_the_chosen_learning_rate_is_the_best_held_out_one_and_the_smaller_of_a_tie() -> None:
+    assert chosen_learning_rate({4e-3: 0.7, 1e-3: 0.8, 2e-3: 0.75}) == 1e-3
+    assert chosen_learning_rate({4e-3: 0.9, 1e-3: 0.8, 2e-3: 0.9}) == 2e-3
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def hand_record() -> dict:
+    """Three sizes x three seeds whose every stage result is written out by hand; MAE gains 1/2/3, 3/4/5, 5/6/7."""
+    sizes = [("ViT-32", 32, 2**16), ("ViT-64", 64, 2**18), ("ViT-128", 128, 2**20)]
+    stages, runs = {}, {}
+    for index, (name, _, _) in enumerate(sizes):
+        runs[name] = {}
+        for seed in range(3):
+            scratch = 70.0 + seed
+            accuracy = {"mae": scratch + 1 + 2 * index + seed, "scratch": scratch, "linprobe": 74.0 + index,
+                        "knn": 72.0, "linprobe_random": 60.0 + index, "knn_random": 50.0}
+            runs[name][str(seed)] = {key: f"{key}_{name}_s{seed}" for key in PROTOCOLS}
+            for key, value in accuracy.items():
+                history = [{"eval_accuracy": (value - 5) / 100}] * 3 + [{"eval_accuracy": value / 100}]
+                stages[f"{key}_{name}_s{seed}"] = {"results": {"eval_accuracy": value / 100, "history": history}}
+    stages["select"] = {"results": {"eval_accuracy": 0.8}, "cpu_seconds": 5400.0}
+    return {
+        "budget": "cpu", "budget_settings": {"depth": 6, "seeds": [0, 1, 2]}, "data_description": "hand data",
+        "environment": {"git": {"sha": "0123456789abcdef", "dirty": False}}, "wall_seconds": 7200.0,
+        "sizes": [{"name": name, "width": width, "parameters": parameters} for name, width, parameters in sizes],
+        "selection": {"mae": {"0.001": "select", "0.002": "missing"}}, "chosen_learning_rates": {"mae": 0.001},
+        "runs": runs, "stages": stages,
+    }
+
+
+def test_the_report_computes_paired_gains_and_the_criterion_from_the_record() -> None:
+    summary = summarise(hand_record())
+    gains = [size["gain"]["values"] for size in summary["sizes"]]
+    assert gains == [pytest.approx([1, 2, 3]), pytest.approx([3, 4, 5]), pytest.approx([5, 6, 7])]
+    # log2 parameters 16, 18, 20: the gain rises 2 points per 2 doublings, 1 per doubling, with the seeds' spread
+    assert summary["slope"]["slope"] == pytest.approx(1.0) and summary["slope"]["low"] > 0
+    assert summary["criterion_met"] is True
+    assert summary["mae_above_linprobe_at_largest"] is True  # MAE 75/77/79 vs the probe's 76
+    assert summary["sizes"][0]["plateau"] == {"mae": pytest.approx(5.0), "scratch": pytest.approx(5.0)}
+
+    table = render_table(hand_record())
+    row = next(line for line in table.splitlines() if line.startswith("| ViT-64 "))
     values = [value.strip() for value in row.strip("|").split("|")]
-    assert values[1] == "670k"
-    assert values[2:7] == ["61.0 ± 1.0", "75.0 ± 2.0", "70.0 ± 3.0", "65.0 ± n/a", "+14.0"]
-    sweep = next(line for line in table.splitlines() if line.startswith("| fine-tuned top-1 % |"))
-    # The middle size's scratch run is the 0-epoch point, then the pretraining lengths in order.
-    assert CELL.findall(sweep) == [("61.0", "1.0"), ("65.0", "0.5"), ("70.0", "1.5"), ("75.0", "2.0")]
-    assert "| ViT-96: pretraining epochs | 0 (from scratch) | 1 | 2 | 4 |" in table
-    assert "a budget line; seeds 0, 1, 2." in table
-    assert "ViT-96 2.00 from scratch, 1.50 from MAE;" in table
+    assert values[1] == "262k"
+    # MAE 73/75/77, scratch 70/71/72, then the four frozen protocols; the gain 4 ± 4.303 x 1 / sqrt(3)
+    assert values[2:8] == ["75.0 ± 2.0", "71.0 ± 1.0", "75.0 ± 0.0", "72.0 ± 0.0", "61.0 ± 0.0", "50.0 ± 0.0"]
+    assert values[8] == "+4.00 [+1.52, +6.48]"
+    assert "Criterion (slope of the paired gain against log2(encoder parameters), 95% interval above 0): met" in table
+    assert "- mae: held-out top-1 by base lr 0.001: 80.0, 0.002: not run; chosen: 0.001" in table
+    assert "stages' wall time 2.00 h, CPU time 1.50 h." in table
 
 
-# --------------------------------------------------------------------------------------------------------- figures
-
-
-def errorbar_series(figure) -> dict[str, tuple[list[float], list[float], list[float]]]:
-    """label -> (x, y, half height of each error bar), read back from the drawn artists."""
-    series = {}
-    for container in figure.axes[0].containers:
-        line, _caps, (bars,) = container.lines
-        spans = [abs(segment[1][1] - segment[0][1]) / 2 for segment in bars.get_segments()]
-        series[container.get_label()] = (list(line.get_xdata()), list(line.get_ydata()), spans)
-    return series
-
-
-def test_the_size_figure_draws_mae_and_scratch_against_parameters_with_their_std(tmp_path: pathlib.Path) -> None:
-    figure = plot_model_size(hand_summary(), tmp_path / "size.png", "title")
-    series = errorbar_series(figure)
-    assert set(series) == {MAE_LABEL, SCRATCH_LABEL}
-    assert series[MAE_LABEL] == ([170_000, 670_000, 2_690_000], [70.0, 75.0, 80.0], [2.0, 2.0, 2.0])
-    assert series[SCRATCH_LABEL] == ([170_000, 670_000, 2_690_000], [60.0, 61.0, 62.0], [1.0, 1.0, 1.0])
-    assert figure.axes[0].get_xscale() == "log"
-    with Image.open(tmp_path / "size.png") as image:
+def test_the_gain_figure_draws_each_sizes_gain_with_its_interval(tmp_path: pathlib.Path) -> None:
+    figure = plot_gain(summarise(hand_record()), tmp_path / "gain.png", "title")
+    (container,) = figure.axes[0].containers
+    line, _caps, (bars,) = container.lines
+    assert list(line.get_xdata()) == [2**16, 2**18, 2**20] and list(line.get_ydata()) == pytest.approx([2, 4, 6])
+    spans = [abs(segment[1][1] - segment[0][1]) / 2 for segment in bars.get_segments()]
+    assert spans == pytest.approx([2.4843] * 3, abs=1e-3)
+    with Image.open(tmp_path / "gain.png") as image:
         assert image.format == "PNG"
 
 
-def test_the_epochs_figure_draws_the_sweep_and_the_scratch_level(tmp_path: pathlib.Path) -> None:
-    figure = plot_pretraining_epochs(hand_summary(), tmp_path / "epochs.png", "title")
-    assert errorbar_series(figure) == {MAE_LABEL: ([1.0, 2.0, 4.0], [65.0, 70.0, 75.0], [0.5, 1.5, 2.0])}
-    (scratch,) = [line for line in figure.axes[0].get_lines() if line.get_label() == SCRATCH_LABEL]
-    assert list(scratch.get_ydata()) == [61.0, 61.0]  # the middle size's scratch mean
-    assert (tmp_path / "epochs.png").is_file()
+def test_the_readme_section_states_each_gain_and_the_criterion_and_replaces_only_its_block() -> None:
+    section = readme_section(hand_record(), "docs/records/x_gain.png")
+    assert section.startswith("![Fine-tuned top-1 gain of MAE over scratch against encoder parameters, 95% "
+                              "intervals](docs/records/x_gain.png)")
+    assert "by +2.0 points at 66k, +4.0 points at 262k, +6.0 points at 1.05M;" in section
+    assert "is met (slope +1.00 points per doubling of parameters [" in section and "3 paired seeds" in section
+    readme = f"above\n{README_START}\nold text\n{README_END}\nbelow"
+    assert replace_readme_section(readme, section) == f"above\n{README_START}\n{section}\n{README_END}\nbelow"
 
 
 # ------------------------------------------------------------------------------------------------ the smoke study
 
 
-def stage_accuracy(folder: pathlib.Path) -> float:
-    return 100 * json.loads((folder / "all_results.json").read_text())["eval_accuracy"]
+def stage_folder_accuracy(folder: pathlib.Path) -> float:
+    return json.loads((folder / "all_results.json").read_text())["eval_accuracy"]
 
 
-def test_smoke_study_writes_every_cell_from_its_stages_and_reuses_them(tmp_path: pathlib.Path) -> None:
-    summary = study_main(["--budget", "smoke", "--output_dir", str(tmp_path), "--num_threads", "1"])
-    assert summary["seeds"] == [0, 1]
-    stage_folders = {  # where each protocol's top-1 comes from, per size and seed
-        "scratch": "finetune-scratch_{slug}_s{seed}", "mae": "finetune-mae_{slug}_ep1_s{seed}",
-        "linprobe": "linprobe-mae_{slug}_s{seed}", "knn": "knn-mae_{slug}_s{seed}"}
-    for size in summary["sizes"]:
-        for key, pattern in stage_folders.items():
-            a, b = (stage_accuracy(tmp_path / pattern.format(slug=size["name"].lower(), seed=seed)) for seed in (0, 1))
-            got = size["cells"][key]
-            assert got["values"] == pytest.approx([a, b]) and got["n"] == 2, (size["name"], key)
-            assert (got["mean"], got["std"]) == pytest.approx(((a + b) / 2, abs(a - b) / math.sqrt(2)))
-        scratch_losses = [json.loads((tmp_path / f"finetune-scratch_{size['name'].lower()}_s{seed}" / "all_results.json")
-                                     .read_text())["train_loss"] for seed in (0, 1)]
-        assert size["finetune_train_loss"]["scratch"] == pytest.approx(sum(scratch_losses) / 2)
-    for epochs in ("0.5", "1"):  # the sweep: the middle size after each pretraining length
-        seeds = [stage_accuracy(tmp_path / f"finetune-mae_vit-16_ep{epochs}_s{seed}") for seed in (0, 1)]
-        assert summary["sweep"][epochs]["values"] == pytest.approx(seeds)
+def test_smoke_study_chooses_on_the_held_out_split_records_everything_and_reruns_a_stage(
+    tmp_path: pathlib.Path,
+) -> None:
+    study = tmp_path / "study"
+    record = study_main(["--budget", "smoke", "--output_dir", str(study), "--num_threads", "1"])
+    for arm, stages in record["selection"].items():  # the lr of the best held-out accuracy, read off the stages
+        accuracies = {float(lr): stage_folder_accuracy(study / name) for lr, name in stages.items()}
+        assert record["chosen_learning_rates"][arm] == max(sorted(accuracies), key=accuracies.get)
+        for name in stages.values():
+            argv = record["stages"][name]["argv"]
+            assert argv[argv.index("--holdout_fraction") + 1] == "0.1"
+    mae_epochs, scratch_epochs = (
+        len(record["stages"][record["runs"]["ViT-16"]["0"][arm]]["results"]["history"]) for arm in ("mae", "scratch"))
+    assert scratch_epochs == 2 * mae_epochs
+    for seeds in record["runs"].values():
+        for stages in seeds.values():
+            assert set(stages) == set(PROTOCOLS)
+            for name in stages.values():  # scored on the test split, every main stage
+                assert "--holdout_fraction" not in record["stages"][name]["argv"]
+                assert record["stages"][name]["results"]["eval_accuracy"] == stage_folder_accuracy(study / name)
+    assert record["environment"]["git"]["sha"] and record["environment"]["libraries"]["torch"]
+    assert all(stage["cpu_seconds"] > 0 for stage in record["stages"].values())  # each ran here, and was timed
 
-    numbers = json.loads((tmp_path / "scaling_study.json").read_text())
-    assert numbers["sizes"] == json.loads(json.dumps(summary["sizes"])) and numbers["budget"] == "smoke"
-    table = (tmp_path / "scaling_study.md").read_text()
-    size_rows = [line for line in table.splitlines() if " wide, " in line]
-    assert [row.split(" (")[0] for row in size_rows] == ["| ViT-8", "| ViT-16", "| ViT-32"]
-    assert all(len(CELL.findall(row)) == len(PROTOCOLS) for row in size_rows)
-    assert "32 training images, 16 validation" in table
-    for figure in ("model_size.png", "pretraining_epochs.png"):
-        with Image.open(tmp_path / figure) as image:
-            assert image.format == "PNG" and image.size == (750, 600)
+    written = (study / "scaling_study.md").read_text()
+    assert study_main(["--from_record", str(study / "scaling_study.json")]) == json.loads(
+        (study / "scaling_study.json").read_text())
+    assert (study / "scaling_study.md").read_text() == written  # the table comes from the record alone
+    assert (study / "scaling_study_gain.png").is_file() and (study / "scaling_study_curves.png").is_file()
 
-    records = {path: path.stat().st_mtime_ns for path in tmp_path.glob("*/stage.json")}
-    # sizes x seeds x 5 stages, + per seed the 0.5-epoch pretraining and its fine-tuning
-    assert len(records) == 3 * 2 * 5 + 2 * 2
-    assert study_main(["--budget", "smoke", "--output_dir", str(tmp_path)]) == summary
+    records = {path: path.stat().st_mtime_ns for path in study.glob("*/stage.json")}
+    assert len(records) == 2 * 2 * 7 + 4  # sizes x seeds x (pretraining + 6 protocols) + 2 arms x 2 lrs
+    study_main(["--budget", "smoke", "--output_dir", str(study)])
     assert {path: path.stat().st_mtime_ns for path in records} == records  # every stage reused, none rerun
+
+    name = record["runs"]["ViT-8"]["1"]["mae"]
+    rerun = study_main(["--from_record", str(study / "scaling_study.json"), "--rerun", name,
+                        "--output_dir", str(tmp_path / "rerun")])
+    assert (tmp_path / "rerun" / "pretrain_vit-8_s1" / "all_results.json").is_file()  # the stage it reads, first
+    assert rerun["eval_accuracy"] == pytest.approx(record["stages"][name]["results"]["eval_accuracy"], abs=0.1)
+
+
+# --------------------------------------------------------------------------------------------- committed records
+
+
+@pytest.mark.parametrize("record_path", sorted(DOCS_RECORDS.glob("*.json")), ids=lambda path: path.name)
+def test_every_committed_table_is_what_its_committed_record_makes(record_path: pathlib.Path) -> None:
+    record = json.loads(record_path.read_text())
+    table = render_sweep(record) if record["study"] == "recipe_sweep" else render_table(record)
+    assert record_path.with_suffix(".md").read_text() == table
 
 
 # ---------------------------------------------------------------------------------------------------- stage runner
@@ -181,15 +240,36 @@ def runs(output_dir: pathlib.Path) -> int:
     return len((output_dir / "runs.txt").read_text().splitlines())
 
 
+@contextlib.contextmanager
+def process_output_to(path: pathlib.Path) -> Iterator[None]:
+    """What this process writes to its file descriptors 1 and 2, as a terminal would get it, into `path` instead."""
+    saved = [os.dup(1), os.dup(2)]
+    with path.open("wb") as file:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for descriptor, copy in zip((1, 2), saved):
+                os.dup2(copy, descriptor)
+                os.close(copy)
+
+
 def test_stage_runner_logs_a_stage_reuses_it_and_refuses_results_of_other_arguments(
     scripts: pathlib.Path, tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     output_dir = tmp_path / "study"
     output_dir.mkdir()
     stage = Stage("one", "counting.py", ("--flag", "1"))
-    with capfd.disabled():  # the process's real stdout and stderr, as outside pytest
+    terminal = tmp_path / "terminal.txt"
+    # The process's real stdout and stderr, as outside pytest, kept off pytest's own output.
+    with capfd.disabled(), process_output_to(terminal):
         assert StageRunner(scripts, output_dir).run(stage)["eval_accuracy"] == 0.5
     assert (output_dir / "one.log").read_text().splitlines() == ["printed by the stage", "warned by the stage"]
+    command = f"python run_scripts/counting.py --flag 1 --output_dir {output_dir / 'one'}"
+    assert re.fullmatch(rf"\[\d\d:\d\d:\d\d\] {re.escape(command)}\n", terminal.read_text())  # the stage: its log
 
     runner = StageRunner(scripts, output_dir)
     assert runner.run(stage)["wall_seconds"] >= 0 and runs(output_dir) == 1  # reused
@@ -261,3 +341,16 @@ def test_make_sample_data_full_writes_every_image_in_order_outside_the_package(
         make_data_main(["--full", "--source", str(source), "--output", str(package / "sample_data" / "full")])
     with pytest.raises(UsageError, match="apt-get install -y dataset-fashion-mnist"):
         make_data_main(["--full", "--source", str(tmp_path / "nowhere"), "--output", str(output)])
+
+
+def test_the_readme_shows_the_gain_plot_of_the_largest_committed_budget() -> None:
+    readme = (DOCS_RECORDS.parents[1] / "README.md").read_text()
+    records = [DOCS_RECORDS / f"scaling_study_{budget}.json" for budget in ("gpu", "cpu")]
+    committed = next((path for path in records if path.is_file()), None)
+    section = readme[readme.index(README_START) + len(README_START):readme.index(README_END)].strip()
+    if committed is None:
+        assert "not run yet" in section
+        return
+    figure = f"docs/records/{committed.stem}_gain.png"
+    assert section == readme_section(json.loads(committed.read_text()), figure)
+    assert (DOCS_RECORDS.parents[1] / figure).is_file()

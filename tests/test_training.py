@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,7 @@ from modeling_mae.data.sources import DataArguments
 from modeling_mae.errors import UsageError
 from modeling_mae.loops import pretraining
 from modeling_mae.training.accelerator import fill_deepspeed_config, iterate_in_lockstep
-from modeling_mae.training.checkpoints import list_checkpoints, resolve_resume_checkpoint, rotate_checkpoints
+from modeling_mae.training.checkpoints import list_checkpoints, rotate_checkpoints
 from modeling_mae.training.optimization import (
     WarmupCosineSchedule,
     build_optimizer,
@@ -55,7 +56,10 @@ from modeling_mae.training.progress import (
     TrainingProgress,
     loss_is_finite_everywhere,
 )
-from run_scripts import run_mae  # a package module, as the other scripts' tests import theirs
+from modeling_mae.training.resume import resolve_resume_checkpoint
+from run_scripts import (
+    run_mae,  # a package module, as the other scripts' tests import theirs
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_MAE = REPO / "run_scripts" / "run_mae.py"
@@ -418,7 +422,9 @@ def test_end_to_end_exports_a_loadable_model(data_dir, model_config, tmp_path, h
     assert (results["train_steps"], results["train_samples"], results["skipped_images"]) == (6, 48, 0)
     assert math.isfinite(results["train_loss"]) and math.isfinite(results["eval_loss"])
     assert json.loads((output / "all_results.json").read_text()) == results
-    assert printed_paths(capsys.readouterr().out) == {  # where everything went, whatever the working directory
+    printed = capsys.readouterr().out
+    assert re.search(r"^Done: 6 steps, final loss \d\.\d{4}$", printed, re.MULTILINE)
+    assert printed_paths(printed) == {  # where everything went, whatever the working directory
         "model": str(output.resolve()), "reconstruction": str((output / "reconstruction.png").resolve()),
         "results": str((output / "all_results.json").resolve())}
     assert EXPORTED_FILES | {"reconstruction_step3.png", "reconstruction_step6.png"} <= {
@@ -427,9 +433,11 @@ def test_end_to_end_exports_a_loadable_model(data_dir, model_config, tmp_path, h
     config = json.loads((output / "config.json").read_text())
     assert config["norm_pix_loss"] is True and "AutoModelForPreTraining" in config["auto_map"]
     card = (output / "README.md").read_text()
-    for fact in (str(data_dir), "6 of 6", "0.75", "final_loss", f"{results['final_loss']:.4g}", "(0.9, 0.95)"):
+    for fact in ("| dataset | local data |", "6 of 6", "0.75", "final_loss", f"{results['final_loss']:.4g}",
+                 "(0.9, 0.95)"):
         assert fact in card
-    assert "--dataset_name" not in card and "hub_token" not in (output / "run_config.yaml").read_text()
+    assert "--dataset_name" not in card and str(data_dir) not in card  # the card is uploaded: no local path
+    assert "hub_token" not in (output / "run_config.yaml").read_text()
     assert list((output / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
     assert_loadable(output, weights(output))
 

@@ -11,6 +11,7 @@ records whose label is missing; whole shards that cannot be read are fatal or sk
 - `shards`: shards that cannot be read, found before training or while streaming;
 - `stream`: the DataLoader workers' side, records to batches;
 - `loader`: the main process's side, `ImageStreamLoader` and `build_dataloader`, the entry point;
+- `holdout`: a seeded, class-stratified held-out part of the train split (``--holdout_fraction``);
 - `transforms`, `fast_decode`: the paper's augmentations, and JPEG decoding fused with the pretraining crop;
 - `synthetic`: ImageNet-like JPEG shards for benchmarks and the GPU check.
 

@@ -3,6 +3,10 @@ one entry point every script uses.
 
 On resume each worker skips the records it had already consumed (cheap: they are not decoded) and the worker
 round-robin is rotated, so that batches come out in exactly the uninterrupted order.
+
+A pass that yields no batch at all is a `UsageError` saying why ("the train split yielded no images: ..."), so that no
+script counts an empty epoch as an epoch and loops on. Where the cause is known before any reading (a split of 0
+records, all of its shards left out, fewer images than one training batch), `build_dataloader` refuses it at once.
 """
 
 from __future__ import annotations
@@ -14,17 +18,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from datasets import ClassLabel as ClassLabelFeature
+from datasets import DatasetBuilder, IterableDataset
 from datasets import Image as ImageFeature
-from datasets import IterableDataset
 from PIL import Image
 
 from ..errors import UsageError
+from .holdout import HoldoutSide, carve_holdout
 from .labels import resolve_labels
 from .shards import guard_shards
 from .sources import (
     DECODE_IN_WORKERS,
     IMAGE_COLUMN_CANDIDATES,
     KEY_COLUMN,
+    LABEL_COLUMN_CANDIDATES,
     DataArguments,
     available_splits,
     column_types,
@@ -33,6 +40,7 @@ from .sources import (
     load_checked_source,
     open_stream,
     pick_split,
+    split_flag,
     split_size,
     warn_left_out,
 )
@@ -72,6 +80,8 @@ class ImageStreamLoader:
         self,
         stream: WorkerStream,
         *,
+        split: str,
+        train: bool,
         num_workers: int,
         num_samples: int | None,
         num_processes: int,
@@ -91,6 +101,10 @@ class ImageStreamLoader:
             persistent_workers=num_workers > 0,
         )
         self.num_samples = num_samples
+        self.split = split  # the dataset's name of the split, for messages
+        # Every training process must get batches; an evaluation split shared by several processes may leave one
+        # of them nothing (3 images, 4 processes): the metric then counts what all of them scored.
+        self._must_yield = train or num_processes == 1
         self._num_processes = num_processes
         self._batch_size = batch_size
         self._fixed_length = fixed_length
@@ -109,7 +123,7 @@ class ImageStreamLoader:
             raise TypeError("The length of this stream is unknown: pass --num_train_samples.")
         per_process = self.num_samples / self._num_processes
         if self._fixed_length:
-            return max(1, int(per_process // self._batch_size))
+            return int(per_process // self._batch_size)  # >= 1: `build_dataloader` refuses a smaller split
         return math.ceil(per_process / self._batch_size)  # an estimate: workers may each end with a partial batch
 
     def set_epoch(self, epoch: int) -> None:
@@ -154,9 +168,29 @@ class ImageStreamLoader:
             torch.tensor([position.epoch, position.next_worker, *position.worker_positions], dtype=torch.int64)
         )
         limit = len(self) if self._fixed_length else None
+        skipped_before = self._skipped
         if limit is None or position.batches < limit:
             yield from self._consume(position, limit)
+        if position.batches == 0 and self._must_yield:
+            self._stop_workers()
+            raise self._no_images_error(sum(position.worker_positions), self._skipped - skipped_before)
         position.completed = True
+
+    def _no_images_error(self, read: int, skipped: int) -> UsageError:
+        """Why a pass yielded no batch: no records, no readable shard, every record skipped, or a partial batch."""
+        if read == 0 and self._skipped_shards:
+            reason = (f"it holds no readable record ({len(self._skipped_shards)} unreadable shard(s) left out with "
+                      f"--skip_bad_shards: {'; '.join(self.skipped_shards())})")
+        elif read == 0:
+            reason = "it holds no records"
+        elif skipped == read:
+            reason = (f"all {read} records read were skipped (unreadable, smaller than a patch or without a label: "
+                      "see the warnings above)")
+        else:
+            reason = (f"its {read - skipped} usable images are fewer than one batch of {self._batch_size}, and a "
+                      "training epoch drops a partial batch")
+        share = " (this process's share of it)" if self._num_processes > 1 else ""
+        return UsageError(f"the {self.split} split yielded no images{share}: {reason}")
 
     def _consume(self, position: _StreamPosition, limit: int | None) -> Iterator[dict[str, torch.Tensor]]:
         tally = BadImageTally(self._stream.max_bad_image_fraction)  # the device's share; the workers keep theirs
@@ -200,13 +234,17 @@ class ImageStreamLoader:
 
 def _prepare_source(
     stream: IterableDataset, columns: Columns, features: dict[str, Any], *, train: bool, seed: int,
-    args: DataArguments, max_samples: int | None,
+    args: DataArguments, max_samples: int | None, holdout_side: HoldoutSide | None = None,
 ) -> IterableDataset:
     label = columns.labels.column if columns.labels is not None else None
-    keep = [columns.image] + [name for name in (label, KEY_COLUMN) if name is not None and name in features]
+    holdout_label = holdout_side.label_column if holdout_side is not None else None
+    keep = [columns.image] + [name for name in dict.fromkeys((label, holdout_label, KEY_COLUMN))
+                              if name is not None and name in features]
     stream = stream.select_columns(keep)
     if isinstance(features[columns.image], ImageFeature):
         stream = stream.cast_column(columns.image, ImageFeature(decode=False))  # decode ourselves: skip bad files
+    if holdout_side is not None:
+        stream = stream.filter(holdout_side)
     if max_samples is not None:
         stream = stream.take(max_samples)
     if train:
@@ -214,6 +252,43 @@ def _prepare_source(
         # the end of every pass (SLEEP_TIME_ON_THREADS_SHUTDOWN). Shard order is still shuffled every epoch.
         stream = stream.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size, max_buffer_input_shards=1)
     return stream
+
+
+def _holdout_side(args: DataArguments, stream: IterableDataset, features: dict[str, Any], image_column: str,
+                  split: str) -> HoldoutSide | None:
+    """With --holdout_fraction, the train split's side that `split` streams, stratified by the label column (even
+    for a loader that reads no labels, so that every loader holds out the same records)."""
+    if args.holdout_fraction is None:
+        return None
+    label = detect_column(features, args.label_column_name, ClassLabelFeature, LABEL_COLUMN_CANDIDATES, "Label")
+    holdout = carve_holdout(stream, image_column, label, args.holdout_fraction, args.holdout_seed)
+    return HoldoutSide(holdout, image_column, label, held_out=split == "validation")
+
+
+def refuse_fewer_than_a_batch(split_name: str, num_samples: int, batch_size: int, num_processes: int) -> None:
+    """A training epoch is whole batches on every process: a split too small for one is refused, rather than repeated
+    to fill it (every step would train on copies of the same few images)."""
+    if num_samples >= batch_size * num_processes:
+        return
+    largest = num_samples // num_processes
+    on = f" on each of {num_processes} processes" if num_processes > 1 else ""
+    advice = f"pass --per_device_train_batch_size {largest} or less" if largest else "use fewer processes"
+    raise UsageError(f"the {split_name} split has {num_samples} images, fewer than one training batch of {batch_size}"
+                     f"{on}: {advice}, or train on more images")
+
+
+def _refuse_known_empty(builder: DatasetBuilder, split: str, split_name: str, left_out: dict[str, str]) -> None:
+    """A split whose shards were all left out as unreadable, or whose files hold 0 records, stops before any reading."""
+    files = (builder.config.data_files or {}).get(split_name)
+    if left_out and not files:
+        shards = "; ".join(f"{path} ({problem})" for path, problem in left_out.items())
+        raise UsageError(f"the {split_name} split yielded no images: its {len(left_out)} shard(s) are all unreadable, "
+                         f"and --skip_bad_shards left them out: {shards}")
+    if split_size(builder, split_name) == 0:
+        more = f" and {len(files) - 1} more files" if files and len(files) > 1 else ""
+        where = f"{files[0]}{more}" if files else "split info"
+        raise UsageError(f"the {split_name} split has 0 records ({where}): point {split_flag(split)} or "
+                         "--dataset_name at a split with images")
 
 
 def _decode_device(decode_on: str) -> torch.device:
@@ -278,6 +353,7 @@ def build_dataloader(
         raise UsageError(f"No validation split found; available splits: {', '.join(available_splits(builder))}.")
     for path, problem in left_out.get(split_name, {}).items():
         warn_left_out(path, problem)
+    _refuse_known_empty(builder, split, split_name, left_out.get(split_name, {}))
     guard = guard_shards(builder, args.skip_bad_shards)
     stream = open_stream(builder, split_name)
     features = column_types(stream)
@@ -286,16 +362,21 @@ def build_dataloader(
         raise UsageError(f"No image column found; available columns: {', '.join(features)}. Pass --image_column_name.")
     label_columns = resolve_labels(builder, args, split_name, stream, features, num_classes) if labels else None
     columns = Columns(image_column, label_columns)
+    holdout_side = _holdout_side(args, stream, features, image_column, split)
     max_samples = args.max_train_samples if split == "train" else args.max_eval_samples
     override = args.num_train_samples if split == "train" else None
-    num_samples = epoch_samples(split_size(builder, split_name), override, max_samples)
+    known = split_size(builder, split_name) if holdout_side is None else holdout_side.size
+    num_samples = epoch_samples(known, override, max_samples)
     fixed_length = train and num_samples is not None
+    if fixed_length:
+        refuse_fewer_than_a_batch(split_name, num_samples, batch_size, num_processes)
     if train and num_samples is None and num_processes > 1:
         logger.warning("The training stream's length is unknown: pass --num_train_samples so that every process "
                        "runs the same number of steps per epoch.")
     device_decoding = _device_decoding(args.decode_on, transform)
     worker_stream = WorkerStream(
-        _prepare_source(stream, columns, features, train=train, seed=seed, args=args, max_samples=max_samples),
+        _prepare_source(stream, columns, features, train=train, seed=seed, args=args, max_samples=max_samples,
+                        holdout_side=holdout_side),
         columns,
         None if device_decoding is not None else transform,
         batch_size,
@@ -313,6 +394,8 @@ def build_dataloader(
     )
     return ImageStreamLoader(
         worker_stream,
+        split=split_name,
+        train=train,
         num_workers=args.dataloader_num_workers,
         num_samples=num_samples,
         num_processes=num_processes,

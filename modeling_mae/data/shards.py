@@ -15,16 +15,24 @@ names no file, and `tarfile`'s stream mode can even end a cut archive early with
   and recorded in `ShardGuard.skipped` for the loader to count. A shard that is corrupt stays corrupt, so every
   reader of it (another worker, a resumed run) cuts it at the same record: the disjoint split between processes and
   the exact resume position are unaffected.
+
+Only errors in reading or decoding a file's bytes mark a shard bad (`READ_ERRORS`; a lost connection is one: `datasets`
+turns it into a `ConnectionError`). A resource that ran out (memory, disk space, file handles: `is_resource_error`),
+an interrupt or an error of the code passes through at once, with its own message: it says nothing about the file. A
+parquet shard whose footer says it holds 0 rows is read as empty (`datasets` cannot read one: its reader asks for
+batches of 0 rows).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import pathlib
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,12 +52,18 @@ PARQUET_MAGIC = b"PAR1"
 SHARD_SUFFIXES = (".parquet", ".tar")
 _GIVEN_UP: set[str] = set()  # shards this process gave up on (each DataLoader worker has its own copy)
 MAX_TAR_PADDING = 1 << 20  # zeros after a tar's last member: 2 end blocks + record padding (10 KiB; GNU tar -b: more)
+READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, pa.ArrowException, zlib.error)  # what readers raise
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 
 
 class ShardReadError(UsageError):
     """A shard that could not be read, even after retries; the message names it."""
 
 
+def is_resource_error(error: BaseException) -> bool:
+    """Memory, disk space or file handles ran out (an `ArrowMemoryError` is a `MemoryError` too): the machine's
+    problem, not the file's."""
+    return isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS)
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,7 @@ class ShardScan:
 
     records: int | None  # samples in the shard (None: not a parquet or tar shard, or unreadable)
     problem: str | None  # why the shard is unreadable; None when it looks whole
+    columns: frozenset[str] | None = None  # a parquet shard's columns (its schema's); None for a tar
 
 
 def scan_shard(path: str | pathlib.Path) -> ShardScan:
@@ -96,7 +111,7 @@ def _scan_parquet(path: pathlib.Path, size: int) -> ShardScan:
             start = chunk.dictionary_page_offset or chunk.data_page_offset
             if start + chunk.total_compressed_size > size:
                 return ShardScan(None, f"parquet row group {group} ends past the end of the file")
-    return ShardScan(metadata.num_rows, None)
+    return ShardScan(metadata.num_rows, None, frozenset(metadata.schema.to_arrow_schema().names))
 
 
 def _scan_tar(path: pathlib.Path, size: int) -> ShardScan:
@@ -130,6 +145,11 @@ def find_bad_shards(files: Iterable[str]) -> dict[str, str]:
     return {file: scan.problem for file, scan in scans.items() if scan.problem is not None}
 
 
+def local_parquet_columns(file: str) -> frozenset[str] | None:
+    """The columns of a local parquet shard, from the start-up check's cached scan; None for any other file."""
+    return scan_shard(file).columns if file.lower().endswith(".parquet") and pathlib.Path(file).is_file() else None
+
+
 # --- While streaming ---------------------------------------------------------------------------------------------
 
 
@@ -146,6 +166,18 @@ def _after(items: Iterator[tuple[Any, Any]], done: int) -> Iterator[tuple[Any, A
             continue
         yield key, item.slice(done) if done else item
         done = 0
+
+
+@functools.cache  # once per shard and process: it is asked only after a failed read
+def _holds_no_rows(name: str) -> bool:
+    """Whether a parquet shard's footer (local or remote) says it has 0 rows."""
+    if not name.endswith(".parquet"):
+        return False
+    try:
+        with xopen(name, "rb") as file:
+            return pq.read_metadata(file).num_rows == 0
+    except READ_ERRORS:
+        return False  # the footer cannot be read either: the shard is bad, as the failed read said
 
 
 def _check_tar_end(name: str) -> None:
@@ -190,7 +222,11 @@ class ShardGuard:
                     yield key, item
                 _check_tar_end(name)
                 return
-            except Exception as error:  # noqa: BLE001 - whatever the reader raised, the shard is what failed
+            except READ_ERRORS as error:
+                if is_resource_error(error):
+                    raise
+                if done == 0 and _holds_no_rows(name):
+                    return  # a valid, empty shard
                 failure = describe(error)
             if attempt < attempts:
                 delay = SHARD_RETRY_DELAY_S * 2 ** (attempt - 1)

@@ -2,7 +2,9 @@
 parquet, webdataset ``.tar`` or image files, or the embedded Fashion-MNIST sample), its splits and its columns.
 
 Bad local shards are found here before any training (`shards.find_bad_shards`): fatal, or left out and counted with
-``--skip_bad_shards``.
+``--skip_bad_shards``. Every script imports `DataArguments` before it parses its command line: `datasets`, `shards`
+and the model config (seconds of imports, torch among them) are imported by the functions that read data, so that
+`--help` answers at once.
 """
 
 from __future__ import annotations
@@ -13,16 +15,21 @@ import pathlib
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from datasets import DatasetBuilder, IterableDataset, load_dataset_builder
-from datasets import config as datasets_config
-from datasets.exceptions import DatasetNotFoundError
-
-from ..arguments import AT_LEAST_ONE, NON_NEGATIVE, PROBABILITY, Range, hub_unavailable, not_local_nor_on_hub
-from ..configuration_mae import missing_local_path_message
+from ..arguments import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    PROBABILITY,
+    SEED,
+    Range,
+    hub_unavailable,
+    not_local_nor_on_hub,
+)
 from ..errors import UsageError, describe
-from .shards import SHARD_SUFFIXES, find_bad_shards, scan_shard
+
+if TYPE_CHECKING:
+    from datasets import DatasetBuilder, IterableDataset
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +57,8 @@ class DataArguments:
     FLAG_RANGES: ClassVar[dict[str, Range]] = {
         "shuffle_buffer_size": AT_LEAST_ONE, "dataloader_num_workers": NON_NEGATIVE,
         "num_train_samples": AT_LEAST_ONE, "max_train_samples": AT_LEAST_ONE, "max_eval_samples": AT_LEAST_ONE,
-        "max_bad_image_fraction": PROBABILITY,
+        "max_bad_image_fraction": PROBABILITY, "holdout_fraction": Range(low=0, high=1, low_open=True, high_open=True),
+        "holdout_seed": SEED,
     }
 
     dataset_name: str | None = field(
@@ -82,6 +90,13 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on a fixed subset of N samples (the first ones of the shards)."}
     )
+    holdout_fraction: float | None = field(
+        default=None, metadata={"help": "Hold out this fraction of every class of the train split (seeded by "
+                                        "--holdout_seed) and evaluate on it instead of the validation split: "
+                                        "hyperparameters chosen without looking at the reported split "
+                                        "(modeling_mae/data/holdout.py)."},
+    )
+    holdout_seed: int = field(default=0, metadata={"help": "Seeds which records --holdout_fraction holds out."})
     fast_decode: bool = field(
         default=True, metadata={"help": "Decode large JPEGs at reduced size (PIL draft) when the crop allows it; for "
                                         "pretraining, decode and augment in one step, the scale chosen per sampled "
@@ -132,6 +147,10 @@ def load_source(args: DataArguments) -> DatasetBuilder:
 
 def load_checked_source(args: DataArguments) -> tuple[DatasetBuilder, dict[str, dict[str, str]]]:
     """`load_source`, and the bad shards it left out (`{split: {path: problem}}`)."""
+    from datasets import load_dataset_builder
+
+    from ..configuration_mae import missing_local_path_message
+
     name = args.dataset_name or str(sample_dataset_path())
     missing = missing_local_path_message(name)
     if missing is not None:
@@ -147,6 +166,10 @@ def load_checked_source(args: DataArguments) -> tuple[DatasetBuilder, dict[str, 
 
 def _load_hub_builder(name: str, config_name: str | None) -> DatasetBuilder:
     """The builder of a Hub dataset; a name the Hub does not know, or cannot be asked about, is a `UsageError`."""
+    from datasets import config as datasets_config
+    from datasets import load_dataset_builder
+    from datasets.exceptions import DatasetNotFoundError
+
     try:
         return load_dataset_builder(name, config_name)
     except DatasetNotFoundError as error:
@@ -160,6 +183,8 @@ def _load_hub_builder(name: str, config_name: str | None) -> DatasetBuilder:
 
 def _leave_out_bad_shards(builder: DatasetBuilder, skip_bad_shards: bool) -> dict[str, dict[str, str]]:
     """Check the local shards of every split; raise listing the bad ones, or drop them from the builder's files."""
+    from .shards import find_bad_shards
+
     data_files = builder.config.data_files or {}
     bad = {split: find_bad_shards(files) for split, files in data_files.items()}
     problems = [f"{path} ({problem})" for shards in bad.values() for path, problem in shards.items()]
@@ -190,12 +215,20 @@ def available_splits(builder: DatasetBuilder) -> list[str]:
 def pick_split(split: str, args: DataArguments, splits: Sequence[str]) -> str | None:
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}.")
-    requested = args.train_split if split == "train" else args.validation_split
+    if split == "train" or args.holdout_fraction is not None:  # a holdout is carved out of the train split
+        requested = args.train_split
+    else:
+        requested = args.validation_split
     if requested is None:
         return next((name for name in VALIDATION_SPLIT_CANDIDATES if name in splits), None)
     if requested not in splits:
         raise UsageError(f"Split {requested!r} not found; available splits: {', '.join(splits)}.")
     return requested
+
+
+def split_flag(split: str) -> str:
+    """The flag that names the dataset's split behind "train" or "validation"."""
+    return "--train_split" if split == "train" else "--validation_split"
 
 
 def resolve_split_name(args: DataArguments, split: str) -> str | None:
@@ -233,6 +266,8 @@ def column_types(stream: IterableDataset) -> dict[str, Any]:
 
 def _count_local_examples(files: Sequence[str]) -> int | None:
     """Samples in local data files, from the parquet footers / tar headers / file count, without decoding anything."""
+    from .shards import SHARD_SUFFIXES, scan_shard
+
     paths = [pathlib.Path(file) for file in files]
     if not paths or not all(path.is_file() for path in paths):
         return None  # remote files: rely on the split info or --num_train_samples

@@ -163,31 +163,39 @@ class WorkerStream(torch.utils.data.IterableDataset):
         # [epoch, worker rotation, start position of each worker]; in shared memory so that persistent workers see
         # the values the main process sets before every epoch.
         self.control = torch.zeros(2 + max(num_workers, 1), dtype=torch.int64).share_memory_()
+        self.pass_had_images = False  # whether this worker's current pass over its part has given a usable image
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker_info = torch.utils.data.get_worker_info()
         num_workers, worker_id = (worker_info.num_workers, worker_info.id) if worker_info else (1, 0)
         epoch, rotation, *starts = self.control.tolist()
         worker = (worker_id + rotation) % num_workers
-        records = itertools.islice(self._records(epoch, worker, num_workers), starts[worker], None)
+        records = self._records(epoch, worker, num_workers, starts[worker])
         try:
             yield from self._batches(records, starts[worker], worker, epoch)
         except UsageError as error:  # raised again by the main process: one line, not a DataLoader worker traceback
             yield {"_error": error.with_traceback(None)}  # a traceback would tie the loader into a reference cycle
 
-    def _records(self, epoch: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    def _records(self, epoch: int, worker: int, num_workers: int, start: int) -> Iterator[dict[str, Any]]:
+        """This worker's part of the stream from record `start` on (those before were consumed before a resume), in
+        passes over the part while a fixed-length epoch needs more and the last pass gave a usable image."""
         # Workers of all processes are one flat pool: disjoint parts that together cover the stream.
         stream = split_dataset_by_node(
             self.source, rank=self.process_index * num_workers + worker, world_size=self.num_processes * num_workers
         )
+        position = 0
         for pass_index in itertools.count():
             stream.set_epoch(epoch + pass_index * PASS_EPOCH_STRIDE)
-            read_any = False
+            self.pass_had_images = False  # `_batches` sets it: it handles each record before it asks for the next
             for columns in stream.iter(batch_size=RECORDS_PER_READ):
-                read_any = True
-                yield from (dict(zip(columns, values)) for values in zip(*columns.values()))
-            if not (self.repeat and read_any):
-                return
+                for values in zip(*columns.values()):
+                    position += 1
+                    if position > start:
+                        yield dict(zip(columns, values))
+                    else:  # skipped undecoded: taken as usable, as the interrupted run may have found it
+                        self.pass_had_images = True
+            if not (self.repeat and self.pass_had_images):
+                return  # a pass over a part without a usable image, made again, would loop forever
 
     def _batches(
         self, records: Iterator[dict[str, Any]], position: int, worker: int, epoch: int
@@ -210,6 +218,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
                 continue
             images.append(image)
             keys.append(key)
+            self.pass_had_images = True
             if self.columns.labels is not None:
                 labels.append(self.columns.labels.id_of(label))
             if len(images) == self.batch_size:

@@ -128,19 +128,19 @@ class RandAugmentWithMagnitudeNoise(v2.RandAugment):
 
 
 def finetune_transform(
-    image_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    image_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
+    crop_scale: tuple[float, float] = FINETUNE_CROP_SCALE, rand_augment: bool = True, erasing: float = 0.25,
 ) -> ImageTransform:
-    """The paper's fine-tuning recipe: RandomResizedCrop + flip + RandAugment(m9, mstd0.5) + random erasing 0.25."""
+    """The paper's fine-tuning recipe by default: RandomResizedCrop(0.08-1) + flip + RandAugment(m9, mstd0.5) + random
+    erasing 0.25; the small-image recipe keeps larger crops and drops RandAugment and erasing."""
     size = _as_size(image_size)
     fill = [round(channel * 255) for channel in mean]  # timm fills RandAugment's empty pixels with the mean colour
-    augment = RandAugmentWithMagnitudeNoise(
+    augment = [RandAugmentWithMagnitudeNoise(
         magnitude=9, magnitude_std=0.5, interpolation=v2.InterpolationMode.BICUBIC, fill=fill
-    )
-    erase = v2.RandomErasing(p=0.25, value="random")  # timm's re_mode="pixel": per-pixel normal noise
-    pipeline = v2.Compose(
-        _random_resized_crop(size, FINETUNE_CROP_SCALE) + [augment] + _to_normalised_tensor(mean, std) + [erase]
-    )
-    return ImageTransform(pipeline, _min_side_for_random_crop(size, FINETUNE_CROP_SCALE[0]))
+    )] if rand_augment else []
+    erase = [v2.RandomErasing(p=erasing, value="random")] if erasing else []  # timm's re_mode="pixel": normal noise
+    pipeline = v2.Compose(_random_resized_crop(size, crop_scale) + augment + _to_normalised_tensor(mean, std) + erase)
+    return ImageTransform(pipeline, _min_side_for_random_crop(size, crop_scale[0]))
 
 
 def mixup_cutmix(

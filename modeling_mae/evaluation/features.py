@@ -1,5 +1,6 @@
 """Features of a frozen encoder: `extract_features` runs it once over a split (no masking) and gathers every
-process's features, so each process holds the whole split in the same order; CLS or mean pooling.
+process's features, so each process holds the whole split in the same order; CLS or mean pooling. The main process
+shows the progress (`training.progress`: a bar on a terminal, a line every 30 s in a log).
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import torch
 from accelerate import Accelerator
 
 from ..modeling_mae import MAEModel
+from ..training.progress import tracked
+from .arguments import POOLINGS
 
 Pooling = Literal["cls", "mean"]
-
-
-POOLINGS: tuple[str, ...] = ("cls", "mean")
 
 
 def pool_features(last_hidden_state: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -44,13 +44,16 @@ def gather_variable_length(accelerator: Accelerator, tensor: torch.Tensor) -> to
 
 @torch.no_grad()
 def extract_local_features(
-    encoder: MAEModel, batches: Iterable[dict[str, torch.Tensor]], pooling: Pooling, device: torch.device
+    accelerator: Accelerator, encoder: MAEModel, batches: Iterable[dict[str, torch.Tensor]], pooling: Pooling,
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features `(N, D)` (float32) and labels `(N,)` of this process's batches, encoder in eval mode."""
+    """Pooled features `(N, D)` (float32) and labels `(N,)` of this process's batches, encoder in eval mode; the main
+    process shows the progress as `desc`."""
     encoder.eval()
+    device = accelerator.device
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for batch in batches:
+    for batch in tracked(batches, desc, unit="batch", enabled=accelerator.is_main_process):
         hidden = encoder(batch["pixel_values"].to(device)).last_hidden_state
         features.append(pool_features(hidden, pooling).float())
         labels.append(batch["labels"].to(device))
@@ -61,8 +64,9 @@ def extract_local_features(
 
 
 def extract_features(
-    accelerator: Accelerator, encoder: MAEModel, batches: Iterable[dict[str, torch.Tensor]], pooling: Pooling
+    accelerator: Accelerator, encoder: MAEModel, batches: Iterable[dict[str, torch.Tensor]], pooling: Pooling,
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of the whole split (every process's share), the same on every process."""
-    features, labels = extract_local_features(encoder, batches, pooling, accelerator.device)
+    features, labels = extract_local_features(accelerator, encoder, batches, pooling, desc)
     return gather_variable_length(accelerator, features), gather_variable_length(accelerator, labels)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..training.progress import tracked
+
 
 def knn_scores(
     queries: torch.Tensor,
@@ -15,16 +17,17 @@ def knn_scores(
     k: int = 20,
     temperature: float = 0.07,
     chunk_size: int = 1024,
+    show_progress: bool = False,
 ) -> torch.Tensor:
     """Class scores `(Q, C)` of a weighted k-NN: each of the k most cosine-similar bank samples votes for its class
     with weight `exp(similarity / temperature)` (Wu et al., 2018; DINO's `knn_classifier`).
 
-    Queries are processed in chunks so the `(chunk, N)` similarity matrix stays small.
+    Queries are processed in chunks so the `(chunk, N)` similarity matrix stays small; `show_progress` counts them.
     """
     bank = F.normalize(bank.float(), dim=-1)
     k = min(k, bank.shape[0])
     scores = []
-    for start in range(0, queries.shape[0], chunk_size):
+    for start in tracked(range(0, queries.shape[0], chunk_size), "k-NN", unit="chunk", enabled=show_progress):
         query = F.normalize(queries[start : start + chunk_size].float(), dim=-1)
         similarity, index = (query @ bank.T).topk(k, dim=-1)  # (chunk, k)
         weights = (similarity / temperature).exp()

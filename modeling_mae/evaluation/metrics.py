@@ -1,19 +1,22 @@
 """Classification metrics: `ClassificationMetric` feeds an `evaluate` module (by default our `top_k_accuracy.py`,
 loaded by path so it works offline; `--metric accuracy` is the Hub's) with the predictions of every process, gathered
 with `accelerator.gather_for_metrics`. The loaders give each process a disjoint share of the split without padding, so
-every sample is added exactly once.
+every sample is added exactly once. `evaluate` is imported when a metric is loaded: the scripts import
+`MetricArguments` before they parse their command line, and `--help` needs none of it.
 """
 
 from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass, field
-
-import evaluate
-import torch
-from accelerate import Accelerator
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import evaluate
+    import torch
+    from accelerate import Accelerator
 
 TOP_KS = (1, 5)
 
@@ -38,6 +41,8 @@ class MetricArguments:
 
 def load_metric(name: str) -> evaluate.EvaluationModule:
     """Our top-k accuracy (loaded by path: no network), or any other `evaluate` module by Hub name or path."""
+    import evaluate
+
     source = str(TOP_K_ACCURACY_SCRIPT) if name == TOP_K_ACCURACY else name
     try:
         return evaluate.load(source, keep_in_memory=True)  # in memory: every process holds every prediction

@@ -15,6 +15,7 @@ from ..data.loader import ImageStreamLoader, build_dataloader
 from ..data.sources import DataArguments
 from ..data.transforms import ImageTransform
 from ..errors import UsageError
+from ..text import format_number
 from ..training.checkpoints import write_json
 
 RESULTS_FILE = "all_results.json"
@@ -71,5 +72,5 @@ def save_results(
 
 def summarize(metrics: dict[str, Any]) -> str:
     """The validation scores of `metrics` in one line: "eval_accuracy 0.8150, eval_top5_accuracy 0.9900, ..."."""
-    return ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+    return ", ".join(f"{key} {format_number(value)}"
                      for key, value in metrics.items() if key.startswith("eval_") and key != "eval_runtime")

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from ..configuration_mae import MAEConfig, parse_overrides
-from ..errors import UsageError
-from .model_card import render_model_card, write_model_card
+from ..data.transforms import EVAL_CROP_FRACTION
+from ..errors import UsageError, describe
 from ..modeling_mae import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -38,8 +40,16 @@ from ..modeling_mae import (
     MAEModel,
     MAEPreTrainedModel,
     build_image_processor,
+    name_the_cpu_for_deepspeed,
 )
-from ..data.transforms import EVAL_CROP_FRACTION
+from .hub import with_default_mode, with_default_modes
+from .model_card import (
+    FEATURE_EXTRACTION,
+    IMAGE_CLASSIFICATION,
+    USAGE_PLACEHOLDER,
+    render_model_card,
+    write_model_card,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -234,18 +244,51 @@ def mae_config_from_timm(state_dict: StateDict, timm_config: dict[str, Any], **o
 
 
 def mae_config_from_transformers(config: dict[str, Any], **overrides: Any) -> MAEConfig:
-    """A transformers `ViTMAEConfig` dict -> `MAEConfig` (the field names are the same)."""
+    """A transformers `ViTMAEConfig` or `ViTConfig` dict -> `MAEConfig` (the field names are the same)."""
     fields = set(MAEConfig().to_dict()) - {"model_type", "transformers_version", "architectures", "auto_map"}
     values = {key: value for key, value in config.items() if key in fields}
+    if config.get("model_type") == "vit":  # transformers' ViT classifies its CLS token, after the final LayerNorm
+        values["use_mean_pooling"] = False
     return MAEConfig(**{**values, **overrides})
+
+
+def with_vit_prefix(state_dict: StateDict) -> StateDict:
+    """A transformers base model (`ViTModel`, `ViTMAEModel`) saves its keys without the `vit.` of the models with a
+    head. A `ViTModel`'s pooler (dense + tanh on the CLS token) has no MAE counterpart: it is left out."""
+    if any(key.startswith("vit.") for key in state_dict):
+        return state_dict
+    pooler = sorted(key for key in state_dict if key.startswith("pooler."))
+    if pooler:
+        logger.warning("Leaving out the ViTModel pooler (%s): MAE models have none", ", ".join(pooler))
+    return {f"vit.{key}": tensor for key, tensor in state_dict.items() if key not in pooler}
+
+
+def unreadable_weights_error(file: str | os.PathLike[str], error: Exception) -> UsageError:
+    """One line for a weights file that does not load: a pickle holding more than tensors (torch's weights-only
+    loader refuses it, so nothing of it runs), or a damaged safetensors file."""
+    if isinstance(error, pickle.UnpicklingError):
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"pickled code ({refused.group(1)})" if refused else "pickled objects other than tensors"
+        return UsageError(
+            f"{file} holds {what}, which is never run here: nothing was loaded. Only if you trust where it comes "
+            "from, load it with torch.load(..., weights_only=False) and save the model again with save_pretrained "
+            "(safetensors)"
+        )
+    return UsageError(f"{file} cannot be read as weights ({describe(error)}): save or download the model again")
 
 
 def _read_weights(path: Path) -> StateDict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise unreadable_weights_error(path, error) from error
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unreadable_weights_error(path, error) from error
     # The official files wrap the weights: {"model": state_dict, ...}.
     return checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
 
@@ -275,7 +318,7 @@ def load_checkpoint(source: str, overrides: str | dict[str, Any] | None = None) 
     config = json.loads((path / "config.json").read_text())
     if "architecture" in config:  # timm's folder layout (`save_for_hf`, the Hub's timm/...): official key names
         return mae_config_from_timm(state_dict, config, **values), convert_official_state_dict(state_dict)
-    return mae_config_from_transformers(config, **values), convert_transformers_state_dict(state_dict)
+    return mae_config_from_transformers(config, **values), convert_transformers_state_dict(with_vit_prefix(state_dict))
 
 
 def build_converted_model(config: MAEConfig, state_dict: StateDict) -> MAEPreTrainedModel:
@@ -299,6 +342,7 @@ def convert_checkpoint(
     model = build_converted_model(*load_checkpoint(source, overrides))
     if output_dir:
         model.save_pretrained(output_dir)
+        with_default_modes(output_dir)
     return model
 
 
@@ -372,17 +416,21 @@ def save_vit_folder(
     """`to_transformers_vit(model)` saved with our preprocessing (`preprocessor_config.json`, so that
     `AutoImageProcessor` works on the folder) and a model card that says what a bare `ViTModel` gets wrong."""
     vit = to_transformers_vit(model)
+    name_the_cpu_for_deepspeed()  # transformers' ViT saves like ours, without our save_pretrained
     vit.save_pretrained(output_dir)
+    with_default_modes(output_dir)
     build_image_processor(model.config).save_pretrained(output_dir)
     is_encoder = isinstance(vit, ViTModel)
     load = "ViTModel.from_pretrained(folder, add_pooling_layer=False)" if is_encoder else \
         "ViTForImageClassification.from_pretrained(folder)"
     usage = (f"from transformers import AutoImageProcessor, {load.split('.')[0]}\n\n"
-             f'folder = "{output_dir}"\nprocessor = AutoImageProcessor.from_pretrained(folder)\nmodel = {load}')
+             f'folder = "{USAGE_PLACEHOLDER}"  # this folder, or its Hub repository once pushed\n'
+             f"processor = AutoImageProcessor.from_pretrained(folder)\nmodel = {load}")
     description = "An MAE (He et al., 2021) ViT in transformers' own ViT layout: no custom code needed."
     if is_encoder:
         description += f"\n\n**Note.** {VIT_POOLER_NOTE}"
-    card = render_model_card(f"MAE {type(vit).__name__}", description, {}, tags=["vit", "mae"], usage=usage)
+    card = render_model_card(f"MAE {type(vit).__name__}", description, {}, tags=["vit", "mae"], usage=usage,
+                             pipeline_tag=FEATURE_EXTRACTION if is_encoder else IMAGE_CLASSIFICATION)
     write_model_card(output_dir, card)
     return vit
 
@@ -464,6 +512,7 @@ def export_to_timm(model: MAEPreTrainedModel, output_dir: str | os.PathLike[str]
     folder.mkdir(parents=True, exist_ok=True)
     state_dict = rename_keys(encoder_and_head_state_dict(model), TO_OFFICIAL_RENAMES)
     save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, folder / "model.safetensors")
+    with_default_mode(folder / "model.safetensors")
     timm_config = {
         "architecture": spec.architecture,
         "num_classes": spec.pretrained_cfg["num_classes"],
@@ -473,11 +522,13 @@ def export_to_timm(model: MAEPreTrainedModel, output_dir: str | os.PathLike[str]
         "pretrained_cfg": spec.pretrained_cfg,
     }
     (folder / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
-    usage = (f'import timm\n\nmodel = timm.create_model("local-dir:{folder}", pretrained=True)\n'
-             f"# or, spelled out:\nmodel = {spec.create_model_call(folder / 'model.safetensors')}")
+    spelled_out = spec.create_model_call("model.safetensors")  # the folder's weights file
+    usage = (f'import timm\n\n# the folder:\nmodel = timm.create_model("local-dir:{USAGE_PLACEHOLDER}", pretrained=True)\n'
+             f"# or, spelled out:\nmodel = {spelled_out}")
     description = f"An MAE (He et al., 2021) {type(model).__name__} in timm's `{spec.architecture}` layout."
+    pipeline_tag = IMAGE_CLASSIFICATION if spec.pretrained_cfg["num_classes"] else FEATURE_EXTRACTION
     card = render_model_card(f"MAE {spec.architecture}", description, {}, tags=["timm", "vit", "mae"], usage=usage,
-                             library_name="timm")
+                             library_name="timm", pipeline_tag=pipeline_tag)
     write_model_card(folder, card)
     return spec
 

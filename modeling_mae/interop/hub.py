@@ -11,21 +11,70 @@ import logging
 import os
 import pathlib
 import shlex
-import time
+import shutil
+import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import huggingface_hub
 from accelerate import Accelerator
 from huggingface_hub import HfApi, get_token
+from huggingface_hub.utils import filter_repo_objects
 from torch import nn
 
 from ..arguments import RunArguments
 from ..errors import UsageError
+from ..text import counted
 
 logger = logging.getLogger(__name__)
 
-# Training state stays local: checkpoints (and their staging folders) and tracker logs that are still being written.
-UPLOAD_IGNORE_PATTERNS = ("step_*", ".step_*", "superseded/*", "runs/*")
+SNAPSHOTS_FOLDER = ".hub_snapshots"  # inside the export folder: the snapshots that background uploads send
+# Training state stays local: checkpoints (and their staging folders), tracker logs that are still being written, the
+# upload snapshots, and the output folder's lock (`training.output_lock`).
+UPLOAD_IGNORE_PATTERNS = ("step_*", ".step_*", "superseded/*", "runs/*", f"{SNAPSHOTS_FOLDER}/*", ".run.lock*")
+
+
+def snapshot_for_upload(folder: str | os.PathLike[str]) -> pathlib.Path:
+    """The files of `folder` that an upload sends, frozen in a new folder under `folder/.hub_snapshots`: the training
+    loop rewrites the export at the next checkpoint while the upload may still run.
+
+    The weights are hard links, not copies: safetensors writes a new file and renames it over the old one, so a link
+    keeps the old weights at no cost. Every other file (config, card, code, results) is rewritten in place, and small:
+    copied. A filesystem without hard links gets copies of everything.
+    """
+    folder = pathlib.Path(folder)
+    (folder / SNAPSHOTS_FOLDER).mkdir(exist_ok=True)
+    snapshot = pathlib.Path(tempfile.mkdtemp(prefix="upload-", dir=folder / SNAPSHOTS_FOLDER))
+    names = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    for name in filter_repo_objects(names, ignore_patterns=UPLOAD_IGNORE_PATTERNS):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if not (name.endswith(".safetensors") and _hard_linked(folder / name, snapshot / name)):
+            shutil.copy2(folder / name, snapshot / name)
+    return snapshot
+
+
+def _hard_linked(source: pathlib.Path, link: pathlib.Path) -> bool:
+    try:
+        os.link(source, link)
+    except OSError:  # another filesystem, or one without hard links
+        return False
+    return True
+
+
+def with_default_mode(*paths: str | os.PathLike[str]) -> None:
+    """Give files the mode any new file gets here (0644 under the usual umask 022). safetensors writes through a
+    private temporary file (mode 0600) that it renames into place: the weights alone would stay unreadable to the
+    other users of a shared folder."""
+    umask = os.umask(0)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
+def with_default_modes(folder: str | os.PathLike[str]) -> None:
+    """`with_default_mode` for every safetensors file of `folder` (a `save_pretrained` folder: one, or shards)."""
+    with_default_mode(*pathlib.Path(folder).glob("*.safetensors"))
 
 
 def export_model(accelerator: Accelerator, model: nn.Module, output_dir: str | os.PathLike[str]) -> None:
@@ -42,6 +91,7 @@ def export_model(accelerator: Accelerator, model: nn.Module, output_dir: str | o
         accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             output_dir, state_dict=state_dict, safe_serialization=True
         )
+        with_default_modes(output_dir)
     accelerator.wait_for_everyone()
 
 
@@ -79,15 +129,28 @@ def build_uploader(run: RunArguments, is_main_process: bool) -> HubUploader | No
     )
 
 
-class HubUploader:
-    """Creates the Hub repository once, then uploads the export folder, in the background when asked.
+@dataclass(frozen=True)
+class PendingUpload:
+    """A checkpoint upload: the snapshot it sends (deleted once sent or given up) and the export folder it froze."""
 
-    A network blip must not cost a training run: every upload is retried `retries` times, waiting `retry_wait_s`,
-    then twice as long each time (on top of `huggingface_hub`'s own retries of each request). A background upload
-    that still fails is logged as a warning with the command that pushes the folder by hand, and training goes on;
-    only the final, foreground `upload` raises, once everything is saved locally. At most one upload is in flight:
-    `upload` and `upload_in_background` first wait for the previous one, because the caller rewrites the folder's
-    files before each upload. The token never appears in a message.
+    snapshot: pathlib.Path
+    export_folder: pathlib.Path
+    commit_message: str
+
+
+class HubUploader:
+    """Creates the Hub repository once, then uploads the export folder: in the background at checkpoints, in the
+    foreground at the end.
+
+    A Hub outage must not cost training time. A checkpoint upload sends a snapshot of the export (`snapshot_for_upload`)
+    that the loop never rewrites, so `upload_in_background` returns at once, whatever the Hub does. One upload runs at a
+    time; a checkpoint that comes while one is in flight waits for it, and replaces (with a warning) any checkpoint
+    that was waiting already: only the newest is worth sending. Every upload is retried `retries` times, waiting
+    `retry_wait_s`, then twice as long each time (on top of `huggingface_hub`'s own retries of each request); a
+    background upload that still fails is logged as a warning with the command that pushes the folder by hand, and
+    training goes on. Only the final `upload` waits: for the background uploads, which stop retrying then (it sends
+    everything they would), then for its own, which raises once everything is saved locally. The token never appears in
+    a message.
     """
 
     def __init__(
@@ -105,46 +168,76 @@ class HubUploader:
                 "token (`hf auth login`, HF_TOKEN or --hub_token), the network and --hub_model_id. Nothing was trained"
             ) from error
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload")
-        self._pending: Future[None] | None = None
+        self._lock = threading.Lock()  # guards the two fields below, shared with the upload thread
+        self._waiting: PendingUpload | None = None  # the newest checkpoint upload, not started yet
+        self._uploading = False  # the upload thread is sending, or about to send, what waits
+        self._worker: Future[None] | None = None
+        self._final_push = threading.Event()  # set by `upload`: background uploads stop retrying
 
     def upload_in_background(self, folder: str | os.PathLike[str], commit_message: str) -> None:
-        """Start an upload and return; if every try fails, a warning says so as it happens, and training goes on."""
-        self.wait()
-        self._pending = self._executor.submit(self._upload_or_warn, str(folder), commit_message)
+        """Snapshot `folder` and return at once; the upload thread sends it when the previous upload is done. If every
+        try fails, a warning says so as it happens, and training goes on."""
+        pending = PendingUpload(snapshot_for_upload(folder), pathlib.Path(folder), commit_message)
+        with self._lock:
+            replaced, self._waiting = self._waiting, pending
+            start_thread, self._uploading = not self._uploading, True
+        if replaced is not None:
+            logger.warning("Hub upload %r skipped: the upload before it is still in flight, and %r replaces it",
+                           replaced.commit_message, commit_message)
+            shutil.rmtree(replaced.snapshot, ignore_errors=True)
+        if start_thread:
+            self._worker = self._executor.submit(self._upload_waiting)
         logger.info("Uploading %s to %s in the background (%s)", folder, self.repo_id, commit_message)
 
     def upload(self, folder: str | os.PathLike[str], commit_message: str) -> None:
-        """Upload now; raises a `UsageError` with the command to push by hand when every try failed."""
-        self.wait()
-        try:
-            self._upload_with_retries(str(folder), commit_message)
-        except Exception as error:  # whatever the network did, the user gets the way out
+        """The final push, of `folder` itself (nothing rewrites it any more), after the background uploads; raises a
+        `UsageError` with the command to push by hand when every try failed."""
+        self._final_push.set()
+        if self._worker is not None:
+            self._worker.result()
+        shutil.rmtree(pathlib.Path(folder) / SNAPSHOTS_FOLDER, ignore_errors=True)  # with those of a killed run
+        tries, error = self._upload_with_retries(str(folder), commit_message, stop_retrying=threading.Event())
+        if error is not None:  # whatever the network did, the user gets the way out
             raise UsageError(
-                f"pushing {folder} to the Hub repository {self.repo_id} failed after {self.retries + 1} tries "
+                f"pushing {folder} to the Hub repository {self.repo_id} failed after {counted(tries, 'try', 'tries')} "
                 f"({self._describe(error)}). Everything is saved locally in {pathlib.Path(folder).resolve()}; push "
                 f"it later with: {manual_upload_command(self.repo_id, folder)}"
             ) from error
         logger.info("Uploaded %s to %s (%s)", folder, self.repo_id, commit_message)
 
-    def wait(self) -> None:
-        """Block until the background upload (if any) is done."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+    def _upload_waiting(self) -> None:
+        """The upload thread: send what waits, then what came meanwhile, until nothing waits."""
+        while True:
+            with self._lock:
+                pending, self._waiting = self._waiting, None
+                if pending is None:
+                    self._uploading = False
+                    return
+            try:
+                self._upload_or_warn(pending)
+            finally:
+                shutil.rmtree(pending.snapshot, ignore_errors=True)
 
-    def _upload_or_warn(self, folder: str, commit_message: str) -> None:
-        try:
-            self._upload_with_retries(folder, commit_message)
-        except Exception as error:  # noqa: BLE001 - a failed checkpoint push must never stop training
-            logger.warning(
-                "The Hub upload %r to %s failed after %d tries (%s); training goes on, the next checkpoint and the "
-                "end of training upload the folder again. To push it by hand: %s",
-                commit_message, self.repo_id, self.retries + 1, self._describe(error),
-                manual_upload_command(self.repo_id, folder),
-            )
+    def _upload_or_warn(self, pending: PendingUpload) -> None:
+        tries, error = self._upload_with_retries(str(pending.snapshot), pending.commit_message, self._final_push)
+        if error is None:
+            logger.info("Uploaded %s to %s (%s)", pending.export_folder, self.repo_id, pending.commit_message)
+            return
+        logger.warning(  # a failed checkpoint push must never stop training
+            "The Hub upload %r to %s failed after %s (%s); training goes on, the next checkpoint and the end of "
+            "training upload the folder again. To push it by hand: %s",
+            pending.commit_message, self.repo_id, counted(tries, "try", "tries"), self._describe(error),
+            manual_upload_command(self.repo_id, pending.export_folder),
+        )
 
-    def _upload_with_retries(self, folder: str, commit_message: str) -> None:
-        for attempt in range(self.retries + 1):
+    def _upload_with_retries(
+        self, folder: str, commit_message: str, stop_retrying: threading.Event
+    ) -> tuple[int, Exception | None]:
+        """Upload `folder`, retrying after a doubling wait: (tries, None) once it is done, else (tries, the last error)
+        after the last try, or as soon as `stop_retrying` is set."""
+        tries = 0
+        while True:
+            tries += 1
             try:
                 self.api.upload_folder(
                     repo_id=self.repo_id,
@@ -152,16 +245,17 @@ class HubUploader:
                     commit_message=commit_message,
                     ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),  # a copy: upload_folder appends to it
                 )
-                return
-            except Exception as error:  # 5xx, dropped connections, timeouts: all worth another try
-                if attempt == self.retries:
-                    raise
-                wait = self.retry_wait_s * 2**attempt
+                return tries, None
+            except Exception as error:  # noqa: BLE001 - 5xx, dropped connections, timeouts: all worth another try
+                if tries > self.retries or stop_retrying.is_set():
+                    return tries, error
+                wait = self.retry_wait_s * 2 ** (tries - 1)
                 logger.warning(
                     "Hub upload %r failed (%s): try %d of %d in %.3g s",
-                    commit_message, self._describe(error), attempt + 2, self.retries + 1, wait,
+                    commit_message, self._describe(error), tries + 1, self.retries + 1, wait,
                 )
-                time.sleep(wait)
+                if stop_retrying.wait(wait):
+                    return tries, error
 
     def _describe(self, error: BaseException) -> str:
         """`Type: first line` of an error, with the token masked should a server ever echo it back."""

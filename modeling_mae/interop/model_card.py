@@ -2,7 +2,9 @@
 runs, and the exports of `conversion.py`.
 
 The scripts pass what they know about their run; the wording, tables and metadata live here. `hub.py` exports and
-uploads the folders.
+uploads the folders. A card is uploaded with the model, so it names models and data by Hub id only: a path of the
+machine that trained means nothing on the Hub (and may say more than it should), so it is "a local checkpoint" or
+"local data" there.
 """
 
 from __future__ import annotations
@@ -12,22 +14,48 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..arguments import OptimizationArguments
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from ..arguments import DEFAULT_MODEL_CONFIG, OptimizationArguments
 from ..configuration_mae import MAEConfig
 from ..training.optimization import TrainingPlan, effective_batch_size
 
 CARD_FILE = "README.md"
 SAMPLE_DATASET = "the embedded Fashion-MNIST sample"
+LOCAL_CHECKPOINT = "a local checkpoint"
+LOCAL_CONFIG = "a local config"
+LOCAL_DATA = "local data"
+USAGE_PLACEHOLDER = "PATH_OR_REPO"  # in the usage snippet of a card whose Hub repository is not known
+FEATURE_EXTRACTION = "image-feature-extraction"  # the Hub's pipeline tags
+IMAGE_CLASSIFICATION = "image-classification"
 
 
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _cell(key: str, value: Any) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{text} s" if key.endswith("runtime") else text  # train_runtime, eval_runtime: seconds
 
 
 def _markdown_table(rows: Mapping[str, Any]) -> str:
     lines = ["| | |", "|---|---|"]
-    lines += [f"| {key} | {_cell(value)} |" for key, value in rows.items()]
+    lines += [f"| {key} | {_cell(key, value)} |" for key, value in rows.items()]
     return "\n".join(lines)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` names a Hub repository ("org/name", or a preset name): no local path, and a valid repo id."""
+    if pathlib.Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:  # "/abs/path", "../x", "a/b/c": a local path that is gone, never a Hub id
+        return False
+    return True
+
+
+def public_name(name: str, local: str) -> str:
+    """`name` when it is a Hub id, else `local` (e.g. `LOCAL_CHECKPOINT`): what a card may say of a model or data."""
+    return name if is_hub_id(name) else local
 
 
 def render_model_card(
@@ -39,9 +67,11 @@ def render_model_card(
     usage: str | None = None,
     figures: Iterable[str] = (),
     library_name: str = "transformers",
+    pipeline_tag: str | None = None,
 ) -> str:
     """A Hub model card: YAML metadata, a description, a usage snippet, one table per section, figures."""
     metadata = ["---", f"library_name: {library_name}", "license: apache-2.0"]
+    metadata += [f"pipeline_tag: {pipeline_tag}"] if pipeline_tag else []
     metadata += ["tags:"] + [f"- {tag}" for tag in tags]
     datasets = list(datasets)
     if datasets:
@@ -57,9 +87,28 @@ def render_model_card(
 
 def hub_dataset_ids(dataset_name: str | None) -> list[str]:
     """The card's `datasets:` metadata: the data set when it is a Hub id ("org/name"), not a local folder."""
-    if dataset_name is None or "/" not in dataset_name or pathlib.Path(dataset_name).expanduser().exists():
+    if dataset_name is None or "/" not in dataset_name or not is_hub_id(dataset_name):
         return []
     return [dataset_name]
+
+
+def describe_dataset(dataset_name: str | None) -> str:
+    return SAMPLE_DATASET if dataset_name is None else public_name(dataset_name, LOCAL_DATA)
+
+
+def describe_start(model_name_or_path: str | None, model_config: str | None, seed: int) -> str:
+    """Where a run started, as a card says it: the weights' Hub id, or the random init's config and seed."""
+    if model_name_or_path is not None:
+        return public_name(model_name_or_path, LOCAL_CHECKPOINT)
+    return f"random init of {public_name(model_config or DEFAULT_MODEL_CONFIG, LOCAL_CONFIG)} (seed {seed})"
+
+
+def usage_snippet(loads: Mapping[str, str], repo_id: str | None) -> str:
+    """`name = AutoClass.from_pretrained(repo, trust_remote_code=True)` for each of `loads` ({name: Auto class}), after
+    their import; the repository is a placeholder until the card knows its Hub id."""
+    repo = repo_id or USAGE_PLACEHOLDER
+    lines = [f'{name} = {cls}.from_pretrained("{repo}", trust_remote_code=True)' for name, cls in loads.items()]
+    return f"from transformers import {', '.join(dict.fromkeys(loads.values()))}\n\n" + "\n".join(lines)
 
 
 def write_model_card(output_dir: str | os.PathLike[str], card: str) -> pathlib.Path:
@@ -89,19 +138,21 @@ def pretraining_card(
     results: Mapping[str, Any],
     final: bool,
     figures: Iterable[str] = (),
+    repo_id: str | None = None,
 ) -> str:
-    """The card of a pretraining export: data, recipe, results (`final`, or a checkpoint at `completed_steps`)."""
+    """The card of a pretraining export: data, recipe, results (`final`, or a checkpoint at `completed_steps`);
+    `repo_id`: its Hub repository, when known."""
     batch = effective_batch_size(optim.per_device_train_batch_size, optim.gradient_accumulation_steps, num_processes)
     explicit_lr = optim.learning_rate is not None
     sections: dict[str, dict[str, Any]] = {
         "Data": {
-            "dataset": dataset_name or f"{SAMPLE_DATASET} (modeling_mae/data/sample_data)",
+            "dataset": describe_dataset(dataset_name),
             "split": train_split,
             "images per epoch": images_per_epoch,
             "augmentation": "RandomResizedCrop(scale=(0.2, 1)) + horizontal flip",
         },
         "Recipe": {
-            "model": f"{model_source}: {describe_architecture(config)}, decoder "
+            "model": f"{public_name(model_source, 'a local model')}: {describe_architecture(config)}, decoder "
             f"{config.decoder_hidden_size}x{config.decoder_num_hidden_layers}",
             "mask ratio": config.mask_ratio,
             "norm_pix_loss": config.norm_pix_loss,
@@ -119,11 +170,7 @@ def pretraining_card(
         # final_loss: mean of the last logging window; train_loss: mean over the whole run.
         "Results": {"state": "final" if final else f"checkpoint at step {completed_steps}", **results},
     }
-    usage = (
-        "from transformers import AutoModel, AutoModelForPreTraining\n\n"
-        'encoder = AutoModel.from_pretrained("PATH_OR_REPO", trust_remote_code=True)\n'
-        'mae = AutoModelForPreTraining.from_pretrained("PATH_OR_REPO", trust_remote_code=True)'
-    )
+    usage = usage_snippet({"encoder": "AutoModel", "mae": "AutoModelForPreTraining"}, repo_id)
     return render_model_card(
         "Masked Autoencoder (MAE) pretrained with modeling_mae",
         "A ViT encoder pretrained with the masked-autoencoder objective of He et al., *Masked Autoencoders Are "
@@ -134,25 +181,30 @@ def pretraining_card(
         datasets=hub_dataset_ids(dataset_name),
         usage=usage,
         figures=figures,
+        pipeline_tag=FEATURE_EXTRACTION,
     )
 
 
 def finetuning_card(
     config: MAEConfig,
     *,
-    initialisation: str,
+    model_name_or_path: str | None,
+    model_config: str | None,
+    seed: int,
     dataset_name: str | None,
     layer_decay: float,
     mixup: float,
     cutmix: float,
     label_smoothing: float,
     results: Mapping[str, Any],
+    repo_id: str | None = None,
 ) -> str:
-    """The card of a fine-tuned classifier: where it started, the recipe, the results."""
+    """The card of a fine-tuned classifier: where it started (`describe_start`), the recipe, the results; `repo_id`:
+    its Hub repository, when known."""
     sections = {
         "Recipe": {
-            "initialisation": initialisation,
-            "dataset": dataset_name or SAMPLE_DATASET,
+            "initialisation": describe_start(model_name_or_path, model_config, seed),
+            "dataset": describe_dataset(dataset_name),
             "model": describe_architecture(config),
             "head": "mean of patch tokens + fc_norm" if config.use_mean_pooling else "CLS token",
             "layer decay": layer_decay,
@@ -162,10 +214,10 @@ def finetuning_card(
         },
         "Results": results,
     }
-    usage = ("from transformers import AutoModelForImageClassification\n\n"
-             'model = AutoModelForImageClassification.from_pretrained("PATH_OR_REPO", trust_remote_code=True)')
+    usage = usage_snippet({"model": "AutoModelForImageClassification"}, repo_id)
     return render_model_card(
         "MAE fine-tuned image classifier", "A ViT fine-tuned end to end from a Masked Autoencoder encoder "
         "(He et al., 2021) with the paper's recipe.", sections,
-        tags=["mae", "image-classification", "vision"], usage=usage,
+        tags=["mae", "image-classification", "vision"], datasets=hub_dataset_ids(dataset_name), usage=usage,
+        pipeline_tag=IMAGE_CLASSIFICATION,
     )

@@ -3,98 +3,52 @@ flags only fine-tuning has.
 
 Each epoch: whole optimizer steps of MixUp/CutMix-mixed batches (the global RNG seeded from the micro-batch's place
 in the run, so that a resumed run draws what an uninterrupted one draws), then top-1/top-5 on the validation split,
-each sample counted once whatever the number of processes; checkpoints every --checkpointing_steps.
+each sample counted once whatever the number of processes; checkpoints every --checkpointing_steps, and under
+--save_on_signal one and the end of the run when some process got SIGTERM or SIGUSR1 (`training.preemption`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import pathlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from ..arguments import (
-    AT_LEAST_ONE,
-    FRACTION,
-    NON_NEGATIVE,
-    ModelArguments,
-    OptimizationArguments,
-    Range,
-    RunArguments,
-)
 from ..data.loader import ImageStreamLoader
 from ..data.sources import DataArguments
+from ..evaluation.arguments import (
+    AugmentationArguments,
+    FinetuneModelArguments,
+    FinetuneOptimizationArguments,
+    FinetuneRunArguments,
+)
 from ..evaluation.metrics import ClassificationMetric, MetricArguments
 from ..interop.hub import HubUploader
+from ..text import format_number
 from ..training.accelerator import (
     BatchLayout,
     iterate_in_lockstep,
     move_to_device,
     seeded_generator,
 )
-from ..training.checkpoints import Resumable, resume_training, save_checkpoint
+from ..training.checkpoints import Resumable, save_checkpoint
 from ..training.optimization import (
     TrainingPlan,
 )
+from ..training.preemption import StopSignals, stopped_by
 from ..training.progress import progress_bar
+from ..training.resume import noting_interruption, resume_training
+from ..training.run_identity import RunIdentity, describe_changes
+
+logger = logging.getLogger(__name__)
 
 Mixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class FinetuneModelArguments(ModelArguments):
-    """`ModelArguments` plus the classifier's fine-tuning knobs."""
-
-    FLAG_RANGES: ClassVar[dict[str, Range]] = {
-        "layer_decay": Range(low=0, high=1, low_open=True), "drop_path_rate": FRACTION, "image_size": AT_LEAST_ONE,
-        "num_labels": AT_LEAST_ONE,
-    }
-
-    layer_decay: float = field(default=0.75, metadata={"help": "Layer-wise lr decay (paper: 0.65 ViT-B, 0.75 L/H)."})
-    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth (paper: 0.1 B, 0.2 L, 0.3 H)."})
-    global_pool: bool = field(default=True, metadata={"help": "Classify the mean of the patch tokens (paper) or CLS"})
-    image_size: int | None = field(
-        default=None, metadata={"help": "Fine-tune at this resolution (position table resized); default: pretraining's"}
-    )
-    train_position_embeddings: bool = field(
-        default=True, metadata={"help": "Fine-tune the position table, as the official code does (timm's pos_embed)."}
-    )
-    num_labels: int | None = field(
-        default=None, metadata={"help": "Classes, when the labels are integer ids without names (e.g. webdataset); a label "
-                                    "at or above it is an error. Named labels (ClassLabel, strings) give their own."}
-    )
-
-
-@dataclass
-class AugmentationArguments:
-    FLAG_RANGES: ClassVar[dict[str, Range]] = {
-        "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "label_smoothing": FRACTION,
-    }
-
-    mixup: float = field(default=0.8, metadata={"help": "MixUp alpha (0: off)."})
-    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0: off; with both on, one per batch)."})
-    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the targets."})
-
-
-@dataclass
-class FinetuneOptimizationArguments(OptimizationArguments):
-    """The paper's fine-tuning optimizer (base lr 5e-4 for ViT-B, 1e-3 for L/H, per 256 images)."""
-
-    base_learning_rate: float = field(default=1e-3, metadata={"help": "lr = base_learning_rate * batch / 256"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (the official fine-tuning keeps 0.999)."})
-    min_lr: float = field(default=1e-6, metadata={"help": "Floor of the cosine decay."})
-    num_train_epochs: float = field(default=10, metadata={"help": "Epochs (paper: 100 ViT-B, 50 L/H)."})
-    warmup_epochs: float = field(default=1.0, metadata={"help": "Linear warmup in epochs (paper: 5)."})
-
-
-@dataclass
-class FinetuneRunArguments(RunArguments):
-    output_dir: str = field(default="outputs/mae-finetune", metadata={"help": "Model, results and model card."})
-    tracker_project_name: str = "mae-finetune"
 
 
 @dataclass
@@ -130,6 +84,8 @@ class FinetuneProgress:
     epoch_micro_batches: int = 0  # consumed in the current epoch, on each process
     epoch_loss_sum: float = 0.0  # of this process's micro-batch losses in the current epoch
     history: list[dict[str, float | int]] = field(default_factory=list)  # one entry per finished epoch
+    # Resumes with --allow_objective_change: {"step", field: [old, new]} each
+    objective_changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -149,10 +105,12 @@ class Loop:
     learning_rate: float  # the peak, before layer decay
     eval_loader: ImageStreamLoader
     uploader: HubUploader | None  # None without --push_to_hub and on the other processes
+    identity: RunIdentity  # what it trains, recorded in its checkpoints
+    stop_signals: StopSignals = field(default_factory=StopSignals)  # --save_on_signal
 
     @property
     def resumable(self) -> Resumable:
-        return Resumable(self.scheduler, self.train_loader, self.layout)
+        return Resumable(self.scheduler, self.train_loader, self.layout, self.identity)
 
     def epoch_budget(self, progress: FinetuneProgress) -> int:
         """Micro-batches left in this epoch: whole optimizer steps, never past the run's last step."""
@@ -195,6 +153,7 @@ def train_one_epoch(loop: Loop, progress: FinetuneProgress) -> None:
             progress.completed_steps += 1
             if interval and progress.completed_steps % interval == 0:
                 checkpoint(loop, progress)
+            stop_if_signalled(loop, progress)
 
 
 def finish_epoch(loop: Loop, progress: FinetuneProgress, eval_loader: ImageStreamLoader) -> None:
@@ -204,40 +163,57 @@ def finish_epoch(loop: Loop, progress: FinetuneProgress, eval_loader: ImageStrea
     metrics = {"epoch": progress.epoch + 1, "train_loss": train_loss, **scores}
     progress.history.append(metrics)
     loop.accelerator.log({f"finetune/{key}": value for key, value in metrics.items()}, step=progress.completed_steps)
-    loop.accelerator.print(f"epoch {progress.epoch + 1}: {metrics}")
+    values = ", ".join(f"{key} {format_number(value)}" for key, value in metrics.items() if key != "epoch")
+    loop.accelerator.print(f"epoch {progress.epoch + 1}: {values}")
     progress.epoch, progress.epoch_micro_batches, progress.epoch_loss_sum = progress.epoch + 1, 0, 0.0
     if loop.args.run.checkpoint_every_epoch():
         checkpoint(loop, progress)
 
 
-def checkpoint(loop: Loop, progress: FinetuneProgress) -> None:
+def checkpoint(loop: Loop, progress: FinetuneProgress) -> pathlib.Path:
     run = loop.args.run
-    path = save_checkpoint(loop.accelerator, run.output_dir, progress.completed_steps, asdict(progress),
+    return save_checkpoint(loop.accelerator, run.output_dir, progress.completed_steps, asdict(progress),
                            loop.resumable, run.checkpoints_total_limit)
-    loop.accelerator.print(f"step {progress.completed_steps}: saved {path}")
+
+
+def stop_if_signalled(loop: Loop, progress: FinetuneProgress) -> None:
+    """Under --save_on_signal, once some process got SIGTERM or SIGUSR1: every process saves a checkpoint here, then
+    the run ends (`errors.StoppedBySignal`)."""
+    received = loop.stop_signals.agreed(loop.accelerator)
+    if received:
+        raise stopped_by(received, progress.completed_steps, checkpoint(loop, progress))
 
 
 def resume(loop: Loop) -> FinetuneProgress:
-    resumed = resume_training(loop.accelerator, loop.args.run.resume_from_checkpoint, loop.args.run.output_dir,
-                              loop.resumable)
+    """The progress of `--resume_from_checkpoint` (restored into the loop's objects), or a fresh one; an allowed
+    change of the objective is recorded (`objective_changes` of the results)."""
+    run = loop.args.run
+    resumed = resume_training(loop.accelerator, run.resume_from_checkpoint, run.output_dir, loop.resumable,
+                              FinetuneProgress, run.allow_objective_change)
     if resumed is None:
         return FinetuneProgress()
-    path, trainer_state = resumed
-    progress = FinetuneProgress(**trainer_state)
-    loop.accelerator.print(f"resumed from {path}: step {progress.completed_steps}, epoch {progress.epoch}")
+    progress = resumed.progress
+    loop.accelerator.print(f"resumed from {resumed.checkpoint}: step {progress.completed_steps}, "
+                           f"epoch {progress.epoch}")
+    if resumed.objective_changes:
+        progress.objective_changes.append({"step": progress.completed_steps, **resumed.objective_changes})
+        logger.warning("--allow_objective_change: from step %d on, %s", progress.completed_steps,
+                       describe_changes(resumed.objective_changes))
     return progress
 
 
-def train(loop: Loop) -> FinetuneProgress:
-    progress = resume(loop)
+def train(loop: Loop, progress: FinetuneProgress) -> FinetuneProgress:
+    """Train from `progress` (a fresh one, or `resume`'s) to the last epoch."""
     bar = progress_bar(loop.plan.num_epochs, "fine-tuning", progress.epoch, "epoch",
                        enabled=loop.accelerator.is_local_main_process)
-    with contextlib.closing(bar):  # closed on an error too: the error stays the last line printed
+    # The bar is closed on an error too: the error stays the last line printed (Ctrl-C's: the step and how to resume).
+    with contextlib.closing(bar), noting_interruption(loop.args.run.output_dir, lambda: progress.completed_steps):
         while progress.epoch < loop.plan.num_epochs:
             loop.train_loader.set_epoch(progress.epoch)  # keeps a stream position loaded for this epoch
             train_one_epoch(loop, progress)
             finish_epoch(loop, progress, loop.eval_loader)
             bar.update(1)
+            stop_if_signalled(loop, progress)  # the evaluation may have taken long
     return progress
 
 

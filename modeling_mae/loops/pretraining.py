@@ -4,7 +4,8 @@ One optimizer step: for each micro-batch of the accumulation window, masking noi
 position in the run (`mask_noise`: distinct per process, the same again on resume), a forward pass that predicts the
 masked patches only, and a backward pass unless the loss is non-finite on some process (`NonFiniteLossGuard`); then
 clipping, the optimizer and the schedule (`optimizer_step`). After each step (`after_step`): the loss and learning
-rate logged, then validation, the reconstruction figure and a checkpoint when due (`pretraining_outputs`).
+rate logged, then validation, the reconstruction figure and a checkpoint when due (`pretraining_outputs`), and under
+`--save_on_signal` a checkpoint and the end of the run when some process got SIGTERM or SIGUSR1 (`preemption`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from ..training.accelerator import (
     move_to_device,
     seeded_generator,
 )
-from ..training.checkpoints import (
-    newest_checkpoint_before,
-    resume_training,
-)
+from ..training.checkpoints import newest_checkpoint_before
+from ..training.preemption import stopped_by
 from ..training.progress import (
     LossWindow,
     NonFiniteLossError,
@@ -34,6 +33,8 @@ from ..training.progress import (
     loss_is_finite_everywhere,
     progress_bar,
 )
+from ..training.resume import noting_interruption, resume_training
+from ..training.run_identity import describe_changes
 from .pretraining_outputs import checkpoint, log_validation, save_figure
 from .pretraining_state import Trainer, epochs_done
 
@@ -61,7 +62,8 @@ def train(trainer: Trainer, progress: TrainingProgress) -> TrainingProgress:
         ),
     )
     trainer.model.train()
-    with contextlib.closing(loop.bar):  # closed on an error too: the error stays the last line printed
+    # The bar is closed on an error too: the error stays the last line printed (Ctrl-C's: the step and how to resume).
+    with contextlib.closing(loop.bar), noting_interruption(trainer.output_dir, lambda: progress.completed_steps):
         while progress.completed_steps < total_steps:
             if train_epoch(trainer, progress, loop):
                 finish_epoch(trainer, progress, loop.losses)
@@ -89,6 +91,7 @@ def train_epoch(trainer: Trainer, progress: TrainingProgress, loop: LoopState) -
             progress.completed_steps += 1
             loop.bar.update(1)
             after_step(trainer, progress, loop, learning_rate)
+            stop_if_signalled(trainer, progress, loop)
         else:
             loop.losses.discard_step()
         poisoned = False
@@ -171,6 +174,15 @@ def after_step(trainer: Trainer, progress: TrainingProgress, loop: LoopState, lr
         checkpoint(trainer, progress, loop.losses)
 
 
+def stop_if_signalled(trainer: Trainer, progress: TrainingProgress, loop: LoopState) -> None:
+    """Under --save_on_signal, once some process got SIGTERM or SIGUSR1: every process saves this step's checkpoint,
+    then the run ends (`errors.StoppedBySignal`)."""
+    received = trainer.stop_signals.agreed(trainer.accelerator)
+    if received:
+        path = checkpoint(trainer, progress, loop.losses)
+        raise stopped_by(received, progress.completed_steps, path)
+
+
 def finish_epoch(trainer: Trainer, progress: TrainingProgress, losses: LossWindow) -> None:
     progress.epoch += 1
     progress.epoch_micro_batches = 0
@@ -199,12 +211,17 @@ def stop_diverged(trainer: Trainer, progress: TrainingProgress, loop: LoopState)
 
 
 def resume(trainer: Trainer) -> TrainingProgress:
-    resumed = resume_training(
-        trainer.accelerator, trainer.args.run.resume_from_checkpoint, trainer.output_dir, trainer.resumable
-    )
+    """The progress of `--resume_from_checkpoint` (restored into the trainer), or a fresh one; an allowed change of
+    the objective is logged in the run's history."""
+    run = trainer.args.run
+    resumed = resume_training(trainer.accelerator, run.resume_from_checkpoint, trainer.output_dir, trainer.resumable,
+                              TrainingProgress, run.allow_objective_change)
     if resumed is None:
         return TrainingProgress()
-    path, trainer_state = resumed
-    progress = TrainingProgress(**trainer_state)
-    logger.info("resumed from %s: step %d, epoch %d", path, progress.completed_steps, progress.epoch)
+    progress = resumed.progress
+    logger.info("resumed from %s: step %d, epoch %d", resumed.checkpoint, progress.completed_steps, progress.epoch)
+    if resumed.objective_changes:
+        progress.log_history.append({"step": progress.completed_steps, "objective_change": resumed.objective_changes})
+        logger.warning("--allow_objective_change: from step %d on, %s", progress.completed_steps,
+                       describe_changes(resumed.objective_changes))
     return progress

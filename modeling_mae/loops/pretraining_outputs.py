@@ -29,7 +29,14 @@ from ..training.progress import (
     LossWindow,
     TrainingProgress,
 )
-from .pretraining_state import FIGURE_FILE, LOG_HISTORY_FILE, RESULTS_FILE, Trainer, epochs_done, model_source
+from .pretraining_state import (
+    FIGURE_FILE,
+    LOG_HISTORY_FILE,
+    RESULTS_FILE,
+    Trainer,
+    epochs_done,
+    model_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,9 @@ def log_validation(trainer: Trainer, step: int) -> float | None:
     return loss
 
 
-def save_figure(trainer: Trainer, step: int) -> pathlib.Path:
-    """Figure 2 of the paper on the fixed figure batch: `reconstruction_step{N}.png` and `reconstruction.png`."""
+def save_figure(trainer: Trainer, step: int, periodic: bool = True) -> pathlib.Path:
+    """Figure 2 of the paper on the fixed figure batch: `reconstruction.png`, and `reconstruction_step{N}.png` when
+    `periodic` (--log_images_steps; not the end-of-run figure, which would only copy reconstruction.png)."""
     accelerator = trainer.accelerator
     generator = torch.Generator().manual_seed(trainer.args.run.seed)  # the same masks in every figure
     noise = torch.rand(trainer.figure_batch.shape[0], trainer.config.num_patches, generator=generator)
@@ -87,7 +95,8 @@ def save_figure(trainer: Trainer, step: int) -> pathlib.Path:
     )
     latest = trainer.output_dir / FIGURE_FILE
     if accelerator.is_main_process:
-        figure.save(trainer.output_dir / f"reconstruction_step{step}.png")
+        if periodic:
+            figure.save(trainer.output_dir / f"reconstruction_step{step}.png")
         figure.save(latest)
         log_figure(accelerator, "reconstruction", figure, step)
     return latest
@@ -103,7 +112,6 @@ def checkpoint(trainer: Trainer, progress: TrainingProgress, losses: LossWindow)
         trainer.resumable,
         trainer.args.run.checkpoints_total_limit,
     )
-    logger.info("step %d: saved %s", progress.completed_steps, path)
     if trainer.args.run.push_to_hub:
         with reporting_full_disk(trainer.output_dir, progress.completed_steps, "the model export for the Hub"):
             export(trainer, progress)
@@ -151,13 +159,12 @@ def model_card(trainer: Trainer, progress: TrainingProgress, metrics: dict[str, 
         results=metrics or {"final_loss": progress.last_loss, "train_loss": progress.train_loss},
         final=metrics is not None,
         figures=[FIGURE_FILE] if (trainer.output_dir / FIGURE_FILE).is_file() else [],
+        repo_id=trainer.uploader.repo_id if trainer.uploader is not None else args.run.hub_model_id,
     )
 
 
 def export(trainer: Trainer, progress: TrainingProgress, metrics: dict[str, Any] | None = None) -> None:
     """Write the `from_pretrained` folder (+ card, + results at the end) to output_dir; call on every process."""
-    if trainer.uploader is not None:
-        trainer.uploader.wait()  # its files are about to be rewritten
     export_model(trainer.accelerator, trainer.model, trainer.output_dir)
     if trainer.accelerator.is_main_process:
         write_model_card(trainer.output_dir, model_card(trainer, progress, metrics))

@@ -33,9 +33,11 @@ from ..training.checkpoints import (
 from ..training.optimization import (
     TrainingPlan,
 )
+from ..training.preemption import StopSignals
 from ..training.progress import (
     TrainingProgress,
 )
+from ..training.run_identity import RunIdentity
 
 FIGURE_FILE = "reconstruction.png"
 
@@ -77,7 +79,9 @@ class Trainer:
     learning_rate: float
     uploader: HubUploader | None
     layout: BatchLayout
+    identity: RunIdentity  # what it trains, recorded in its checkpoints
     validation_losses: dict[int, float] = field(default_factory=dict)  # by optimizer step
+    stop_signals: StopSignals = field(default_factory=StopSignals)  # --save_on_signal
 
     @property
     def output_dir(self) -> pathlib.Path:
@@ -95,7 +99,7 @@ class Trainer:
 
     @property
     def resumable(self) -> Resumable:
-        return Resumable(self.scheduler, self.train_loader, self.layout)
+        return Resumable(self.scheduler, self.train_loader, self.layout, self.identity)
 
 
 def model_source(model_args: PretrainModelArguments) -> str:

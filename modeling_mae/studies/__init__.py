@@ -7,8 +7,11 @@ scaling study's design and report, the benchmark and the GPU check.
 - `benchmark_sections`: the benchmark's sections (training step, asymmetric encoder, attention kernels, data path).
 - `benchmark_report`: the benchmark's `benchmark.json` and `benchmark.md`.
 - `gpu_check`: the GPU check's machinery (engines, throughput, MFU, its report), one module per concern.
-- `scaling`: the scaling study's design: protocols, ladders of sizes, budgets and the rules that scale the recipe down.
-- `scaling_report`: the scaling study's table and figures.
+- `scaling`: the scaling study's design: protocols, ladders of sizes, budgets, and the stages that run them.
+- `scaling_statistics`: its statistics (t-intervals of the paired gain and of the slope, the plateau check).
+- `scaling_report`: its summary, table and figures, made from its record alone.
+- `records`: a study's record (stages' arguments, results and curves, git SHA, versions, machine), a stage rerun.
+- `recipe_sweep`: the choice of the small-image fine-tuning recipe on a held-out part of the train split.
 
 Imports from: model, common, data, training, interop, evaluation, loops.
 """

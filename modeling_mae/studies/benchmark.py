@@ -21,7 +21,12 @@ from torch import nn
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 from ..configuration_mae import MAEConfig
-from ..modeling_mae import MAEForPreTraining, gather_tokens, loss_patch_index, random_masking
+from ..modeling_mae import (
+    MAEForPreTraining,
+    gather_tokens,
+    loss_patch_index,
+    random_masking,
+)
 
 # Dense bf16 peak of the card (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))

@@ -1,43 +1,43 @@
-"""The scaling study's design (`run_scripts/scaling_study.py`): the protocols compared, the ladders of encoder
-sizes (`Rung`) and the budgets, and the rules that scale the paper's recipe down, fixed before any run.
+"""The scaling study's design, version 2 (`run_scripts/scaling_study.py`; the protocol, pre-registered, is in
+docs/evaluation.md): the protocols compared, the ladders of encoder sizes (`Rung`), the budgets, and the stages that
+run them.
+
+Every size gets the same hyperparameters: the small-image fine-tuning recipe (configuration/finetune/small_images.yaml),
+one layer decay and drop path, one learning rate per arm, chosen on a held-out part of the train split at the middle
+size. Scratch gets `SCRATCH_EPOCH_FACTOR` times the MAE arm's fine-tuning epochs, so it is never the under-trained side.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import pathlib
+from dataclasses import dataclass, fields
 from typing import Any
 
-from ..arguments import DEFAULT_MODEL_CONFIG
-from ..configuration_mae import load_config
-from ..modeling_mae import MAEModel
+from ..arguments import DEFAULT_MODEL_CONFIG, load_yaml_config
+from ..evaluation.arguments import AugmentationArguments
+from .stages import Stage
 
 PROTOCOLS = {  # cell key -> column title
-    "scratch": "from scratch, fine-tuning recipe",
-    "mae": "MAE pretrained, fine-tuned",
+    "mae": "MAE, fine-tuned",
+    "scratch": "scratch, fine-tuned",
     "linprobe": "MAE linear probe",
     "knn": "MAE k-NN",
+    "linprobe_random": "random-init linear probe",
+    "knn_random": "random-init k-NN",
 }
+
+
+ARMS = ("mae", "scratch")  # the fine-tuned pair whose paired difference is the gain
 
 
 Results = dict[str, dict[str, Any]]  # a protocol's all_results.json, by PROTOCOLS key
 
 
-# The paper's per-size fine-tuning settings (appendix A.1, Table 9): rung i of every ladder takes model i's.
-PAPER_SIZES = (
-    {"paper_model": "ViT-B", "layer_decay": 0.65, "drop_path_rate": 0.1, "paper_base_lr": 5e-4},
-    {"paper_model": "ViT-L", "layer_decay": 0.75, "drop_path_rate": 0.2, "paper_base_lr": 1e-3},
-    {"paper_model": "ViT-H", "layer_decay": 0.75, "drop_path_rate": 0.3, "paper_base_lr": 1e-3},
-)
+SMALL_IMAGE_RECIPE = "configuration/finetune/small_images.yaml"  # relative to the repository root
 
 
-# The paper's schedules have ~1e5 optimizer steps, ours 1e2-1e3: at a few hundred steps the paper's learning rates
-# barely move the weights (evidence.py, measured before this study). Both factors are the ones the repository already
-# used for short runs: run_mae.py's default base lr 1.5e-3 (10 x 1.5e-4) and evidence.py's 4e-3 (4 x 1e-3).
-PRETRAIN_BASE_LR = 1.5e-4 * 10
-
-
-FINETUNE_LR_FACTOR = 4
+PRETRAIN_BASE_LR = 1.5e-3  # run_mae.py's default for short runs (10x the paper's 1.5e-4, ~1e3 steps instead of ~1e5)
 
 
 PRETRAIN_WARMUP_FRACTION = 0.05  # the paper's 40 of 800 epochs
@@ -46,46 +46,27 @@ PRETRAIN_WARMUP_FRACTION = 0.05  # the paper's 40 of 800 epochs
 FINETUNE_WARMUP_FRACTION = 0.1  # the paper's 5 of 50 epochs (ViT-L/H)
 
 
-RECIPE_RULES = (
-    "Images: 32 px, 4 px patches (64 patches; the paper: 224 px, 16 px patches, 196 patches).",
-    ("Sizes: a ladder of three encoder widths with the same depth and decoder (the paper keeps one 512x8 decoder "
-     "for ViT-B/L/H); rung i takes the paper's per-size fine-tuning settings of ViT-B, L, H: layer decay "
-     "0.65/0.75/0.75, drop path 0.1/0.2/0.3, base lr 5e-4/1e-3/1e-3."),
-    (f"Learning rates: base lr x batch / 256 (the paper's rule), with base lrs {FINETUNE_LR_FACTOR}x the paper's for "
-     f"fine-tuning and {PRETRAIN_BASE_LR:g} (10x the paper's 1.5e-4) for pretraining, because our schedules have "
-     "1e2-1e3 optimizer steps instead of ~1e5."),
-    (f"Warmup: {PRETRAIN_WARMUP_FRACTION:.0%} of the pretraining epochs (the paper's 40 of 800), "
-     f"{FINETUNE_WARMUP_FRACTION:.0%} of the fine-tuning epochs (the paper's 5 of 50)."),
-    "Pretraining: mask ratio 0.75, norm_pix_loss, AdamW (0.9, 0.95), weight decay 0.05, RandomResizedCrop + flip.",
-    ("Fine-tuning: AdamW (0.9, 0.999), weight decay 0.05, RandAugment(9, 0.5), random erasing 0.25, MixUp 0.8, "
-     "CutMix 1.0, label smoothing 0.1, global-pool head; the same epochs, batch and base lr for both inits."),
-    ("Scratch: the fine-tuning recipe without layer decay (1.0): decay keeps pretrained lower layers close to their "
-     "weights, which a random init does not have (the paper's from-scratch recipe has none either)."),
-    ("Score: top-1 on the validation split after the last fine-tuning epoch (not the best epoch); mean and sample "
-     "standard deviation over the seeds."),
-)
+SCRATCH_EPOCH_FACTOR = 2
+
+
+LAYER_DECAY = {"mae": 0.75, "scratch": 1.0}  # decay holds layers near their init: only a pretrained init gains from it
+
+
+DROP_PATH_RATE = 0.1
 
 
 @dataclass(frozen=True)
 class Rung:
-    """One encoder size of the ladder, with the paper's settings for its place in the ladder."""
+    """One encoder size of the ladder."""
 
     name: str
     width: int
     depth: int
     heads: int
-    paper_model: str
-    layer_decay: float
-    drop_path_rate: float
-    paper_base_lr: float
 
     @property
     def slug(self) -> str:
         return self.name.lower()
-
-    @property
-    def finetune_base_lr(self) -> float:
-        return self.paper_base_lr * FINETUNE_LR_FACTOR
 
     def encoder_overrides(self) -> str:
         return (f"hidden_size={self.width},num_hidden_layers={self.depth},num_attention_heads={self.heads},"
@@ -94,59 +75,170 @@ class Rung:
 
 @dataclass(frozen=True)
 class Budget:
-    """How big the study is: the ladder, the seeds, the epochs and the data."""
+    """How big the study is: the ladder, the seeds, the epochs, the learning-rate grid and the data."""
 
-    names: tuple[str, str, str]
-    widths: tuple[int, int, int]
-    heads: tuple[int, int, int]
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+    heads: tuple[int, ...]
     depth: int
     decoder_overrides: str
     seeds: tuple[int, ...]
     pretrain_epochs: float
-    finetune_epochs: float
-    sweep_epochs: tuple[float, ...]  # pretraining lengths of the schedule figure, pretrain_epochs among them
+    finetune_epochs: float  # the MAE arm's; scratch gets SCRATCH_EPOCH_FACTOR times as many
+    # Fine-tuning base lrs tried per arm on the held-out split: around the recipe sweep's best (4e-3 for both inits,
+    # the largest it tried; docs/records/recipe_sweep.md).
+    learning_rates: tuple[float, ...]
     batch_size: int
     eval_batch_size: int  # of every evaluation, and the linear probe's batch of cached features
     dataloader_num_workers: int
-    data_flags: tuple[str, ...] = ()
+    train_images: int | None  # the first N images of the train split (None: all)
+    holdout_fraction: float  # of the train split, per class: where the learning rates are chosen
+    holdout_images: int | None  # held-out images evaluated during the choice (None: all)
+    test_images: int | None = None  # None: the whole test split, as the protocol requires
+    scratch_epoch_factor: float = SCRATCH_EPOCH_FACTOR
+    estimate: str = ""  # how long it takes, as measured or estimated when it was sized
 
     def rungs(self) -> list[Rung]:
-        return [Rung(name, width, self.depth, heads, **paper)
-                for name, width, heads, paper in zip(self.names, self.widths, self.heads, PAPER_SIZES)]
+        return [Rung(name, width, self.depth, heads) for name, width, heads in zip(self.names, self.widths, self.heads)]
 
-    def sweep_rung(self) -> Rung:
-        """The middle size (the paper's schedule figure uses its middle model, ViT-L)."""
-        return self.rungs()[1]
+    def selection_rung(self) -> Rung:
+        """The middle size (where the learning rates are chosen; every size then uses them)."""
+        rungs = self.rungs()
+        return rungs[len(rungs) // 2]
+
+    def epochs(self, arm: str) -> float:
+        return self.finetune_epochs * (self.scratch_epoch_factor if arm == "scratch" else 1)
 
 
 BUDGETS = {
-    # CI: tiny models on 32 of the sample's images, two seeds (a standard deviation); checks the plumbing only.
+    # CI: tiny models on 64 of the sample's images, two seeds (a standard deviation); checks the plumbing only.
     "smoke": Budget(
-        names=("ViT-8", "ViT-16", "ViT-32"), widths=(8, 16, 32), heads=(2, 2, 2), depth=1,
+        names=("ViT-8", "ViT-16"), widths=(8, 16), heads=(2, 2), depth=1,
         decoder_overrides="decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,"
                           "decoder_intermediate_size=32",
-        seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1, sweep_epochs=(0.5, 1), batch_size=8,
-        eval_batch_size=16, dataloader_num_workers=0,
-        data_flags=("--max_train_samples", "32", "--max_eval_samples", "16"),
+        seeds=(0, 1), pretrain_epochs=1, finetune_epochs=1, learning_rates=(1e-3, 4e-3), batch_size=16,
+        eval_batch_size=32, dataloader_num_workers=0, train_images=64, holdout_fraction=0.1, holdout_images=32,
+        test_images=32, estimate="about a minute of CPU",
     ),
-    # A 2-core CPU: tiny-32px's 6 blocks and decoder at widths 32/64/128 (1:2:4, as ViT-Ti/S/B), 2 heads.
+    # Two CPU cores: tiny-32px's 6 blocks and decoder at widths 32/64/128 (1:2:4, as ViT-Ti/S/B), 2 heads, on the
+    # first 10,000 training images of the full Fashion-MNIST, scored on all 10,000 test images.
     "cpu": Budget(
-        names=("ViT-32", "ViT-64", "ViT-128"), widths=(32, 64, 128), heads=(2, 2, 2), depth=6,
-        decoder_overrides="", seeds=(0, 1, 2), pretrain_epochs=4, finetune_epochs=2, sweep_epochs=(1, 2, 4),
-        batch_size=64, eval_batch_size=256, dataloader_num_workers=0,
+        names=("ViT-32", "ViT-64", "ViT-128"), widths=(32, 64, 128), heads=(2, 2, 2), depth=6, decoder_overrides="",
+        seeds=(0, 1, 2), pretrain_epochs=20, finetune_epochs=10, learning_rates=(2e-3, 4e-3, 8e-3), batch_size=64,
+        eval_batch_size=256, dataloader_num_workers=0, train_images=10_000, holdout_fraction=0.1,
+        holdout_images=2_000, estimate="~8.4 CPU core-hours, from measured step times",
     ),
-    # One H100/H200: ViT-Ti/S/B (12 blocks, 64-wide heads) with the tiny/small presets' 256x4 decoder.
+    # One H100/H200: ViT-Ti/S/B (12 blocks, 64-wide heads) with the tiny/small presets' 256x4 decoder, on all of
+    # Fashion-MNIST; fine-tuning 50 epochs and scratch 100 (at least 30 and 100, issue 21).
     "gpu": Budget(
         names=("ViT-Ti", "ViT-S", "ViT-B"), widths=(192, 384, 768), heads=(3, 6, 12), depth=12,
         decoder_overrides="decoder_hidden_size=256,decoder_num_hidden_layers=4,decoder_num_attention_heads=8,"
                           "decoder_intermediate_size=1024",
-        seeds=(0, 1, 2), pretrain_epochs=8, finetune_epochs=2, sweep_epochs=(2, 4, 8), batch_size=256,
-        eval_batch_size=256, dataloader_num_workers=8,
+        seeds=(0, 1, 2), pretrain_epochs=100, finetune_epochs=50, learning_rates=(1e-3, 2e-3, 4e-3), batch_size=256,
+        eval_batch_size=512, dataloader_num_workers=8, train_images=None, holdout_fraction=0.1,
+        holdout_images=None, estimate="~4 GPU-hours on one H100 in bf16 (FLOP and loader estimate; not run)",
     ),
 }
 
 
-@functools.cache  # the summary is rewritten after every seed; building ViT-B to count it once is enough
-def encoder_parameters(rung: Rung) -> int:
+def recipe_flags(repository: pathlib.Path) -> tuple[str, ...]:
+    """The small-image recipe's augmentation as explicit flags, so that every stage's record holds it (the study
+    sets the optimizer, schedule and data itself)."""
+    values = load_yaml_config(repository / SMALL_IMAGE_RECIPE)
+    augmentation = [item.name for item in fields(AugmentationArguments)]
+    return tuple(item for key in augmentation for item in (f"--{key}", flag_value(values[key])))
+
+
+def flag_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """The stages of one budget on one data set, named so that a rerun finds and reuses them."""
+
+    budget: Budget
+    recipe: tuple[str, ...]  # recipe_flags()
+    dataset_name: str | None
+    folder: pathlib.Path  # the study's output_dir: later stages read earlier stages' folders
+
+    def data_flags(self, *, holdout: bool, evaluated: int | None = None) -> tuple[str, ...]:
+        """The data of a stage: the first N training images; the held-out split, or `evaluated` (default: all) of the
+        test split."""
+        budget = self.budget
+        dataset = ("--dataset_name", self.dataset_name) if self.dataset_name else ()
+        train = ("--max_train_samples", str(budget.train_images)) if budget.train_images else ()
+        evaluated = budget.holdout_images if holdout else evaluated or budget.test_images
+        evaluation = ("--max_eval_samples", str(evaluated)) if evaluated else ()
+        carve = ("--holdout_fraction", f"{budget.holdout_fraction:g}") if holdout else ()
+        return (*dataset, *train, *evaluation, *carve, "--dataloader_num_workers", str(budget.dataloader_num_workers))
+
+    def pretrain(self, rung: Rung, seed: int) -> Stage:
+        budget, epochs = self.budget, self.budget.pretrain_epochs
+        overrides = ",".join(filter(None, (rung.encoder_overrides(), budget.decoder_overrides)))
+        return Stage(f"pretrain_{rung.slug}_s{seed}", "run_mae.py", (
+            "--model_config", DEFAULT_MODEL_CONFIG, "--config_overrides", overrides,
+            "--mask_ratio", "0.75", "--norm_pix_loss", "true", "--base_learning_rate", f"{PRETRAIN_BASE_LR:g}",
+            "--num_train_epochs", f"{epochs:g}", "--warmup_epochs", f"{PRETRAIN_WARMUP_FRACTION * epochs:g}",
+            "--per_device_train_batch_size", str(budget.batch_size), "--per_device_eval_batch_size",
+            str(budget.eval_batch_size), "--seed", str(seed), "--logging_steps", "50",
+            # Its validation loss is a log, not a score: a few test images are enough.
+            *self.data_flags(holdout=False, evaluated=budget.holdout_images),
+        ))
+
+    def init_flags(self, arm: str, rung: Rung, seed: int) -> tuple[str, ...]:
+        """The MAE arm starts from its pretraining's folder, scratch from a random init of the same encoder."""
+        if arm == "mae":
+            return ("--model_name_or_path", str(self.folder / self.pretrain(rung, seed).name))
+        return ("--model_config", DEFAULT_MODEL_CONFIG, "--config_overrides", rung.encoder_overrides())
+
+    def finetune(self, arm: str, rung: Rung, seed: int, base_lr: float, *, holdout: bool) -> Stage:
+        """`run_finetune.py` with the study's recipe: the arms differ in init, layer decay, epochs and lr only."""
+        budget, epochs = self.budget, self.budget.epochs(arm)
+        prefix = f"select-{arm}_lr{base_lr:g}" if holdout else f"finetune-{arm}"
+        return Stage(f"{prefix}_{rung.slug}_s{seed}", "run_finetune.py", (
+            *self.init_flags(arm, rung, seed), *self.recipe, "--layer_decay", f"{LAYER_DECAY[arm]:g}",
+            "--drop_path_rate", f"{DROP_PATH_RATE:g}", "--base_learning_rate", f"{base_lr:g}",
+            "--num_train_epochs", f"{epochs:g}", "--warmup_epochs", f"{FINETUNE_WARMUP_FRACTION * epochs:g}",
+            "--per_device_train_batch_size", str(budget.batch_size), "--per_device_eval_batch_size",
+            str(budget.eval_batch_size), "--seed", str(seed), *self.data_flags(holdout=holdout),
+        ))
+
+    def frozen(self, script: str, key: str, rung: Rung, seed: int) -> Stage:
+        """A linear probe or k-NN (PROTOCOLS key "linprobe", "knn", "linprobe_random", "knn_random") of the MAE or a
+        random encoder."""
+        encoder = self.init_flags("scratch" if key.endswith("_random") else "mae", rung, seed)
+        batch = ("--per_device_train_batch_size", str(self.budget.eval_batch_size)) if script == "run_linear_probe.py" \
+            else ()
+        return Stage(f"{key.replace('_', '-')}_{rung.slug}_s{seed}", script, (
+            *encoder, "--seed", str(seed), "--per_device_eval_batch_size", str(self.budget.eval_batch_size), *batch,
+            *self.data_flags(holdout=False),
+        ))
+
+    def selection(self) -> dict[str, dict[float, Stage]]:
+        """arm -> base lr -> its fine-tuning on the held-out split (middle size, first seed)."""
+        rung, seed = self.budget.selection_rung(), self.budget.seeds[0]
+        return {arm: {lr: self.finetune(arm, rung, seed, lr, holdout=True) for lr in self.budget.learning_rates}
+                for arm in ARMS}
+
+    def size_stages(self, rung: Rung, seed: int, learning_rates: dict[str, float]) -> dict[str, Stage]:
+        """Every protocol of one size and seed, by PROTOCOLS key, with each arm's chosen base lr."""
+        arms = {arm: self.finetune(arm, rung, seed, learning_rates[arm], holdout=False) for arm in ARMS}
+        frozen = {key: self.frozen("run_linear_probe.py" if key.startswith("linprobe") else "run_knn.py", key, rung,
+                                   seed) for key in PROTOCOLS if key not in ARMS}
+        return {**arms, **frozen}
+
+
+def chosen_learning_rate(accuracies: dict[float, float]) -> float:
+    """The base lr of the best held-out accuracy after the last epoch; a tie goes to the smaller lr."""
+    return max(sorted(accuracies), key=lambda lr: accuracies[lr])
+
+
+@functools.cache  # the report is rewritten after every stage; building ViT-B to count it once is enough
+def encoder_parameters(overrides: str) -> int:
     """Parameters of the encoder that is fine-tuned (position table included, as in the paper's 86M for ViT-B)."""
-    return MAEModel(load_config(DEFAULT_MODEL_CONFIG, rung.encoder_overrides())).num_parameters()
+    # Imported here, not at the top: the study's --help answers without loading torch.
+    from ..configuration_mae import load_config
+    from ..modeling_mae import MAEModel
+
+    return MAEModel(load_config(DEFAULT_MODEL_CONFIG, overrides)).num_parameters()

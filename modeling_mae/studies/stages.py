@@ -27,8 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..errors import UsageError
 
 RESULTS_FILE = "all_results.json"
@@ -90,6 +88,8 @@ def output_to(path: pathlib.Path) -> Iterator[None]:
 
 def release_memory() -> None:
     """Free what a finished stage left behind (its models and optimizer states) before the next one starts."""
+    import torch  # here, not at the top: a study's --help answers without loading torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -151,6 +151,8 @@ class StageRunner:
         print(f"[{time.strftime('%H:%M:%S')}] {stage.command(folder)}", flush=True)
         main = script_main(self.scripts_dir / stage.script)
         if self.num_threads is not None:
+            import torch  # see release_memory
+
             torch.set_num_threads(self.num_threads)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / STAGE_RECORD_FILE).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from accelerate.utils import (
     ProjectConfiguration,
 )
 
+from ..modeling_mae import name_the_cpu_for_deepspeed
 from .optimization import effective_batch_size
 
 
@@ -32,10 +33,7 @@ def build_accelerator(
     The data loaders are not prepared by Accelerate (they shard by process themselves), so gradient accumulation
     counts micro-batches instead of watching for the end of a loader.
     """
-    if not torch.accelerator.is_available():
-        # Accelerate imports DeepSpeed whenever it is installed (to unwrap models and save them), and DeepSpeed warns
-        # on every run that it fell back to the CPU: name the CPU, which is what it would pick anyway.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_the_cpu_for_deepspeed()
     # Without GPUs the default process-group backend of DeepSpeed's CPU accelerator is oneCCL; gloo ships with torch.
     # (Only for real multi-process runs: a backend makes Accelerate initialise a process group.)
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -135,7 +133,12 @@ class BatchLayout:
 
     @classmethod
     def from_json(cls, values: Mapping[str, Any]) -> BatchLayout:
-        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+        """`to_json`'s output read back; a missing field is a `KeyError`, one that is no whole number a `TypeError`."""
+        fields = {name: values[name] for name in cls.__dataclass_fields__}
+        for name, value in fields.items():
+            if type(value) is not int:
+                raise TypeError(f"{name} is {value!r}, not a whole number")
+        return cls(**fields)
 
 
 def machine_count(num_processes: int, environ: Mapping[str, str] = os.environ) -> int:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..text import counted
+
 logger = logging.getLogger(__name__)
 
 
@@ -165,7 +167,7 @@ def plan_training(
     steps_per_epoch = None if batches_per_epoch is None else batches_per_epoch // gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError(
-            f"an epoch of {batches_per_epoch} batches is shorter than one optimizer step of "
+            f"an epoch of {counted(batches_per_epoch, 'batch', 'batches')} is shorter than one optimizer step of "
             f"{gradient_accumulation_steps} micro-batches: lower the batch size or the accumulation"
         )
     if max_train_steps is None:

@@ -9,9 +9,9 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import datasets
 import huggingface_hub
@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 PROGRESS_LOG_SECONDS = 30.0  # away from a terminal, a progress line this often instead of one per refresh
+
+Item = TypeVar("Item")
 
 
 def configure_logging(accelerator: Accelerator, *loggers: logging.Logger) -> None:
@@ -150,6 +152,21 @@ def progress_bar(total: int | None, desc: str, initial: int = 0, unit: str = "it
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
+def tracked(
+    items: Iterable[Item], desc: str, unit: str = "it", total: int | None = None, enabled: bool = True
+) -> Iterator[Item]:
+    """`items`, with a `progress_bar` that advances after each (its total: `total`, else `len(items)` if known)."""
+    if total is None and isinstance(items, Sized):
+        total = len(items)
+    bar = progress_bar(total, desc, unit=unit, enabled=enabled)
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
 class Throughput:
     """Images per second since the previous call."""
 
@@ -176,8 +193,9 @@ class TrainingProgress:
     loss_steps: int = 0
     last_loss: float | None = None  # mean over the last logging window
     # One entry per logging step ({"step", "epoch", "loss", "learning_rate"}), like transformers' Trainer
-    # `log_history`: checkpointed, so a resumed run's history is the uninterrupted run's.
-    log_history: list[dict[str, float | int]] = field(default_factory=list)
+    # `log_history`: checkpointed, so a resumed run's history is the uninterrupted run's. A resume that changed the
+    # objective adds {"step", "objective_change": {field: [old, new]}}.
+    log_history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def train_loss(self) -> float | None:

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .children import finish_child, log_tail, start_child, start_warmup
-from .config import ACCELERATE_CONFIGS, GPU_CHECK_SCRIPT, Results, package_version, read_json
+from .config import (
+    ACCELERATE_CONFIGS,
+    GPU_CHECK_SCRIPT,
+    Results,
+    package_version,
+    read_json,
+)
 from .state import Check, LaunchError, SectionSkipped
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pathlib
 import time
-from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ...loops import pretraining_setup
 from ...training.checkpoints import list_checkpoints
 from .config import Results, write_json
 from .summary import BF16_UNIT_ROUNDOFF
@@ -84,14 +85,14 @@ def add_rounding_noise_to_each_step(optimizer: torch.optim.Optimizer, device: to
     optimizer.register_step_post_hook(perturb_weights)
 
 
-def run_between_probes(run_mae: ModuleType, record_path: pathlib.Path, run_argv: list[str],
+def run_between_probes(main: Callable[[list[str]], Any], record_path: pathlib.Path, run_argv: list[str],
                        rounding_noise: bool = False) -> None:
-    """run_mae.py's main with a probe before and after the training loop, then the export reloaded and probed.
-    `run_mae`: the script's module, passed in by the check's engine role (the package imports no script); its `train`
-    is wrapped for the run. `rounding_noise`: the tolerance's control run (add_rounding_noise_to_each_step)."""
+    """run_mae.py's `main`, passed in by the check's engine role (the package imports no script), with a probe before
+    and after the training loop (`pretraining_setup.train`, wrapped for the run), then the export reloaded and probed.
+    `rounding_noise`: the tolerance's control run (add_rounding_noise_to_each_step)."""
     record: Results = {}
     seen: dict[str, Any] = {}
-    original_train = run_mae.train
+    original_train = pretraining_setup.train
 
     def train_between_probes(trainer: Any, progress: Any) -> Any:
         seen["trainer"], seen["batch"] = trainer, probe_batch(trainer)
@@ -109,11 +110,11 @@ def run_between_probes(run_mae: ModuleType, record_path: pathlib.Path, run_argv:
                       probe_end=probe_loss(trainer.model, *seen["batch"]))
         return progress
 
-    run_mae.train = train_between_probes
+    pretraining_setup.train = train_between_probes
     try:
-        record["results"] = run_mae.main(run_argv)
+        record["results"] = main(run_argv)
     finally:
-        run_mae.train = original_train
+        pretraining_setup.train = original_train
     trainer = seen["trainer"]
     if trainer.accelerator.is_main_process:
         record["checkpoints"] = [path.name for path in list_checkpoints(trainer.output_dir)]

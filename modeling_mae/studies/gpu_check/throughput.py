@@ -23,10 +23,21 @@ from ...configuration_mae import MAEConfig
 from ...data.fast_decode import FastPretrainTransform
 from ...data.loader import build_dataloader
 from ...data.sources import DataArguments
-from ...data.transforms import augment_on_device, decode_image_tensor, decode_images_on_device, pretrain_transform
+from ...data.transforms import (
+    augment_on_device,
+    decode_image_tensor,
+    decode_images_on_device,
+    pretrain_transform,
+)
 from ...modeling_mae import MAEForPreTraining
 from ...training.accelerator import move_to_device
-from ..benchmark import make_train_step, peak_flops, pretraining_flops, synchronize, time_alternating
+from ..benchmark import (
+    make_train_step,
+    peak_flops,
+    pretraining_flops,
+    synchronize,
+    time_alternating,
+)
 from ..stages import release_memory
 from .config import Results, Sizes, write_json
 
