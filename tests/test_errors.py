@@ -136,8 +136,11 @@ def test_ctrl_c_in_a_real_run_names_the_step_the_newest_checkpoint_and_the_comma
     flags = run_args(data_dir, model_config, output, "--checkpointing_steps", "2")
     flags[flags.index("--max_train_steps") + 1] = "100000"  # never reached: a loaded machine may starve this test
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # A background job of a non-interactive shell (CI, `nohup ... &`) inherits SIGINT ignored, and Python then keeps
+    # ignoring it: give the run the disposition of a terminal's foreground process, where a user presses Ctrl-C.
     process = subprocess.Popen([sys.executable, str(RUN_MAE), *flags], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while len(list_checkpoints(output)) < 2 and time.monotonic() < deadline and process.poll() is None:
