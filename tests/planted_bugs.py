@@ -30,7 +30,8 @@ TIMEOUT_S = 900
 # With --whole_files on a tree that lacks a plant's test file: the test file of the planted code (by path prefix).
 TEST_FILE_OF_CODE = {
     "run_scripts/run_mae.py": "tests/test_training.py", "modeling_mae/training/": "tests/test_training.py",
-    "modeling_mae/loops/pretraining": "tests/test_training.py", "modeling_mae/loops/finetuning": "tests/test_evaluation.py",
+    "modeling_mae/loops/pretraining": "tests/test_training.py",
+    "modeling_mae/loops/finetuning": "tests/test_evaluation.py",
     "modeling_mae/loops/knn": "tests/test_evaluation.py", "modeling_mae/loops/linear_probe": "tests/test_evaluation.py",
     "run_scripts/run_finetune.py": "tests/test_evaluation.py", "run_scripts/run_knn.py": "tests/test_evaluation.py",
     "run_scripts/run_linear_probe.py": "tests/test_evaluation.py",
@@ -66,7 +67,8 @@ FINETUNE_ANSWER = (E + "test_finetune_script_saves_a_loadable_classifier",)
 
 PLANTS = (
     # ------------------------------------------------------------------------------ the learning rate the loop applies
-    Plant("lr_reference_batch_512", "modeling_mae/training/optimization.py", "LR_REFERENCE_BATCH = 256", "LR_REFERENCE_BATCH = 512",
+    Plant("lr_reference_batch_512", "modeling_mae/training/optimization.py",
+          "LR_REFERENCE_BATCH = 256", "LR_REFERENCE_BATCH = 512",
           LR_TEST),
     Plant("lr_scheduler_stepped_twice", "modeling_mae/loops/pretraining.py", "            trainer.scheduler.step()\n",
           "            trainer.scheduler.step()\n            trainer.scheduler.step()\n", LR_TEST),
@@ -83,15 +85,20 @@ PLANTS = (
           "self.gradient_accumulation_steps, self.num_processes)", "self.gradient_accumulation_steps, 1)",
           (D + "test_two_ddp_processes_match_one_process_with_the_same_global_batch",)),
     # ------------------------------------------------------------------------------------ flags that reach their object
-    Plant("mae_mask_ratio_flag_dropped", "modeling_mae/loops/pretraining_setup.py", 'for name in ("mask_ratio", "norm_pix_loss")}',
+    Plant("mae_mask_ratio_flag_dropped", "modeling_mae/loops/pretraining_setup.py",
+          'for name in ("mask_ratio", "norm_pix_loss")}',
           'for name in ("norm_pix_loss",)}', MAE_FLAGS),
-    Plant("mae_betas_swapped", "modeling_mae/loops/pretraining_setup.py", "(args.optim.adam_beta1, args.optim.adam_beta2),",
+    Plant("mae_betas_swapped", "modeling_mae/loops/pretraining_setup.py",
+          "(args.optim.adam_beta1, args.optim.adam_beta2),",
           "(args.optim.adam_beta2, args.optim.adam_beta1),", MAE_FLAGS),
-    Plant("mae_adam_epsilon_dropped", "modeling_mae/loops/pretraining_setup.py", "        args.optim.adam_epsilon,\n    )", "    )",
+    Plant("mae_adam_epsilon_dropped", "modeling_mae/loops/pretraining_setup.py",
+          "        args.optim.adam_epsilon,\n    )", "    )",
           MAE_FLAGS),
-    Plant("mae_min_lr_dropped", "modeling_mae/loops/pretraining_setup.py", "plan.total_steps, learning_rate, args.optim.min_lr)",
+    Plant("mae_min_lr_dropped", "modeling_mae/loops/pretraining_setup.py",
+          "plan.total_steps, learning_rate, args.optim.min_lr)",
           "plan.total_steps, learning_rate)", MAE_FLAGS),
-    Plant("mae_max_grad_norm_ignored", "modeling_mae/loops/pretraining.py", "    if trainer.args.optim.max_grad_norm is not None:",
+    Plant("mae_max_grad_norm_ignored", "modeling_mae/loops/pretraining.py",
+          "    if trainer.args.optim.max_grad_norm is not None:",
           "    if False:", MAE_FLAGS),
     Plant("finetune_layer_decay_dropped", "modeling_mae/loops/finetuning_setup.py",
           "        lr_scale_fn=layer_decay_lr_scale_fn(model.config.num_hidden_layers, args.model.layer_decay),\n", "",
@@ -126,7 +133,8 @@ PLANTS = (
           (F + "test_linear_probe_pooling_reaches_the_features",)),
     Plant("knn_temperature_not_passed", "modeling_mae/loops/knn.py", "knn_args.k, knn_args.temperature,",
           "knn_args.k,", KNN_FLAGS),
-    Plant("knn_default_temperature_changed", "modeling_mae/evaluation/arguments.py", "default=0.07,", "default=0.1,", KNN_FLAGS),
+    Plant("knn_default_temperature_changed", "modeling_mae/evaluation/arguments.py",
+          "default=0.07,", "default=0.1,", KNN_FLAGS),
     Plant("knn_bank_pooling_ignored", "modeling_mae/loops/knn.py", 'train_loader, knn_args.pooling, "train features")',
           'train_loader, "mean", "train features")', KNN_FLAGS),
     # --------------------------------------------------------------------- evaluations with a known right answer
@@ -149,7 +157,8 @@ PLANTS = (
           (T + "test_sigkill_then_resume_latest",)),
     Plant("skipped_images_overwritten", "modeling_mae/data/loader.py", "self._skipped += len(bad_keys)",
           "self._skipped = len(bad_keys)", (T + "test_bad_images_are_skipped_and_counted_in_the_results",)),
-    Plant("skipped_images_not_reported", "modeling_mae/loops/pretraining_outputs.py", '"skipped_images": int(skipped.item()),',
+    Plant("skipped_images_not_reported", "modeling_mae/loops/pretraining_outputs.py",
+          '"skipped_images": int(skipped.item()),',
           '"skipped_images": 0,', (T + "test_bad_images_are_skipped_and_counted_in_the_results",)),
     Plant("skipped_images_of_one_process", "modeling_mae/loops/pretraining_outputs.py",
           'skipped = trainer.accelerator.reduce(skipped, reduction="sum") if',
@@ -167,7 +176,8 @@ PLANTS = (
           (T + "test_loss_window_averages_over_processes",)),
     Plant("loss_statistics_overwritten", "modeling_mae/training/progress.py",
           "progress.loss_sum += loss_sum / accelerator.num_processes",
-          "progress.loss_sum = loss_sum / accelerator.num_processes", (T + "test_loss_window_averages_over_processes",)),
+          "progress.loss_sum = loss_sum / accelerator.num_processes",
+          (T + "test_loss_window_averages_over_processes",)),
     Plant("rotation_deletes_the_newest", "modeling_mae/training/checkpoints.py",
           "for old in checkpoints[: max(0, len(checkpoints) - total_limit)]:", "for old in checkpoints[total_limit:]:",
           (T + "test_the_oldest_checkpoints_are_deleted_beyond_the_limit",)),
@@ -175,7 +185,8 @@ PLANTS = (
           "query = F.normalize(queries[start : start + chunk_size].float(), dim=-1)",
           "query = F.normalize(queries[start : start + chunk_size].float(), dim=0)",
           (E + "test_knn_scores_are_the_weighted_vote_of_each_query_with_the_papers_defaults",)),
-    Plant("probe_head_batchnorm_eps", "modeling_mae/evaluation/linear_probe.py", "affine=False, eps=1e-6", "affine=False, eps=1e-5",
+    Plant("probe_head_batchnorm_eps", "modeling_mae/evaluation/linear_probe.py",
+          "affine=False, eps=1e-6", "affine=False, eps=1e-5",
           (E + "test_linear_probe_head_normalises_with_the_running_statistics_then_projects",)),
     Plant("load_encoder_overrides_dropped", "modeling_mae/evaluation/models.py",
           "config = load_model_config(model_name_or_path, config_overrides)",
@@ -208,7 +219,8 @@ PLANTS = (
     # -------------------------------------------------------------- a run's folder, what it resumes, and preemption
     Plant("output_dir_lock_not_exclusive", "modeling_mae/training/output_lock.py",
           "os.O_CREAT | os.O_EXCL | os.O_WRONLY", "os.O_CREAT | os.O_WRONLY | os.O_TRUNC",
-          (C + "test_a_second_run_in_a_folder_in_use_is_refused_naming_the_first_then_takes_it_back_once_the_first_died",)),
+          (C + "test_a_second_run_in_a_folder_in_use_is_refused_naming_the_first_then_takes_it_back_once_the_first_"
+               "died",)),
     Plant("kept_checkpoint_logged_as_saved", "modeling_mae/training/checkpoints.py",
           """logger.info("step %d: kept %s, which already holds this run's state at that step", step, final)""",
           'logger.info("step %d: saved %s", step, final)',
@@ -236,6 +248,21 @@ PLANTS = (
     Plant("stop_signal_not_agreed_across_processes", "modeling_mae/training/preemption.py",
           "        if accelerator.num_processes == 1:\n", "        if True:\n",
           (D + "test_sigusr1_to_a_two_process_run_saves_in_lockstep_and_the_resumed_run_is_the_uninterrupted_one",)),
+    # ------------------------------------------------------------------------------------ data faults, foreign models
+    Plant("empty_epoch_counted_as_an_epoch", "modeling_mae/data/loader.py",
+          "if position.batches == 0 and self._must_yield:", "if False:",
+          ("tests/test_data_faults.py", "-k", "all_given_up_stops_in_one_line")),
+    Plant("resource_errors_blamed_on_the_shard", "modeling_mae/data/shards.py",
+          "                if is_resource_error(error):\n                    raise\n", "",
+          ("tests/test_data_faults.py", "-k", "resource_errors_and_bugs_pass_through")),
+    Plant("foreign_model_type_accepted", "modeling_mae/configuration_mae.py",
+          "        if model_type != MAEConfig.model_type:", "        if False:",
+          ("tests/test_modeling.py", "-k", "refuses_the_config_of_another_model_type")),
+    Plant("checkpoint_upload_waits_for_the_previous_one", "modeling_mae/interop/hub.py",
+          "        pending = PendingUpload(snapshot_for_upload(folder), pathlib.Path(folder), commit_message)\n",
+          "        if self._worker is not None:\n            self._worker.result()\n"
+          "        pending = PendingUpload(snapshot_for_upload(folder), pathlib.Path(folder), commit_message)\n",
+          ("tests/test_hub.py", "-k", "return_at_once_and_only_the_newest")),
 )
 
 
