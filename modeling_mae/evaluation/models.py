@@ -12,13 +12,16 @@ import pickle
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
+import torch
 import transformers
+from accelerate.utils import set_seed
 from safetensors import SafetensorError
 from torch import nn
 
 from ..arguments import (
     DEFAULT_MODEL_CONFIG,
     WEIGHT_FILES,
+    ModelArguments,
     convert_first,
     load_model_config,
     model_folder_problem,
@@ -41,6 +44,14 @@ ENCODER_WEIGHTS = ("embeddings.", "encoder.")  # the patch projection, the CLS t
 
 
 LoadedModel = TypeVar("LoadedModel", bound=MAEPreTrainedModel)
+
+
+def frozen_encoder(model_args: ModelArguments, seed: int, device: torch.device) -> MAEModel:
+    """The encoder a frozen-feature protocol (k-NN, linear probe) reads: `load_encoder` of the model flags (a random
+    init drawn from `seed`, the same on every process), without gradients, in eval mode, on `device`."""
+    set_seed(seed)
+    encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
+    return encoder.requires_grad_(False).to(device).eval()
 
 
 def load_encoder(

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
 from ..arguments import ModelArguments
 from ..data.sources import DataArguments
@@ -18,7 +17,7 @@ from ..evaluation.arguments import KnnArguments
 from ..evaluation.features import extract_features, extract_local_features
 from ..evaluation.knn import knn_scores
 from ..evaluation.metrics import ClassificationMetric, MetricArguments
-from ..evaluation.models import describe_model, load_encoder
+from ..evaluation.models import describe_model, frozen_encoder
 from ..evaluation.results import class_names_of, save_results, split_loader, summarize
 from ..training.accelerator import build_accelerator
 from ..training.output_lock import holding_output_dir
@@ -41,9 +40,7 @@ def score_knn(
 ) -> dict[str, Any]:
     metric = ClassificationMetric(accelerator, metric_args.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
-    set_seed(knn_args.seed)  # the same random init on every process
-    encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
-    encoder.to(accelerator.device)
+    encoder = frozen_encoder(model_args, knn_args.seed, accelerator.device)
     transform = eval_transform(encoder.config.image_size)
     batch_size, patch = knn_args.per_device_eval_batch_size, max(encoder.config.patch_size)
     train_loader = split_loader(accelerator, data_args, "train", transform, batch_size, train=False,

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from ..arguments import ModelArguments
@@ -32,7 +31,7 @@ from ..evaluation.features import (
 )
 from ..evaluation.linear_probe import LARS, LinearProbeHead
 from ..evaluation.metrics import ClassificationMetric, MetricArguments
-from ..evaluation.models import describe_model, load_encoder
+from ..evaluation.models import describe_model, frozen_encoder
 from ..evaluation.results import class_names_of, save_results, split_loader, summarize
 from ..interop.hub import with_default_mode
 from ..modeling_mae import MAEModel
@@ -158,10 +157,7 @@ def train_and_score(
 ) -> dict[str, Any]:
     metric = ClassificationMetric(accelerator, metric_args.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
-    set_seed(probe.seed)  # the same random init and head on every process
-    encoder = load_encoder(model_args.model_name_or_path, model_args.model_config, model_args.config_overrides)
-    encoder.requires_grad_(False)
-    encoder.to(accelerator.device).eval()
+    encoder = frozen_encoder(model_args, probe.seed, accelerator.device)  # the seed also draws the head's init
     size, batch_size, eval_batch_size = (encoder.config.image_size, probe.per_device_train_batch_size,
                                          probe.per_device_eval_batch_size)
     patch = max(encoder.config.patch_size)
