@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ from modeling_mae.studies.scaling_statistics import (
     slope_interval,
     t_quantile,
 )
-from modeling_mae.studies.stages import Stage, StageRunner
+from modeling_mae.studies.stages import RESUME_FLAGS, Stage, StageRunner
 from run_scripts import make_sample_data
 from run_scripts.make_sample_data import main as make_data_main
 from run_scripts.scaling_study import main as study_main
@@ -227,12 +228,29 @@ def main(argv):
     (output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
 '''
 
+# A training as the study sees one: it saves a checkpoint (step_1) after its first epoch and is stopped then if --stop.
+TRAINING_SCRIPT = '''
+import json, pathlib
+
+def main(argv):
+    output_dir = pathlib.Path(argv[argv.index("--output_dir") + 1])
+    found = sorted(path.name for path in output_dir.glob("step_*"))
+    with (output_dir.parent / "trainings.jsonl").open("a") as log:
+        log.write(json.dumps({"argv": list(argv), "checkpoints_found": found}) + "\\n")
+    (output_dir / "step_1").mkdir(exist_ok=True)
+    (output_dir / "step_1" / "trainer_state.json").write_text("{}")
+    if "--stop" in argv and not found:
+        raise KeyboardInterrupt  # as a session's end would stop it, part-way
+    (output_dir / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+'''
+
 
 @pytest.fixture
 def scripts(tmp_path: pathlib.Path) -> pathlib.Path:
     folder = tmp_path / "scripts"
     folder.mkdir()
     (folder / "counting.py").write_text(COUNTING_SCRIPT)
+    (folder / "training.py").write_text(TRAINING_SCRIPT)
     return folder
 
 
@@ -302,6 +320,33 @@ def test_a_failed_stage_leaves_no_record_and_runs_again(scripts: pathlib.Path, t
         StageRunner(scripts, output_dir).run(stage)
     assert not (output_dir / "flaky" / "stage.json").exists()
     assert StageRunner(scripts, output_dir).run(stage)["eval_accuracy"] == 0.5 and runs(output_dir) == 2
+
+
+def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_only_with_the_same_arguments(
+    scripts: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    output_dir = tmp_path / "study"
+    output_dir.mkdir()
+
+    def trainings() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (output_dir / "trainings.jsonl").read_text().splitlines()]
+
+    stopped = Stage("train", "training.py", ("--stop", "--lr", "1"), resumable=True)
+    with pytest.raises(KeyboardInterrupt):
+        StageRunner(scripts, output_dir).run(stopped)
+    StageRunner(scripts, output_dir).run(stopped)
+    first, second = trainings()
+    assert first["argv"][-8:-2] == second["argv"][-8:-2] == list(RESUME_FLAGS)
+    assert second["checkpoints_found"] == ["step_1"]  # went on from the stopped run's checkpoint
+    assert json.loads((output_dir / "train" / "stage.json").read_text())["attempts"] == 2
+
+    changed = Stage("train", "training.py", ("--stop", "--lr", "2"), resumable=True)
+    with pytest.raises(KeyboardInterrupt):  # a run of other arguments does not continue the first one's checkpoint
+        StageRunner(scripts, output_dir, force=True).run(changed)
+    assert trainings()[-1]["checkpoints_found"] == []
+    with pytest.raises(KeyboardInterrupt):
+        StageRunner(scripts, output_dir).run(Stage("train", "training.py", ("--stop", "--lr", "3"), resumable=True))
+    assert trainings()[-1]["checkpoints_found"] == []  # nor does a third run the second one's
 
 
 # ---------------------------------------------------------------------------------------------- full Fashion-MNIST

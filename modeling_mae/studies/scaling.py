@@ -184,7 +184,7 @@ class StudyPlan:
             str(budget.eval_batch_size), "--seed", str(seed), "--logging_steps", "50",
             # Its validation loss is a log, not a score: a few test images are enough.
             *self.data_flags(holdout=False, evaluated=budget.holdout_images),
-        ))
+        ), resumable=True)
 
     def init_flags(self, arm: str, rung: Rung, seed: int) -> tuple[str, ...]:
         """The MAE arm starts from its pretraining's folder, scratch from a random init of the same encoder."""
@@ -202,7 +202,7 @@ class StudyPlan:
             "--num_train_epochs", f"{epochs:g}", "--warmup_epochs", f"{FINETUNE_WARMUP_FRACTION * epochs:g}",
             "--per_device_train_batch_size", str(budget.batch_size), "--per_device_eval_batch_size",
             str(budget.eval_batch_size), "--seed", str(seed), *self.data_flags(holdout=holdout),
-        ))
+        ), resumable=True)
 
     def frozen(self, script: str, key: str, rung: Rung, seed: int) -> Stage:
         """A linear probe or k-NN (PROTOCOLS key "linprobe", "knn", "linprobe_random", "knn_random") of the MAE or a

@@ -6,6 +6,8 @@ the output it prints in `output_dir/NAME.log` and its results in `output_dir/NAM
 results exist is reused, so an interrupted study continues where it stopped; a stage found with results of other
 arguments is an error (its inputs may have changed under the stages after it), unless `force` reruns everything.
 Records write the study's own folder as `{output_dir}`, so a study moved or copied elsewhere is still reused.
+A resumable stage (a training) also checkpoints every epoch: stopped part-way (a session's end, a reboot), it goes on
+from its newest checkpoint when the study runs again with the same arguments, and starts afresh otherwise.
 
 Stages run in this process rather than as subprocesses: a stage of the CI's smoke study takes about a second, a fresh
 Python importing torch, transformers and datasets several.
@@ -21,6 +23,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +34,12 @@ from ..errors import UsageError
 
 RESULTS_FILE = "all_results.json"
 STAGE_RECORD_FILE = "stage.json"  # the arguments a stage ran with and how long it took
+ATTEMPT_FILE = "attempt.json"  # the arguments of the run a stage's checkpoints belong to, and how many runs it took
 STUDY_FOLDER = "{output_dir}"  # the study's folder in a record's arguments (a later stage reads an earlier one's)
 
 ScriptMain = Callable[[Sequence[str]], Any]
+# run_mae.py's and run_finetune.py's flags: one checkpoint, the newest epoch's, and continue from it if there is one.
+RESUME_FLAGS = ("--checkpointing_steps", "epoch", "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Stage:
     name: str
     script: str  # a file name in the scripts folder, e.g. "run_mae.py"
     argv: tuple[str, ...]
+    resumable: bool = False  # the script takes RESUME_FLAGS (a training); they are not part of the stage's arguments
 
     def command(self, folder: pathlib.Path) -> str:
         """The same run as a shell command, for the log and for a user repeating one stage by hand."""
@@ -156,15 +163,33 @@ class StageRunner:
             torch.set_num_threads(self.num_threads)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / STAGE_RECORD_FILE).unlink(missing_ok=True)
+        attempt = self._start_attempt(stage, folder)
         log = self.output_dir / f"{stage.name}.log"
         start = time.perf_counter()
         try:
             with output_to(log):
-                main([*stage.argv, "--output_dir", str(folder)])
+                main([*stage.argv, *(RESUME_FLAGS if stage.resumable else ()), "--output_dir", str(folder)])
         except Exception:
             print(f"stage {stage.name} failed; its output: {log}", file=sys.stderr, flush=True)
             raise
         finally:
             release_memory()
-        record = {"argv": self._recorded_form(stage.argv), "wall_seconds": time.perf_counter() - start}
+        # The times are the last attempt's: an attempt stopped part-way is not timed (it could not write its time).
+        record = {"argv": attempt["argv"], "wall_seconds": time.perf_counter() - start, "attempts": attempt["attempts"]}
         (folder / STAGE_RECORD_FILE).write_text(json.dumps(record))
+
+    def _start_attempt(self, stage: Stage, folder: pathlib.Path) -> dict[str, Any]:
+        """Count this run of the stage; checkpoints of a run with other arguments (or any, under `force`) are removed
+        first, so that a resumable stage continues only its own run."""
+        # Imported here: a study's --help answers without loading torch.
+        from ..training.checkpoints import list_checkpoints
+
+        path, argv = folder / ATTEMPT_FILE, self._recorded_form(stage.argv)
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+        if self.force or earlier is None or earlier["argv"] != argv:
+            earlier = {"argv": argv, "attempts": 0}
+            for checkpoint in list_checkpoints(folder):
+                shutil.rmtree(checkpoint)
+        attempt = {"argv": argv, "attempts": earlier["attempts"] + 1}
+        path.write_text(json.dumps(attempt))
+        return attempt
