@@ -51,7 +51,7 @@ CONFIG_FLAG = "--config"
 DEFAULT_MODEL_CONFIG = "tiny-32px"  # the model every script builds when given none: sized for the sample
 RUN_CONFIG_FILE = "run_config.yaml"  # the resolved configuration, saved with each run
 SECRET_FIELDS = ("hub_token",)
-PIPELINE_CHANNELS = 3  # the data pipeline decodes every image to RGB
+IMAGE_STATS_CHOICES = ("config", "imagenet", "auto")
 TRAINING_BYTES_PER_PARAMETER = 4 * 4  # float32 weight, its gradient and AdamW's two moments
 # The weights files that `from_pretrained` reads.
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
@@ -79,9 +79,12 @@ class Range:
             return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         if self.low is not None:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'<' if self.high_open else '<='} {self.high:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "a finite number"
 
 
+FINITE = Range()
 AT_LEAST_ONE = Range(low=1)
 NON_NEGATIVE = Range(low=0)
 POSITIVE = Range(low=0, low_open=True)
@@ -92,7 +95,10 @@ SEED = Range(low=0, high=2**32 - 1)  # numpy's seed range (accelerate's set_seed
 
 @dataclass
 class ModelArguments:
-    """Which model to build and from what."""
+    """Which model to build and from what, and the statistics its pixels are normalised with."""
+
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {"image_stats_images": AT_LEAST_ONE, "image_mean": FINITE,
+                                                "image_std": POSITIVE}
 
     model_config: str | None = field(
         default=None,
@@ -110,8 +116,24 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": 'Attention kernel: "sdpa" or "eager" (default: the library\'s choice).'}
     )
+    image_stats: str | None = field(
+        default=None,
+        metadata={"help": 'The per-channel mean and std pixels are normalised with, written into the model config and '
+                          'its exported image processor: "config" (the model config\'s: ImageNet\'s for RGB), '
+                          '"imagenet", "auto" (computed from up to --image_stats_images train images), or a JSON '
+                          'file of run_scripts/image_stats.py. Default: auto for a new model of other than 3 '
+                          'channels, else config.'},
+    )
+    image_stats_images: int = field(default=10_000, metadata={"help": "Train images --image_stats auto reads."})
+    image_mean: list[float] | None = field(
+        default=None, metadata={"help": "Per-channel mean, on the data's scale (8-bit / 255, 16-bit / 65535)."}
+    )
+    image_std: list[float] | None = field(default=None, metadata={"help": "Per-channel std, with --image_mean."})
 
     def __post_init__(self) -> None:
+        problem = image_statistics_problem(self.image_stats, self.image_mean, self.image_std)
+        if problem is not None:
+            raise UsageError(problem)
         path = pathlib.Path(self.model_name_or_path or "").expanduser()
         if self.model_name_or_path and path.is_file():  # e.g. its config.json: from_pretrained fails on a file
             raise UsageError(
@@ -124,7 +146,7 @@ class ModelArguments:
 class PretrainModelArguments(ModelArguments):
     """`ModelArguments` plus the two pretraining knobs the paper ablates (None keeps the model config's value)."""
 
-    FLAG_RANGES: ClassVar[dict[str, Range]] = {"mask_ratio": FRACTION}
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {**ModelArguments.FLAG_RANGES, "mask_ratio": FRACTION}
 
     mask_ratio: float | None = field(
         default=None, metadata={"help": "Fraction of patches removed (paper: 0.75). Default: the model config's."}
@@ -202,6 +224,35 @@ class OptimizationArguments:
             raise UsageError(f"--torch_compile_mode={self.torch_compile_mode!r} is not allowed without --torch_compile")
 
 
+DISPLAY_BANDS = 3  # a picture's red, green and blue
+
+
+def display_channels_field() -> Any:
+    """`--display_channels`, of the pretraining run's figures and of visualize.py."""
+    return field(
+        default=None,
+        metadata={"help": "The 3 bands (0-based) shown as red, green and blue in the reconstruction figures of images "
+                          "of more than 3 channels, e.g. 3,2,1. Default: the first three (1 channel: grayscale)."},
+    )
+
+
+def parse_display_channels(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """`--display_channels 3,2,1` (or a YAML list) -> `(3, 2, 1)`; None: the default bands. Their range is checked
+    against the model's channel count by `evaluation.visualization.display_bands`."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        bands = tuple(int(str(item)) for item in items)  # str: a YAML 1.5 is refused, not truncated
+    except ValueError:
+        bands = ()
+    if len(bands) != DISPLAY_BANDS:
+        shown = value if isinstance(value, str) else ",".join(map(str, value))
+        raise UsageError(f"--display_channels={shown!r} is not allowed: it must be {DISPLAY_BANDS} comma-separated "
+                         "band indices (red, green, blue), e.g. 3,2,1")
+    return bands
+
+
 @dataclass
 class RunArguments:
     """Where the run writes, how it checkpoints, logs and publishes."""
@@ -232,6 +283,7 @@ class RunArguments:
         default=None,
         metadata={"help": "Save and log a reconstruction figure every N optimizer steps (always at the end)."},
     )
+    display_channels: str | None = display_channels_field()
     eval_steps: int | None = field(
         default=None,
         metadata={"help": "Validation loss every N optimizer steps (default: every epoch), when a split exists."},
@@ -264,6 +316,7 @@ class RunArguments:
 
     def __post_init__(self) -> None:
         self.checkpoint_interval()  # a wrong --checkpointing_steps fails now, not at the first optimizer step
+        parse_display_channels(self.display_channels)  # the count now; the range once the model's channels are known
 
     def saves_on_signal(self) -> bool:
         """--save_on_signal, on by default in a SLURM job (whose preemption and time limit come as signals)."""
@@ -292,7 +345,7 @@ def load_model_config(source: str, config_overrides: str | None = None, **flags:
     `layer_norm_eps` <= 0: MAEConfig validates every field when it is built) is a `UsageError`. The model library
     raises `ValueError`: its configuration_mae.py travels alone as Hub remote code, without this package's errors. So
     are the config of another model type (with the command that converts it), a model whose training state cannot fit
-    this machine's memory, and images of other than the pipeline's 3 channels.
+    this machine's memory.
     """
     from .configuration_mae import ForeignConfigError, load_config, parse_overrides
 
@@ -304,25 +357,34 @@ def load_model_config(source: str, config_overrides: str | None = None, **flags:
         raise UsageError(f"{error}: {convert_first(source)}") from error
     except (ValueError, TypeError) as error:  # TypeError: a value of another type (`mask_ratio=abc`, `image_size=null`)
         raise UsageError(f"{described} cannot build a model: {error}") from error
-    problem = too_big_problem(config) or channels_problem(config)
+    problem = too_big_problem(config)
     if problem is not None:
         raise UsageError(f"{described} {problem}")
     return config
+
+
+def image_statistics_problem(
+    image_stats: str | None, image_mean: Sequence[float] | None, image_std: Sequence[float] | None
+) -> str | None:
+    """What is wrong with the statistics flags, in one line (the channel count is checked with the config)."""
+    if image_stats is not None and not (image_stats in IMAGE_STATS_CHOICES or image_stats.endswith(".json")):
+        return (f"--image_stats={image_stats!r} is not allowed: it must be one of {', '.join(IMAGE_STATS_CHOICES)} "
+                "or a .json file written by run_scripts/image_stats.py")
+    if (image_mean is None) != (image_std is None):
+        return "--image_mean and --image_std go together: pass both, one value per channel"
+    if image_mean is None or image_std is None:
+        return None
+    if image_stats is not None:
+        return f"--image_mean/--image_std and --image_stats {image_stats} both set the statistics: pass one of them"
+    if len(image_mean) != len(image_std):
+        return f"--image_mean has {len(image_mean)} values and --image_std {len(image_std)}: one per channel each"
+    return None
 
 
 def convert_first(source: str) -> str:
     """What to do with a model of another implementation: the command that converts it."""
     return (f"convert it first with `python run_scripts/convert_checkpoint.py --source {source} --output_dir FOLDER` "
             "(transformers ViT and ViTMAE, timm and the official MAE checkpoints), then pass FOLDER")
-
-
-def channels_problem(config: MAEConfig) -> str | None:
-    """The data pipeline decodes every image to RGB (`data.fast_decode`): a model of other channels fails at its first
-    batch."""
-    if config.num_channels == PIPELINE_CHANNELS:
-        return None
-    return (f"has num_channels={config.num_channels}, but the data pipeline feeds RGB images ({PIPELINE_CHANNELS} "
-            f"channels; grayscale images are converted): set num_channels={PIPELINE_CHANNELS}")
 
 
 def too_big_problem(config: MAEConfig) -> str | None:

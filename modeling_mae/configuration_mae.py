@@ -16,6 +16,11 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+# The official code normalises RGB with the ImageNet statistics (not transformers' 0.5/0.5 defaults).
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+EIGHT_BIT_SCALE = 1 / 255
+
 # The paper's models (ViT-B/16, L/16, H/14, all with the 512-wide, 8-block decoder) and small ones
 # for CPUs. Every other field keeps the MAEConfig default. Defined once: scripts resolve
 # `--model_config NAME` through `MAEConfig.from_preset`.
@@ -42,6 +47,14 @@ MAE_PRESETS: dict[str, dict[str, Any]] = {
         patch_size=14, hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120
     ),
 }
+
+
+def default_image_statistics(num_channels: int) -> tuple[list[float], list[float]]:
+    """The mean and std pixels are normalised with when a config names none: ImageNet's for RGB (the official MAE's),
+    0.5 and 0.5 per channel for any other count (no data set's statistics fit every band: compute your own)."""
+    if num_channels == 3:
+        return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+    return [0.5] * num_channels, [0.5] * num_channels
 
 
 def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -84,6 +97,11 @@ class MAEConfig(PretrainedConfig):
         norm_pix_loss (`bool`): regress per-patch normalised pixels (the paper's better target).
         use_mean_pooling (`bool`): classify from the mean of the patch tokens + `fc_norm` (the
             paper's fine-tuning) instead of the CLS token.
+        image_mean, image_std (`list[float]`, one per channel): the statistics pixels are normalised with,
+            `(pixel * rescale_factor - mean) / std`; None gives `default_image_statistics(num_channels)`
+            (ImageNet's for RGB). Stored resolved; every std must be > 0.
+        rescale_factor (`float`): what raw pixel values are multiplied by before normalising: the data's own
+            scale (1/255 for 8-bit data, 1/65535 for 16-bit, 1.0 for float arrays already in [0, 1]).
     """
 
     model_type = "mae"
@@ -111,6 +129,9 @@ class MAEConfig(PretrainedConfig):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
         use_mean_pooling: bool = True,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        rescale_factor: float = EIGHT_BIT_SCALE,
         **kwargs: Any,
     ) -> None:
         self.image_size = _pair(image_size)
@@ -134,6 +155,10 @@ class MAEConfig(PretrainedConfig):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.use_mean_pooling = use_mean_pooling
+        default_mean, default_std = default_image_statistics(num_channels)
+        self.image_mean = default_mean if image_mean is None else [float(value) for value in image_mean]
+        self.image_std = default_std if image_std is None else [float(value) for value in image_std]
+        self.rescale_factor = rescale_factor
         super().__init__(**kwargs)
         self.validate()
 
@@ -175,6 +200,22 @@ class MAEConfig(PretrainedConfig):
         if self.hidden_act not in ACT2FN:
             known = ", ".join(ACT2FN)
             raise ValueError(f"hidden_act {self.hidden_act!r} is no activation of transformers; one of {known}")
+        self.validate_image_statistics()
+
+    def validate_image_statistics(self) -> None:
+        """Raise a `ValueError` naming the first statistic that cannot normalise `num_channels` channels."""
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if len(values) != self.num_channels:
+                raise ValueError(f"{name} has {len(values)} values ({values}) for num_channels={self.num_channels}: "
+                                 "give one per channel")
+        for channel, (mean, std) in enumerate(zip(self.image_mean, self.image_std)):
+            if not math.isfinite(mean):
+                raise ValueError(f"image_mean of channel {channel} is {mean}: every mean must be a finite number")
+            if not 0.0 < std < math.inf:  # a zero std divides by zero: every normalised pixel inf or NaN
+                raise ValueError(f"image_std of channel {channel} is {std}: every std must be a positive number")
+        if not 0.0 < self.rescale_factor < math.inf:
+            raise ValueError(f"rescale_factor must be a positive number, got {self.rescale_factor}")
 
     def num_parameters(self) -> int:
         """The parameters of `MAEForPreTraining` built from this config (encoder and decoder), counted from the sizes
@@ -285,4 +326,18 @@ def load_config(name_or_path: str, overrides: str | dict[str, Any] | None = None
     unknown = sorted(set(values) - set(config.to_dict()))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(MAEConfig().to_dict())}")
-    return MAEConfig.from_dict({**config.to_dict(), **values})
+    return MAEConfig.from_dict(with_statistics_following_channels({**config.to_dict(), **values}, config, values))
+
+
+def with_statistics_following_channels(
+    fields: dict[str, Any], config: MAEConfig, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """`fields` (config's, with `overrides` applied) where a changed `num_channels` takes the new count's default
+    statistics in place of the old count's defaults: `num_channels=1` on an RGB preset must not keep ImageNet's three
+    means. Statistics the overrides give, or the data set's own, are kept (and refused by validation when their
+    length does not fit)."""
+    if fields.get("num_channels", config.num_channels) == config.num_channels:
+        return fields
+    old_defaults = dict(zip(("image_mean", "image_std"), default_image_statistics(config.num_channels)))
+    return {**fields, **{name: None for name, default in old_defaults.items()
+                         if name not in overrides and fields.get(name) == default}}

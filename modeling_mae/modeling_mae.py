@@ -18,6 +18,7 @@ checkpoint as Hub remote code.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -27,23 +28,32 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, ViTImageProcessor
+from transformers import (
+    ImageFeatureExtractionPipeline,
+    PreTrainedModel,
+    ViTImageProcessor,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.image_utils import PILImageResampling
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, is_vision_available
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mae import MAEConfig
 
-# The official code normalises with the ImageNet statistics (not transformers' 0.5/0.5 defaults).
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+if is_vision_available():  # Pillow: only the pipeline needs it (to open image files); remote code does without
+    from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
 NORM_PIX_EPS = 1e-6
+# The channel counts whose axis transformers' image processors find by themselves (`process_image` infers (1, 3, 4)
+# channels first or last); for any other count the exported processor records that arrays are channels-last.
+INFERRED_CHANNEL_COUNTS = (1, 3, 4)
 
 # Written into every saved config.json so that all four Auto classes load it as remote code.
 AUTO_MAP = {
@@ -55,14 +65,137 @@ AUTO_MAP = {
 
 
 def build_image_processor(config: MAEConfig) -> ViTImageProcessor:
-    """The preprocessing the model expects; `AutoImageProcessor` reloads it without custom code."""
+    """The preprocessing the model expects, `(pixel * rescale_factor - mean) / std` per channel with the config's
+    statistics; `AutoImageProcessor` reloads it without custom code.
+
+    RGB models convert any image to RGB first, as training does; other channel counts keep the image's own channels
+    (a PIL "L" or "I;16" image is one channel). Arrays of a channel count transformers cannot infer the axis of
+    (`INFERRED_CHANNEL_COUNTS`) are taken as channels-last (H, W, C), numpy's and PIL's layout: pass
+    `input_data_format="channels_first"` for (C, H, W) ones.
+    """
     height, width = config.image_size
+    layout = {} if config.num_channels in INFERRED_CHANNEL_COUNTS else {"input_data_format": "channels_last"}
     return ViTImageProcessor(
         size={"height": height, "width": width},
         resample=PILImageResampling.BICUBIC,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+        rescale_factor=config.rescale_factor,
+        do_convert_rgb=config.num_channels == 3,
+        **layout,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# From RGB weights to C channels
+# ----------------------------------------------------------------------------------------------
+
+RGB_CHANNELS = 3
+
+
+def channels_of_rgb(num_channels: int) -> list[int]:
+    """The RGB channel each of `num_channels` channels takes its weights from: cyclically, R G B R G B ..."""
+    return [channel % RGB_CHANNELS for channel in range(num_channels)]
+
+
+def adapt_patch_kernels(weight: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """RGB patch kernels `(D, 3, p, q)` -> `(D, C, p, q)` by timm's `adapt_input_conv` rules. One channel: the sum of
+    the three kernels, so that a gray image gives the response its RGB copy (three equal channels) gave. More: the
+    kernels repeated cyclically (`channels_of_rgb`) and scaled by 3 / C, so that the response keeps its size when the
+    bands are alike. Computed in float32 (a half-precision sum loses digits), returned in the weight's dtype."""
+    kernels = weight.float()
+    if num_channels == 1:
+        adapted = kernels.sum(dim=1, keepdim=True)
+    else:
+        adapted = kernels[:, channels_of_rgb(num_channels)] * (RGB_CHANNELS / num_channels)
+    return adapted.to(weight.dtype)
+
+
+def adapt_pixel_head(tensor: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """The decoder's pixel head (weight `(p * q * 3, D_dec)` or bias `(p * q * 3,)`, rows in `patchify` order, the
+    channel fastest) -> `p * q * C` rows. Derived from the RGB rows, not re-initialised: the encoder adapted by
+    `adapt_patch_kernels` sees a gray image as its RGB copy, and C bands as copies of R, G, B, so the head that
+    reconstructed those copies goes on reconstructing them: one channel takes the mean of the R, G and B rows (the
+    gray value of an RGB prediction), C channels the row of their RGB channel. Unscaled: each row predicts one
+    channel's pixel, not a sum over channels. Fresh rows would predict noise and cost the first steps relearning it."""
+    rows = tensor.unflatten(0, (-1, RGB_CHANNELS))  # (p * q * 3, ...) -> (p * q, 3, ...)
+    if num_channels == 1:
+        adapted = rows.float().mean(dim=1, keepdim=True).to(tensor.dtype)
+    else:
+        adapted = rows[:, channels_of_rgb(num_channels)]  # (p * q, C, ...)
+    return adapted.flatten(0, 1)  # (p * q * C, ...)
+
+
+def adapt_statistics(values: list[float], num_channels: int) -> list[float]:
+    """RGB normalisation statistics for the adapted channels, by the kernels' rule: their mean for one channel (the
+    sum of the kernels assumes one normalisation for the three copies), the RGB channel's own for C channels."""
+    if num_channels == 1:
+        return [sum(values) / len(values)]
+    return [values[rgb] for rgb in channels_of_rgb(num_channels)]
+
+
+def channel_adaptation_rule(num_channels: int) -> str:
+    """What `adapt_channels` does for `num_channels`, in words for the log."""
+    if num_channels == 1:
+        return ("RGB -> 1 channel: patch kernels summed (timm's adapt_input_conv), decoder pixel rows and "
+                "normalisation statistics averaged over R, G, B")
+    return (f"RGB -> {num_channels} channels: patch kernels repeated cyclically and scaled by 3/{num_channels} "
+            "(timm's adapt_input_conv), decoder pixel rows and normalisation statistics copied cyclically (R, G, B, "
+            "R, ...)")
+
+
+PATCH_KERNELS_SUFFIX = "embeddings.patch_embeddings.projection.weight"
+PIXEL_HEAD_KEYS = ("decoder.pred.weight", "decoder.pred.bias")
+
+
+def adapt_channels(
+    state_dict: dict[str, torch.Tensor], config: MAEConfig, num_channels: int, **config_fields: Any
+) -> tuple[dict[str, torch.Tensor], MAEConfig]:
+    """A 3-channel (RGB) model's weights and config, for `num_channels` input channels: the patch kernels
+    (`adapt_patch_kernels`), the decoder's pixel head when there is one (`adapt_pixel_head`) and the config's
+    `num_channels`, `image_mean` and `image_std` (`adapt_statistics`), unless `config_fields` give them (the data
+    set's own). The state dict's keys may have the `mae.` prefix of the full models or not (`MAEModel`'s).
+    `channel_adaptation_rule` says what was done."""
+    if config.num_channels != RGB_CHANNELS:
+        raise ValueError(f"only RGB (3-channel) weights adapt to another channel count; these have "
+                         f"{config.num_channels} channels")
+    fields = {**config.to_dict(), "num_channels": num_channels,
+              "image_mean": adapt_statistics(config.image_mean, num_channels),
+              "image_std": adapt_statistics(config.image_std, num_channels), **config_fields}
+    adapted_config = MAEConfig.from_dict(fields)  # validated first: a channel count < 1 stops here
+    adapted = dict(state_dict)
+    for key, tensor in state_dict.items():
+        if key.endswith(PATCH_KERNELS_SUFFIX):
+            adapted[key] = adapt_patch_kernels(tensor, num_channels)
+        elif key in PIXEL_HEAD_KEYS:
+            adapted[key] = adapt_pixel_head(tensor, num_channels)
+    return adapted, adapted_config
+
+
+class MAEImageFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
+    """transformers' `image-feature-extraction` pipeline for models of any channel count.
+
+    transformers' own opens every input with `load_image`, which takes a PIL image or a path/URL only and converts it
+    to RGB: a gray or 16-bit image reaches a 1-channel model as 3 channels (8-bit), and arrays (e.g. 4 bands) are
+    refused. For other than 3 channels this one hands PIL images of any mode, numpy arrays and tensors to the image
+    processor as they are (it normalises them with the model's statistics, `build_image_processor`) and opens a file
+    path as it is stored. RGB models keep transformers' behaviour. The folders that `save_pretrained` writes for
+    other channel counts name it in config.json (`custom_pipelines`), so that
+    `pipeline("image-feature-extraction", model=folder, trust_remote_code=True)` builds it.
+    """
+
+    def preprocess(self, image: Any, timeout: float | None = None, **image_processor_kwargs: Any) -> Any:
+        if self.model.config.num_channels == RGB_CHANNELS:
+            return super().preprocess(image, timeout=timeout, **image_processor_kwargs)
+        if isinstance(image, (str, os.PathLike)):  # upright, as `load_image` makes it, in the file's own mode
+            image = ImageOps.exif_transpose(Image.open(image))
+        return self.image_processor(image, return_tensors="pt", **image_processor_kwargs).to(self.dtype)
+
+
+# config.json's entry for models of other than 3 channels: the pipeline task resolves to the class above.
+CUSTOM_PIPELINES = {
+    "image-feature-extraction": {"impl": "modeling_mae.MAEImageFeatureExtractionPipeline", "pt": ["AutoModel"]},
+}
 
 
 def name_the_cpu_for_deepspeed() -> None:
@@ -584,23 +717,44 @@ class MAEPreTrainedModel(PreTrainedModel):
             init.copy_(module.position_embeddings, table.unsqueeze(0))
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+    def from_pretrained(cls, *args: Any, num_channels: int | None = None, **kwargs: Any) -> Any:
         """transformers' `from_pretrained`, then the fixed sin-cos position tables frozen again.
 
         transformers (5.17 to 5.24) puts every loaded weight in a new `nn.Parameter`, trainable: without this, a loaded
         model would train the tables that the paper (and a freshly built model) keeps fixed.
+
+        `num_channels` other than the checkpoint's adapts RGB weights to that many input channels (`adapt_channels`:
+        timm's rules, summed kernels for 1 channel, repeated and rescaled ones for more) and logs the rule. Without
+        it, a config of another channel count than the checkpoint's stays transformers' size-mismatch error.
         """
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds a dict
+        if num_channels is not None and num_channels != model.config.num_channels:
+            model = model.adapted_to_channels(num_channels)
+            loaded = (model, *loaded[1:]) if isinstance(loaded, tuple) else model
         for module in model.modules():
             if isinstance(module, (MAEEmbeddings, MAEDecoder)):
                 module.position_embeddings.requires_grad_(False)
         return loaded
 
+    def adapted_to_channels(self, num_channels: int, **config_fields: Any) -> MAEPreTrainedModel:
+        """This RGB model as a new one of the same class for `num_channels` input channels (`adapt_channels`, with
+        `config_fields` set), on the same device and dtype, in the same train/eval mode."""
+        state_dict, config = adapt_channels(self.state_dict(), self.config, num_channels, **config_fields)
+        logger.warning("adapting the pretrained weights: %s", channel_adaptation_rule(num_channels))
+        config._attn_implementation = self.config._attn_implementation  # a runtime choice, not in the config's dict
+        with torch.device(self.device):
+            adapted = type(self)(config)
+        adapted.load_state_dict(state_dict)
+        return adapted.to(self.dtype).train(self.training)
+
     def save_pretrained(self, save_directory: str | Any, *args: Any, **kwargs: Any) -> None:
-        """Also writes the code files, an `auto_map` for all four Auto classes and the image processor."""
+        """Also writes the code files, an `auto_map` for all four Auto classes and the image processor; for other than
+        3 channels, the pipeline that takes such images (`MAEImageFeatureExtractionPipeline`)."""
         name_the_cpu_for_deepspeed()
         self.config.auto_map = dict(AUTO_MAP)
+        if self.config.num_channels != RGB_CHANNELS:
+            self.config.custom_pipelines = dict(CUSTOM_PIPELINES)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             build_image_processor(self.config).save_pretrained(save_directory)
@@ -886,6 +1040,7 @@ __all__ = [
     "MAEPreTrainedModel",
     "MAEModelOutput",
     "MAEForPreTrainingOutput",
+    "adapt_channels",
     "build_image_processor",
     "gather_patches",
     "loss_patch_index",

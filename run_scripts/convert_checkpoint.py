@@ -7,6 +7,7 @@ Hub id such as timm/vit_base_patch16_224.mae) or a transformers ViTMAE model (fo
     python run_scripts/convert_checkpoint.py --source mae_visualize_vit_large.pth --output_dir mae-large
     python run_scripts/convert_checkpoint.py --source timm/vit_base_patch16_224.mae --output_dir mae-base-timm
     python run_scripts/convert_checkpoint.py --source facebook/vit-mae-base --output_dir mae-base
+    python run_scripts/convert_checkpoint.py --source facebook/vit-mae-base --output_dir mae-base-4band --num_channels 4
     python run_scripts/convert_checkpoint.py --source mae-base --output_dir vit-base --to_vit
     python run_scripts/convert_checkpoint.py --source mae-finetuned --output_dir timm-finetuned --to_timm
 """
@@ -25,10 +26,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="official .pth, timm file/folder/Hub id, ViTMAE folder or Hub id; with --to_* one of ours")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--config_overrides", default=None, help='"k=v,..." e.g. "norm_pix_loss=true"')
+    parser.add_argument("--num_channels", type=int, default=None,
+                        help="adapt RGB weights to this many input channels (1: kernels summed; more: repeated and "
+                        "scaled by 3/C); image_mean/image_std in --config_overrides are then the new channels'")
     export = parser.add_mutually_exclusive_group()
     export.add_argument("--to_vit", action="store_true", help="export our encoder to transformers' ViT layout")
     export.add_argument("--to_timm", action="store_true", help="export our encoder or classifier to timm's ViT")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_channels is not None and (args.to_vit or args.to_timm):
+        parser.error("--num_channels adapts weights converted into this project's format, not an export")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
               f"  {spec.create_model_call(f'{args.output_dir}/model.safetensors')}")
         return
     else:
-        model = convert_checkpoint(args.source, args.output_dir, args.config_overrides)
+        model = convert_checkpoint(args.source, args.output_dir, args.config_overrides, args.num_channels)
     print(f"saved {type(model).__name__} to {args.output_dir}")
 
 

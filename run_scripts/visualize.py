@@ -8,6 +8,11 @@ masked input | reconstruction | reconstruction + visible | original.
 `--model_name_or_path` is one of our pretraining folders / Hub ids, an official `.pth` or a transformers ViTMAE
 checkpoint (converted on the fly). With `norm_pix_loss` models the per-patch predictions are mapped back to pixels
 with the statistics of the original patch, as in the paper's figures. Masks are drawn from `--seed`.
+
+Images of any channel count are un-normalised with the model config's `image_mean`/`image_std` and drawn as 8-bit RGB:
+one channel in grayscale, three as they are, more as the bands of `--display_channels` (0-based, default 0,1,2):
+
+    python run_scripts/visualize.py --model_name_or_path outputs/mae-sentinel --display_channels 3,2,1
 """
 
 from __future__ import annotations

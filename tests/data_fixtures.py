@@ -218,3 +218,95 @@ def empty_parquet(path: pathlib.Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pq.read_table(path).slice(0, 0), path)
+
+
+# --- Images of other channel counts (issue 22) -----------------------------------------------------------------------
+
+
+def band_arrays(
+    num_samples: int, num_channels: int = 4, size: tuple[int, int] = (20, 24), dtype: str = "uint16",
+    channels_last: bool = False, seed: int = 0,
+) -> list[np.ndarray]:
+    """Random multi-band images, (C, H, W) or (H, W, C) with H, W = ``size``: integers over the dtype's range, or
+    floats in [-2, 5) (arrays are kept on their own scale)."""
+    rng = np.random.default_rng(seed)
+    shape = (*size, num_channels) if channels_last else (num_channels, *size)
+    if np.dtype(dtype).kind == "f":
+        return [rng.uniform(-2, 5, shape).astype(dtype) for _ in range(num_samples)]
+    return [rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype) for _ in range(num_samples)]
+
+
+def single_band_png(values: np.ndarray) -> bytes:
+    """A 1-channel PNG of a 2-D uint8 (mode L) or uint16 (mode I;16, a 16-bit PNG) array, values kept."""
+    return _encode(Image.fromarray(values), "PNG")
+
+
+def make_image_parquet(
+    directory: pathlib.Path, encoded: Sequence[bytes], split: str = "train", labels: bool = True
+) -> pathlib.Path:
+    """One HF-layout parquet shard whose ``image`` column (an Image feature) holds the given encoded images, named
+    ``{i}.png``; with ``labels``, a ClassLabel ``label`` of ``i % 3``."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    columns: dict[str, list[Any]] = {"image": [{"bytes": data, "path": f"{i}.png"} for i, data in enumerate(encoded)]}
+    features = {"image": ImageFeature()}
+    if labels:
+        columns["label"] = [i % len(CLASS_NAMES) for i in range(len(encoded))]
+        features["label"] = ClassLabel(names=list(CLASS_NAMES))
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    path = directory / "data" / f"{split}-00000-of-00001.parquet"
+    Dataset.from_dict(columns, features=Features(features)).to_parquet(str(path))
+    return path
+
+
+def make_array_parquet(
+    directory: pathlib.Path, arrays: Sequence[np.ndarray], split: str = "train", column: str = "bands",
+    nested_lists: bool = False,
+) -> pathlib.Path:
+    """One HF-layout parquet shard of the arrays (all of one shape) in ``column``: an ``Array3D`` (or ``Array2D``) of
+    their dtype, or, with ``nested_lists``, plain nested lists (a list feature, as `Dataset.from_dict` infers it);
+    and a ClassLabel ``label`` of ``i % 3``."""
+    from datasets import Array2D, Array3D, ClassLabel, Dataset, Features
+
+    array_type = Array3D if arrays[0].ndim == 3 else Array2D
+    values = [array.tolist() for array in arrays] if nested_lists else list(arrays)
+    labels = [i % len(CLASS_NAMES) for i in range(len(arrays))]
+    features = None if nested_lists else Features({
+        column: array_type(arrays[0].shape, str(arrays[0].dtype)), "label": ClassLabel(names=list(CLASS_NAMES))})
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    path = directory / "data" / f"{split}-00000-of-00001.parquet"
+    Dataset.from_dict({column: values, "label": labels}, features=features).to_parquet(str(path))
+    return path
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def make_npy_webdataset(directory: pathlib.Path, arrays: Sequence[np.ndarray], split: str = "train") -> pathlib.Path:
+    """One webdataset shard ``{split}-0000.tar`` with ``{key}.npy`` (`datasets` decodes it to an array) + ``{key}.cls``
+    (``i % 3``) per sample."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{split}-0000.tar"
+    with tarfile.open(path, "w") as tar:
+        for index, array in enumerate(arrays):
+            _add_tar_member(tar, f"sample{index:06d}.npy", _npy_bytes(array))
+            _add_tar_member(tar, f"sample{index:06d}.cls", str(index % len(CLASS_NAMES)).encode())
+    return path
+
+
+def make_npy_imagefolder(
+    directory: pathlib.Path, arrays: Sequence[np.ndarray], split: str | None = None
+) -> list[pathlib.Path]:
+    """An image folder of arrays ``[{split}/]{class_name}/{id}.npy``; sample ``i`` is of class ``CLASS_NAMES[i % 3]``."""
+    paths = []
+    for index, array in enumerate(arrays):
+        folder = directory / split if split else directory
+        path = folder / CLASS_NAMES[index % len(CLASS_NAMES)] / f"{index:06d}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, array)
+        paths.append(path)
+    return paths

@@ -75,8 +75,13 @@ def numeric_fields(cls: type) -> list[str]:
     return names
 
 
+PAIRED = {"image_mean": ["--image_std", "1"], "image_std": ["--image_mean", "0"]}  # flags that go with another
+
+
 def outside(allowed: Range) -> float:
-    """A value just outside the range."""
+    """A value just outside the range (NaN for a range of every finite number)."""
+    if allowed.low is None and allowed.high is None:
+        return math.nan
     if allowed.low is not None:
         return allowed.low if allowed.low_open else allowed.low - 1
     return allowed.high if allowed.high_open else allowed.high + 1
@@ -92,7 +97,7 @@ def test_every_numeric_flag_has_a_range(cls: type) -> None:
 def test_a_value_outside_a_flags_range_is_a_one_line_usage_error(cls: type, name: str) -> None:
     allowed = cls.FLAG_RANGES[name]
     with pytest.raises(UsageError) as raised:
-        parse_arguments((cls,), [*REQUIRED.get(cls, []), f"--{name}", f"{outside(allowed):g}"])
+        parse_arguments((cls,), [*REQUIRED.get(cls, []), *PAIRED.get(name, []), f"--{name}", f"{outside(allowed):g}"])
     assert str(raised.value).startswith(f"--{name}=") and str(raised.value).endswith(f" is not allowed: it must be "
                                                                                       f"{allowed}")
     parse_arguments((cls,), REQUIRED.get(cls, []))  # the defaults are allowed
@@ -284,15 +289,15 @@ SCRIPTS = pytest.mark.parametrize("main", [pretrain_main, finetune_main, knn_mai
 
 
 @SCRIPTS
-def test_a_model_of_other_channels_than_the_pipelines_is_refused_before_any_data(
-    main, model_config: pathlib.Path, tmp_path: pathlib.Path, capsys
+def test_a_model_of_other_channels_than_the_data_is_refused_in_one_line_naming_both(
+    main, model_config: pathlib.Path, data_dir: pathlib.Path, tmp_path: pathlib.Path, capsys
 ) -> None:
-    """The pipeline decodes every image to RGB: a 1-channel model failed at its first batch."""
-    argv = ["--model_config", str(model_config), "--config_overrides", "num_channels=1", "--output_dir", str(tmp_path)]
-    assert script_error(main, argv, capsys) == (
-        f"error: the model config ({model_config} with --config_overrides num_channels=1) has num_channels=1, but the "
-        "data pipeline feeds RGB images (3 channels; grayscale images are converted): set num_channels=3\n"
-    )
+    """RGB images for a 2-channel model: refused before any training (it failed at its first batch before)."""
+    argv = ["--model_config", str(model_config), "--config_overrides", "num_channels=2", "--dataset_name",
+            str(data_dir), "--output_dir", str(tmp_path)]
+    error = script_error(main, argv, capsys)
+    assert re.fullmatch(r"error: The train split's images have 3 channels, and the model's config num_channels=2 "
+                        r"\(first records: .*\): convert the images, or use a config with num_channels=3\.\n", error)
 
 
 def test_a_model_too_big_for_the_machine_is_refused_with_its_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ test_distributed.py.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import math
@@ -790,3 +791,61 @@ def test_fine_tuning_saves_on_sigterm_the_same_way(data_dir, model_config, tmp_p
     resumed = finetune(output, "--resume_from_checkpoint", "latest")
     assert_same_weights(weights(output), weights(tmp_path / "straight"))
     assert resumed["history"] == straight["history"]
+
+
+# ---------------------------------------------------------------- what a refusal says (found by mutation testing)
+
+
+def test_an_empty_or_cut_pickle_is_refused_with_the_errors_first_line(tmp_path) -> None:
+    """An empty file: EOFError without a message; a torch archive cut in half: torch's one-line zip error."""
+    empty, cut = tmp_path / "optimizer.bin", tmp_path / "scheduler.bin"
+    empty.write_bytes(b"")
+    torch.save({"step": torch.ones(3)}, cut)
+    cut.write_bytes(cut.read_bytes()[:200])
+    with pytest.raises(UnusableFile) as refused:
+        checkpoint_files.check_pickle(empty, allowed=[])
+    assert str(refused.value) == f"{empty} cannot be loaded safely: EOFError: "
+    with pytest.raises(UnusableFile) as refused:
+        checkpoint_files.check_pickle(cut, allowed=[])
+    assert str(refused.value).startswith(
+        f"{cut} cannot be loaded safely: RuntimeError: PytorchStreamReader failed reading zip archive: ")
+
+
+def test_a_registered_object_in_a_checkpoint_is_refused_saying_why(tmp_path) -> None:
+    (tmp_path / "custom_checkpoint_0.pkl").write_bytes(b"")
+    with pytest.raises(UnusableFile) as refused:
+        check_checkpoint_files(tmp_path, allowed=[], model_weights=None)
+    assert str(refused.value) == (
+        f"{tmp_path / 'custom_checkpoint_0.pkl'} is an object that Accelerate unpickles with weights_only=False: our "
+        "checkpoints never hold one (the learning-rate schedule is in trainer_state.json)")
+
+
+def test_a_full_disk_is_told_by_errno_or_by_a_chained_error_and_other_errors_are_not(tmp_path) -> None:
+    """This disk has space (more than FULL_DISK_FREE_BYTES free), so only the error itself can say it is full."""
+    assert shutil.disk_usage(tmp_path).free > FULL_DISK_FREE_BYTES
+    assert checkpoint_files.disk_is_full(OSError(errno.ENOSPC, "write failed"), tmp_path)
+    assert checkpoint_files.disk_is_full(OSError(errno.EDQUOT, "write failed"), tmp_path)
+    wrapped = RuntimeError("unexpected pos 1984 vs 1920")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "write failed")  # torch.save's writer, as `raise ... from`
+    assert checkpoint_files.disk_is_full(wrapped, tmp_path)
+    assert not checkpoint_files.disk_is_full(PermissionError(errno.EACCES, "Permission denied"), tmp_path)
+    assert not checkpoint_files.disk_is_full(RuntimeError("unexpected pos 1984 vs 1920"), tmp_path)
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/mounts").is_file() or shutil.which("df") is None, reason="Linux only")
+def test_the_filesystem_of_a_path_is_the_device_and_mount_point_that_df_names(tmp_path, monkeypatch) -> None:
+    for path in (tmp_path, pathlib.Path("/dev/shm"), pathlib.Path("/proc/self")):
+        if path.exists():
+            device, *_, mount = subprocess.run(["df", "-P", str(path)], capture_output=True, text=True,
+                                               check=True).stdout.splitlines()[-1].split()
+            assert checkpoint_files.filesystem_of(path) == f"{device} (mounted at {mount})"
+    # A mount point that /proc/mounts does not list (e.g. in a container's chroot): the mount point alone.
+    monkeypatch.setattr(os.path, "ismount", lambda path: pathlib.Path(path) == tmp_path)
+    assert checkpoint_files.filesystem_of(tmp_path / "run") == str(tmp_path)
+
+
+def test_deepspeed_checkpoints_may_also_build_the_classes_named_by_their_dotted_path(monkeypatch) -> None:
+    """DeepSpeed is not installed here: two importable stand-ins for its class names, resolved as they are."""
+    monkeypatch.setattr(checkpoint_files, "DEEPSPEED_GLOBALS", ("torch.nn.Linear", "collections.OrderedDict"))
+    plain = checkpoint_files.allowed_globals(deepspeed=False)
+    assert checkpoint_files.allowed_globals(deepspeed=True) == [*plain, torch.nn.Linear, collections.OrderedDict]

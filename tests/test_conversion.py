@@ -411,3 +411,53 @@ def test_saving_and_converting_print_no_deepspeed_accelerator_warning(tmp_path: 
         assert done.returncode == 0, done.stderr[-2000:]
         assert "Setting accelerator" not in done.stdout + done.stderr
     assert (vit / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- RGB -> C channels
+
+
+@pytest.mark.parametrize("num_channels", [1, 4])
+def test_num_channels_adapts_an_official_rgb_checkpoint_as_written_out(num_channels: int, tmp_path, caplog) -> None:
+    """`--num_channels C` on an official RGB checkpoint: the patch kernels are R+G+B for 1 channel and R, G, B, R
+    times 3/4 for 4 (written out here, and timm's own `adapt_input_conv`), the pixel head's rows per patch pixel the
+    mean of R, G, B, or R, G, B, R copied; the statistics follow the same rule; the log says which rule."""
+    official = to_official_layout(reference_model().state_dict())
+    torch.save({"model": official}, tmp_path / "mae_visualize.pth")
+    with caplog.at_level("WARNING"):
+        convert_main(["--source", str(tmp_path / "mae_visualize.pth"), "--output_dir", str(tmp_path / "ours"),
+                      "--config_overrides", "num_attention_heads=2,decoder_num_attention_heads=2",
+                      "--num_channels", str(num_channels)])
+    assert ("kernels summed" if num_channels == 1 else "scaled by 3/4") in caplog.text
+    ours = MAEForPreTraining.from_pretrained(tmp_path / "ours")
+    kernels, head = official["patch_embed.proj.weight"], official["decoder_pred.weight"]  # (32, 3, 4, 4), (48, 16)
+    red, green, blue = kernels[:, :1], kernels[:, 1:2], kernels[:, 2:]
+    rows = head.view(16, 3, 16)  # (p * q, RGB, D_dec)
+    if num_channels == 1:
+        expected_kernels, expected_rows = red + green + blue, (rows[:, :1] + rows[:, 1:2] + rows[:, 2:]) / 3
+        expected_mean, expected_std = [(0.485 + 0.456 + 0.406) / 3], [(0.229 + 0.224 + 0.225) / 3]
+    else:
+        expected_kernels, expected_rows = torch.cat([red, green, blue, red], dim=1) * 0.75, rows[:, [0, 1, 2, 0]]
+        expected_mean, expected_std = [0.485, 0.456, 0.406, 0.485], [0.229, 0.224, 0.225, 0.229]
+    actual_kernels = ours.mae.embeddings.patch_embeddings.projection.weight
+    torch.testing.assert_close(actual_kernels, expected_kernels)
+    torch.testing.assert_close(actual_kernels, timm.models.adapt_input_conv(num_channels, kernels))
+    torch.testing.assert_close(ours.decoder.pred.weight, expected_rows.reshape(16 * num_channels, 16))
+    assert ours.config.image_mean == pytest.approx(expected_mean)
+    assert ours.config.image_std == pytest.approx(expected_std)
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "ours")
+    assert list(processor.image_mean) == pytest.approx(expected_mean)
+
+
+def test_num_channels_takes_the_new_channels_statistics_and_a_mismatch_without_it_is_one_line(tmp_path) -> None:
+    """The statistics `--config_overrides` gives with `--num_channels` are the adapted channels'; a config of 1
+    channel for RGB weights, without `--num_channels`, is one line that names both counts and the flag."""
+    torch.save({"model": to_official_layout(reference_model().state_dict())}, tmp_path / "mae.pth")
+    heads = "num_attention_heads=2,decoder_num_attention_heads=2"
+    convert_main(["--source", str(tmp_path / "mae.pth"), "--output_dir", str(tmp_path / "gray"), "--num_channels", "1",
+                  "--config_overrides", f"{heads},image_mean=[0.3],image_std=[0.2],rescale_factor=1.5259e-05"])
+    config = MAEForPreTraining.from_pretrained(tmp_path / "gray").config
+    assert (config.num_channels, config.image_mean, config.image_std, config.rescale_factor) == (1, [0.3], [0.2],
+                                                                                               1.5259e-05)
+    with pytest.raises(UsageError, match=r"^the checkpoint has 3 input channels, the config 1: pass --num_channels 1 "):
+        convert_main(["--source", str(tmp_path / "mae.pth"), "--output_dir", str(tmp_path / "no"),
+                      "--config_overrides", f"{heads},num_channels=1"])

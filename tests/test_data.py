@@ -9,11 +9,13 @@ import json
 import os
 import pathlib
 import random
+import struct
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import datasets
 import numpy as np
@@ -34,6 +36,7 @@ from data_fixtures import (
 from datasets.exceptions import DatasetNotFoundError
 from PIL import Image, UnidentifiedImageError
 
+from modeling_mae.data import shards
 from modeling_mae.data.loader import ImageStreamLoader, build_dataloader
 from modeling_mae.data.sources import (
     DataArguments,
@@ -452,3 +455,73 @@ def test_two_real_processes_see_disjoint_data(tmp_path: pathlib.Path) -> None:
     assert [rank["world"] for rank in ranks] == [2, 2] and [rank["skipped"] for rank in ranks] == [2, 2]
     assert len(ranks[0]["ids"]) == len(ranks[1]["ids"]) == 42 // 2 // 4 * 4
     assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == [i for i in range(42) if i not in kinds]
+
+
+# --- Local shard checks and shard names (mutation testing found these paths untested) --------------------------------
+
+
+def test_shards_with_a_bad_footer_chunks_past_the_end_or_only_magic_bytes_are_named_with_their_problem(
+    tmp_path: pathlib.Path,
+) -> None:
+    blob = make_parquet_shards(tmp_path / "good", 32, num_shards=1)[0].read_bytes()  # more data than footer
+    footer = struct.unpack("<I", blob[-8:-4])[0]  # a parquet file ends with its footer, the footer's length, PAR1
+    broken = {
+        "footer.parquet": blob[: -8 - footer] + b"\xff" * footer + blob[-8:],  # magic bytes whole, footer garbage
+        "pages.parquet": blob[:4] + blob[-8 - footer :],  # header and footer whole, the data pages gone
+        "magic.parquet": b"PAR1PAR1",  # both magic bytes and nothing else: 8 bytes
+    }
+    for name, data in broken.items():
+        (tmp_path / name).write_bytes(data)
+    problems = shards.find_bad_shards([str(tmp_path / name) for name in broken])
+    assert problems[str(tmp_path / "footer.parquet")].startswith("unreadable parquet footer (OSError: ")
+    assert problems[str(tmp_path / "pages.parquet")] == "parquet row group 0 ends past the end of the file"
+    assert problems[str(tmp_path / "magic.parquet")].startswith("unreadable parquet footer (ArrowInvalid: ")
+
+
+def test_tars_that_are_no_tar_or_stop_before_a_megabyte_of_junk_are_named_and_a_minimal_end_is_whole(
+    tmp_path: pathlib.Path,
+) -> None:
+    blob = make_webdataset(tmp_path / "good", 4, num_shards=1)[0].read_bytes()  # 4 samples: 8 members of 1 block each
+    members_end = 8 * 2 * tarfile.BLOCKSIZE  # each member: a header block and a data block
+    shapes = {
+        "garbage.tar": b"\x01" * 4096,
+        "junk.tar": blob[:members_end] + b"\xff" * (2 << 20),  # the members, then 2 MiB that are no tar header
+        "minimal.tar": blob[: members_end + 2 * tarfile.BLOCKSIZE],  # just the 2 end blocks, no record padding
+    }
+    for name, data in shapes.items():
+        (tmp_path / name).write_bytes(data)
+    problems = shards.find_bad_shards([str(tmp_path / name) for name in shapes])
+    assert problems == {
+        str(tmp_path / "garbage.tar"): "unreadable tar file (ReadError: invalid header)",
+        str(tmp_path / "junk.tar"): f"corrupt tar file (the archive stops at byte {members_end} of "
+                                    f"{members_end + (2 << 20)})",
+    }
+    assert shards.scan_shard(tmp_path / "minimal.tar").records == 4
+
+
+def test_only_local_parquet_files_have_columns_read_at_start_up(tmp_path: pathlib.Path) -> None:
+    local = make_parquet_shards(tmp_path, 4, num_shards=1)[0]
+    assert shards.local_parquet_columns(str(local)) == {"image", "label"}
+    assert shards.local_parquet_columns("hf://datasets/org/name/data/train-00000-of-00001.parquet") is None
+    assert shards.local_parquet_columns(str(make_webdataset(tmp_path / "wds", 4, num_shards=1)[0])) is None
+
+
+def test_a_shard_is_named_by_its_first_file_and_how_many_more_it_reads() -> None:
+    assert shards.shard_name({"files": ["a.parquet"]}) == "a.parquet"
+    assert shards.shard_name({"tar_paths": ["a.tar", "b.tar", "c.tar"]}) == "a.tar (and 2 more files)"
+    assert shards.shard_name({"split": "train", "index": 3}) == "{'split': 'train', 'index': 3}"  # no file list
+
+
+def test_a_shard_given_up_says_why_its_reads_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards, "SHARD_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(shards, "_GIVEN_UP", set())
+
+    def unreachable(tar_paths: list[str]) -> Iterator[tuple[int, dict]]:
+        raise ConnectionError("connection reset by peer")
+        yield  # a generator, as a builder's shard reader is
+
+    with pytest.raises(shards.ShardReadError) as raised:
+        list(shards.ShardGuard(unreachable, skip_bad_shards=False)(tar_paths=["hf://x/train-0.tar"]))
+    assert str(raised.value) == (
+        f"shard hf://x/train-0.tar could not be read ({shards.SHARD_READ_ATTEMPTS} attempts, 0 records read): "
+        "ConnectionError: connection reset by peer; replace the file, or pass --skip_bad_shards to go on without it")

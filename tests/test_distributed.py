@@ -105,10 +105,12 @@ def launch(
 def test_two_ddp_processes_match_one_process_with_the_same_global_batch(data_dir, model_config, tmp_path) -> None:
     # mask_ratio=0: each process draws its own masks; with nothing masked the model sees every patch whatever the
     # noise, so both runs must agree up to float summation order. The single parquet shard is split sample by sample,
-    # so the 2 x 4 images of a step are the 8 images of the single-process step.
-    common = ("--mask_ratio", "0", "--max_train_steps", "4", "--warmup_steps", "1", "--logging_steps", "1")
+    # so the 2 x 4 images of a step are the 8 images of the single-process step. The 16 validation images in batches
+    # of 3: 3, 3, 2 on each of 2 processes, 5 x 3 and 1 on one.
+    common = ("--mask_ratio", "0", "--max_train_steps", "4", "--warmup_steps", "1", "--logging_steps", "1",
+              "--per_device_eval_batch_size", "3")
     single = tmp_path / "one"
-    run_main(run_args(data_dir, model_config, single, *common))
+    single_results = run_main(run_args(data_dir, model_config, single, *common))
     double = tmp_path / "two"
     flags = run_args(data_dir, model_config, double, *common)
     flags[flags.index("--per_device_train_batch_size") + 1] = "4"
@@ -116,6 +118,8 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(data_dir
     results = json.loads((double / "all_results.json").read_text())
     assert (results["num_processes"], results["train_steps"], results["train_samples"]) == (2, 4, 32)
     assert_same_weights(weights(double), weights(single), atol=1e-5)
+    for name in ("train_loss", "final_loss", "eval_loss"):  # averaged over images, whatever the process
+        assert results[name] == pytest.approx(single_results[name], rel=1e-5), name
     # The learning rate of an effective batch of 2 processes x 4 (the default base lr 1.5e-3), step by step.
     expected = [paper_learning_rate(step, 1.5e-3, 8, 1, 4) for step in range(4)]
     assert list(logged_learning_rates(double).values()) == pytest.approx(expected, rel=1e-9, abs=1e-15)

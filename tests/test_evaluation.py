@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import evaluate
 import numpy as np
@@ -67,7 +68,8 @@ from modeling_mae.evaluation.visualization import (
 )
 from modeling_mae.interop.conversion import to_transformers_vit
 from modeling_mae.loops import finetuning_setup
-from modeling_mae.loops.linear_probe import train_head
+from modeling_mae.loops.finetuning import evaluate as finetune_evaluate
+from modeling_mae.loops.linear_probe import cached_batches, train_head
 from modeling_mae.training import progress
 from modeling_mae.training.accelerator import build_accelerator, iterate_in_lockstep
 from modeling_mae.training.checkpoints import list_checkpoints
@@ -83,6 +85,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = ("image_size=16,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
                   "decoder_hidden_size=16,decoder_num_hidden_layers=1,decoder_num_attention_heads=2,decoder_intermediate_size=32")
 NUM_TRAIN, NUM_VALIDATION = 45, 21  # odd sizes: not divisible by 2 processes x batch
+NUM_EXACT_TRAIN = 48  # 6 batches of 8, 3 of 2 processes x 8
 VALIDATION_CLASSES = [0, 1, 2] * 7
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -92,6 +95,16 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     folder = tmp_path_factory.mktemp("images")
     make_parquet_shards(folder, NUM_TRAIN, num_shards=3, split="train")
     make_parquet_shards(folder, NUM_VALIDATION, num_shards=1, split="validation")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exact_dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """48 train / 16 validation images: exact multiples of batch 8 (and of 2 processes x 8), where `dataset` leaves
+    partial batches."""
+    folder = tmp_path_factory.mktemp("exact")
+    make_parquet_shards(folder, NUM_EXACT_TRAIN, num_shards=2, split="train")
+    make_parquet_shards(folder, 16, num_shards=1, split="validation")
     return folder
 
 
@@ -317,6 +330,43 @@ def test_two_processes_with_uneven_shares_count_every_sample_once(tmp_path: path
     assert results["eval_samples"] == 11
     assert results["eval_accuracy"] == pytest.approx(direct_top_k(scores, labels, 1))
     assert results["eval_top5_accuracy"] == pytest.approx(direct_top_k(scores, labels, 5))
+
+
+@pytest.mark.parametrize(("num_samples", "num_processes"), [(16, 1), (19, 1), (32, 2), (37, 2)])
+def test_cached_batches_hold_whole_global_batches_each_sample_once(num_samples: int, num_processes: int) -> None:
+    """An epoch of the probe's cached features: num_samples // (8 x processes) global batches of distinct samples,
+    each process taking its own 8 of each; an exact multiple (16, 32) is covered whole, the rest of an uneven split (3
+    of 19, 5 of 37) is left out."""
+    features, labels = torch.arange(num_samples, dtype=torch.float32).unsqueeze(1), torch.arange(num_samples)
+    taken = []
+    for rank in range(num_processes):
+        process = SimpleNamespace(num_processes=num_processes, process_index=rank)
+        batches = list(cached_batches(process, features, labels, 8, epoch=1, seed=0))
+        assert len(batches) == num_samples // (8 * num_processes) and all(len(y) == 8 for _, y in batches)
+        assert all(torch.equal(x[:, 0].long(), y) for x, y in batches)  # each feature keeps its label
+        taken += [index for _, y in batches for index in y.tolist()]
+    assert len(taken) == len(set(taken)) == num_samples // (8 * num_processes) * 8 * num_processes
+
+
+def test_finetune_validation_scores_the_model_in_eval_mode_whatever_the_eval_batch() -> None:
+    """`loops.finetuning.evaluate` on 40 images, each labelled with the class that the classifier in eval mode ranks
+    (i mod 10)-th for it: top-1 0.1 and top-5 0.5, in one batch, batches of 8 (an exact multiple) or of 7 (a last
+    batch of 5; a mean of batch means gives 0.095). Drop path 0.5, still on in training mode, reorders the classes."""
+    model = MAEForImageClassification(tiny_config(num_labels=10, drop_path_rate=0.5)).eval()
+    images = torch.randn(40, 3, 16, 16)
+    with torch.no_grad():
+        ranked = model(images).logits.argsort(dim=-1, descending=True)  # (40, 10), best class first
+    labels = ranked[torch.arange(40), torch.arange(40) % 10]
+    model.train()
+    accelerator = Accelerator(cpu=True)
+    metric = ClassificationMetric(accelerator)
+    for batch_size in (40, 8, 7):
+        batches = [{"pixel_values": images[i : i + batch_size], "labels": labels[i : i + batch_size]}
+                   for i in range(0, 40, batch_size)]
+        scores = finetune_evaluate(accelerator, model, batches, metric)
+        assert scores == {"eval_accuracy": pytest.approx(0.1), "eval_top5_accuracy": pytest.approx(0.5),
+                          "eval_samples": 40}, batch_size
+        assert model.training  # back to training
 
 
 def test_gather_and_pooling_on_one_process() -> None:
@@ -560,6 +610,17 @@ def test_linear_probe_script_with_accumulation(
     assert accumulated["gradient_accumulation_steps"] == 2 and 0.0 <= accumulated["eval_accuracy"] <= 1.0
 
 
+def test_linear_probe_trains_on_every_batch_of_an_exact_multiple(
+    exact_dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """48 cached features in batches of 8: 6 optimizer steps an epoch, the last batch included; `train_steps` counts
+    the steps taken."""
+    metrics = linear_probe_main(["--dataset_name", str(exact_dataset), "--model_name_or_path", str(pretrained),
+                                 "--output_dir", str(tmp_path), "--per_device_train_batch_size", "8",
+                                 "--per_device_eval_batch_size", "8", "--num_train_epochs", "2", "--warmup_epochs", "0"])
+    assert (metrics["train_steps"], metrics["eval_samples"]) == (2 * NUM_EXACT_TRAIN // 8, 16)
+
+
 def test_linear_probe_leaves_the_encoder_untouched(
     dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -622,6 +683,34 @@ def test_finetune_script_saves_a_loadable_classifier(
                  "ViT 32x2, patch (4, 4), image (24, 24)", "MixUp 0.8, CutMix 1.0", "| eval_accuracy |", "- image-classification"):
         assert fact in card
     assert "eval_accuracy" in read_results(tmp_path)
+
+
+def test_finetune_with_accumulation_takes_the_whole_batchs_steps_and_records_them(
+    exact_dataset: pathlib.Path, pretrained: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Batch 4 x 2 accumulated micro-batches is batch 8: on 48 images, the same 6 optimizer steps, the lr of batch 8
+    (1e-3 x 8 / 256), the same weights (no MixUp, CutMix nor drop path: the augmentations are seeded per image) and
+    scores, and the model card's records say so."""
+    common = ["--dataset_name", str(exact_dataset), "--model_name_or_path", str(pretrained), "--num_train_epochs", "1",
+              "--mixup", "0", "--cutmix", "0", "--drop_path_rate", "0", "--per_device_eval_batch_size", "16"]
+    whole = finetune_main([*common, "--output_dir", str(tmp_path / "whole"), "--per_device_train_batch_size", "8"])
+    accumulated = finetune_main([*common, "--output_dir", str(tmp_path / "accumulated"),
+                                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"])
+    for metrics in (whole, accumulated):
+        assert (metrics["train_steps"], metrics["effective_batch_size"]) == (6, 8)
+        assert metrics["learning_rate"] == pytest.approx(1e-3 * 8 / 256)
+    card = (tmp_path / "accumulated" / "README.md").read_text()
+    assert "| effective_batch_size | 8 |" in card and "| learning_rate | 3.125e-05 |" in card
+    assert_same_weights(weights(tmp_path / "accumulated"), weights(tmp_path / "whole"), atol=1e-5)
+    assert accumulated["eval_accuracy"] == whole["eval_accuracy"]
+
+
+def test_finetune_refuses_zero_steps_before_building_anything(dataset: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """0 steps run no epoch, so there would be no evaluation to report (it ended in an IndexError after setup)."""
+    with pytest.raises(UsageError, match=r"^--max_train_steps=0 is not allowed: it must be >= 1$"):
+        finetune_main(["--dataset_name", str(dataset), "--model_config", "tiny", "--config_overrides", TINY_OVERRIDES,
+                       "--output_dir", str(tmp_path), "--per_device_train_batch_size", "8", "--max_train_steps", "0"])
+    assert not tmp_path.joinpath("all_results.json").exists()
 
 
 def test_finetune_on_a_full_disk_at_the_export_names_the_last_checkpoint(
@@ -763,3 +852,32 @@ def test_finetune_checkpoint_and_resume_latest_continue_exactly(
     assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
     # The per-epoch train loss is restored mid-epoch too.
     assert resumed["history"] == [pytest.approx(epoch) for epoch in straight["history"]]
+
+
+# ----------------------------------------------- defaults and messages the scripts never exercise (mutation testing)
+
+
+def test_knn_scores_vote_with_the_20_nearest_by_default() -> None:
+    """30 bank samples on the unit circle, 0.05 rad apart; the query at angle 0: the 20 nearest are class 0, the rest
+    class 1. With k=20, class 1 gets no vote at all (a 21st neighbour would give it one)."""
+    angles = torch.arange(30, dtype=torch.float64) * 0.05
+    bank = torch.stack([angles.cos(), angles.sin()], dim=1)
+    bank_labels = (torch.arange(30) >= 20).long()
+    scores = knn_scores(torch.tensor([[2.0, 0.0]]), bank, bank_labels, num_classes=2)
+    expected = torch.tensor([[(angles[:20].cos() / 0.07).exp().sum(), 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=0)
+
+
+def test_lars_defaults_are_the_official_ones() -> None:
+    """The official MAE `util/lars.py`: lr=0, weight_decay=0, momentum=0.9, trust_coefficient=0.001."""
+    defaults = LARS([torch.nn.Parameter(torch.ones(2, 2))]).defaults
+    assert defaults == {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.9, "trust_coefficient": 0.001}
+
+
+def test_a_damaged_weights_file_is_named_in_one_line(pretrained: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    folder = tmp_path / "cut"
+    shutil.copytree(pretrained, folder)
+    weights_file = folder / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(weights_file))} cannot be read as weights \(\w+: "):
+        load_pretrained(MAEModel, str(folder))

@@ -6,6 +6,7 @@ A fake `HfApi` (test_training.FakeHfApi) checks what the run uploads; a local HT
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
 import os
@@ -35,15 +36,21 @@ from test_training import (
 )
 
 from modeling_mae import MAEConfig, MAEForPreTraining
-from modeling_mae.arguments import OptimizationArguments
+from modeling_mae.arguments import OptimizationArguments, RunArguments
 from modeling_mae.errors import UsageError
 from modeling_mae.interop.hub import (
     SNAPSHOTS_FOLDER,
     HubUploader,
+    build_uploader,
     export_model,
+    manual_upload_command,
     snapshot_for_upload,
 )
-from modeling_mae.interop.model_card import finetuning_card, pretraining_card
+from modeling_mae.interop.model_card import (
+    finetuning_card,
+    pretraining_card,
+    render_model_card,
+)
 from modeling_mae.training.checkpoints import list_checkpoints
 from modeling_mae.training.optimization import TrainingPlan
 
@@ -183,6 +190,42 @@ def test_a_hub_that_fails_mid_run_costs_no_training_and_leaks_no_token(
     assert TOKEN not in completed.stdout + completed.stderr
     leaks = [path for path in output.rglob("*") if path.is_file() and TOKEN.encode() in path.read_bytes()]
     assert leaks == []
+
+
+class EchoingHfApi(FakeHfApi):
+    """A Hub client whose errors quote the token on their first line, as a server that echoes a refused
+    credential does: creating `refused/*` repositories fails, every upload fails."""
+
+    def create_repo(self, repo_id: str, private: bool = False, exist_ok: bool = False) -> Any:
+        if repo_id.startswith("refused/"):
+            raise PermissionError(f"401 Unauthorized: invalid token {self.token} for {repo_id}")
+        return super().create_repo(repo_id, private, exist_ok)
+
+    def upload_folder(self, **kwargs: Any) -> None:
+        raise ConnectionError(f"503 Service Unavailable (Authorization: Bearer {self.token})")
+
+
+def test_an_error_that_quotes_the_token_is_told_with_the_token_masked(
+    tmp_path: pathlib.Path, fake_hub: type[FakeHfApi], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The refused repository, each retry's warning, a failed background upload and the final push: each message
+    tells the error, with *** where the token was."""
+    monkeypatch.setattr("modeling_mae.interop.hub.HfApi", EchoingHfApi)
+    with pytest.raises(UsageError) as refused:
+        HubUploader("refused/tiny-mae", token=TOKEN)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    uploader = HubUploader(REPO_ID, token=TOKEN, retries=1, retry_wait_s=0.0)
+    uploader.upload_in_background(folder, "step 2")
+    with pytest.raises(UsageError) as final:
+        uploader.upload(folder, "End of training")
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 3  # step 2: a retry, then given up; the final push: a retry
+    for message in (str(refused.value), str(final.value), *warnings):
+        assert TOKEN not in message and "***" in message, message
+    assert "(PermissionError: 401 Unauthorized: invalid token *** for refused/tiny-mae)" in str(refused.value)
 
 
 # ------------------------------------------------------------------------------------- uploads never block the loop
@@ -348,3 +391,241 @@ def test_the_exported_weights_have_the_mode_of_every_other_file(tmp_path: pathli
         GradientState._reset_state()
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o644
+
+
+# Whole cards against hand-written text: every row's key and value, the headings, the metadata and the usage snippet
+# (mutation testing found rows, headings and tags that no test read).
+CHECKPOINT_CARD = """---
+library_name: transformers
+license: apache-2.0
+pipeline_tag: image-feature-extraction
+tags:
+- mae
+- masked-autoencoder
+- self-supervised
+- vision
+- image-feature-extraction
+datasets:
+- org/faces
+---
+
+# Masked Autoencoder (MAE) pretrained with modeling_mae
+
+A ViT encoder pretrained with the masked-autoencoder objective of He et al., *Masked Autoencoders Are Scalable Vision \
+Learners* (2021): 75% of the patches are removed and the decoder reconstructs their pixels.
+
+## Usage
+
+```python
+from transformers import AutoModel, AutoModelForPreTraining
+
+encoder = AutoModel.from_pretrained("me/mae", trust_remote_code=True)
+mae = AutoModelForPreTraining.from_pretrained("me/mae", trust_remote_code=True)
+```
+
+## Data
+
+| | |
+|---|---|
+| dataset | org/faces |
+| split | train |
+| images per epoch | 64 |
+| augmentation | RandomResizedCrop(scale=(0.2, 1)) + horizontal flip |
+| input | 3 channels, pixel values x 1/255, normalised with mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225] |
+
+## Recipe
+
+| | |
+|---|---|
+| model | tiny-32px: ViT 32x2, patch (4, 4), image (16, 16), decoder 16x1 |
+| mask ratio | 0.75 |
+| norm_pix_loss | False |
+| optimizer | AdamW, betas (0.9, 0.95), weight decay 0.05 (none on biases and norms) |
+| learning rate | 0.000125 (base 0.001 x 32 / 256) |
+| schedule | 1 warmup steps, half-cycle cosine to 0 |
+| effective batch | 32 |
+| processes | 2 |
+| mixed precision | bf16 |
+| steps | 6 of 8 |
+
+## Results
+
+| | |
+|---|---|
+| state | checkpoint at step 6 |
+| train_loss | 0.5 |
+"""
+
+CLS_CLASSIFIER_CARD = """---
+library_name: transformers
+license: apache-2.0
+pipeline_tag: image-classification
+tags:
+- mae
+- image-classification
+- vision
+---
+
+# MAE fine-tuned image classifier
+
+A ViT fine-tuned end to end from a Masked Autoencoder encoder (He et al., 2021) with the paper's recipe.
+
+## Usage
+
+```python
+from transformers import AutoModelForImageClassification
+
+model = AutoModelForImageClassification.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+```
+
+## Recipe
+
+| | |
+|---|---|
+| initialisation | random init of tiny-32px (seed 3) |
+| dataset | the embedded Fashion-MNIST sample |
+| model | ViT 32x2, patch (4, 4), image (16, 16) |
+| input | 3 channels, pixel values x 1/255, normalised with mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225] |
+| head | CLS token |
+| layer decay | 0.75 |
+| drop path | 0.1 |
+| augmentation | RandAugment(9, 0.5), random erasing 0.25, MixUp 0.8, CutMix 1.0, label smoothing 0.1 |
+
+## Results
+
+| | |
+|---|---|
+| eval_accuracy | 0.5 |
+"""
+
+
+def test_a_checkpoint_card_of_an_accumulated_two_process_run_is_the_hand_written_one() -> None:
+    """8 images x 2 micro-batches x 2 processes: an effective batch of 32, so the base lr 1e-3 scales to
+    1e-3 * 32 / 256 = 1.25e-4; saved at step 6 of 8, not final."""
+    optim = OptimizationArguments(per_device_train_batch_size=8, gradient_accumulation_steps=2, base_learning_rate=1e-3)
+    card = pretraining_card(
+        tiny_config(), model_source="tiny-32px", dataset_name="org/faces", train_split="train", images_per_epoch=64,
+        optim=optim, learning_rate=1.25e-4, plan=TrainingPlan(2, 8, 4, 1), completed_steps=6, num_processes=2,
+        mixed_precision="bf16", results={"train_loss": 0.5}, final=False, repo_id="me/mae",
+    )
+    assert card == CHECKPOINT_CARD
+
+
+def test_a_card_with_a_learning_rate_given_shows_it_without_the_scaling() -> None:
+    optim = OptimizationArguments(learning_rate=5e-4)
+    card = pretraining_card(
+        tiny_config(), model_source="tiny-32px", dataset_name=None, train_split="train", images_per_epoch=64,
+        optim=optim, learning_rate=5e-4, plan=TrainingPlan(2, 8, 4, 1), completed_steps=8, num_processes=1,
+        mixed_precision="no", results={}, final=True,
+    )
+    assert "| learning rate | 0.0005 |" in card.splitlines() and "| state | final |" in card.splitlines()
+
+
+def test_a_cls_token_classifier_card_is_the_hand_written_one() -> None:
+    card = finetuning_card(
+        tiny_config(use_mean_pooling=False, drop_path_rate=0.1), model_name_or_path=None, model_config=None, seed=3,
+        dataset_name=None, layer_decay=0.75, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+        results={"eval_accuracy": 0.5},
+    )
+    assert card == CLS_CLASSIFIER_CARD
+
+
+def test_a_card_without_a_pipeline_has_no_pipeline_tag() -> None:
+    """A converted checkpoint's card (conversion.py): no pipeline, no tags, no data set, no usage, one table."""
+    card = render_model_card("Title", "Text.", {"Weights": {"source": "timm", "tokens": 3}})
+    assert card == ("---\nlibrary_name: transformers\nlicense: apache-2.0\ntags:\n---\n\n# Title\n\nText.\n\n"
+                    "## Weights\n\n| | |\n|---|---|\n| source | timm |\n| tokens | 3 |\n")
+
+
+# ------------------------------------------------------ what the uploader is told and tells (found by mutation testing)
+
+
+def test_the_command_to_push_by_hand_sends_the_folder_without_the_training_state(tmp_path: pathlib.Path) -> None:
+    assert manual_upload_command("me/mae", tmp_path / "my run") == (
+        f"hf upload me/mae '{tmp_path}/my run' . --exclude 'step_*' --exclude '.step_*' --exclude 'superseded/*' "
+        "--exclude 'runs/*' --exclude '.hub_snapshots/*' --exclude '.run.lock*'")
+
+
+def test_the_uploader_gets_the_run_flags_and_names_the_repository_after_the_output_folder(
+    tmp_path: pathlib.Path, fake_hub: type[FakeHfApi]
+) -> None:
+    run = RunArguments(output_dir=str(tmp_path / "outputs" / "mae-small"), push_to_hub=True, hub_token=TOKEN,
+                       hub_private_repo=True, hub_upload_retries=3, hub_retry_wait_s=0.5)
+    uploader = build_uploader(run, is_main_process=True)
+    assert (uploader.repo_id, uploader.retries, uploader.retry_wait_s) == ("mae-small", 3, 0.5)
+    assert fake_hub.calls == [{"call": "create_repo", "repo_id": "mae-small", "private": True}]
+    assert build_uploader(run, is_main_process=False) is None
+
+
+class ExistingRepoHfApi(FakeHfApi):
+    """The Hub refuses to create a repository that exists (HTTP 409) unless asked with exist_ok."""
+
+    def create_repo(self, repo_id: str, private: bool = False, exist_ok: bool = False) -> Any:
+        if not exist_ok:
+            raise FileExistsError(f"409 Conflict: You already created this model repo: {repo_id}")
+        return super().create_repo(repo_id, private, exist_ok)
+
+
+def test_a_second_run_pushes_to_the_repository_the_first_one_created(
+    fake_hub: type[FakeHfApi], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("modeling_mae.interop.hub.HfApi", ExistingRepoHfApi)
+    assert HubUploader(REPO_ID, token=TOKEN).repo_id == REPO_ID
+
+
+def test_uploads_log_what_went_where_and_a_failed_one_the_command_to_push_by_hand(
+    tmp_path: pathlib.Path, fake_hub: type[FakeHfApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    """retries=0: one try each. The checkpoint upload fails (a warning, training goes on), the final push succeeds;
+    then a final push that fails says "1 try"."""
+    caplog.set_level("INFO", logger="modeling_mae.interop.hub")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    uploader = HubUploader(REPO_ID, token=TOKEN, retries=0, retry_wait_s=0.0)
+    fake_hub.failures = 1
+    uploader.upload_in_background(folder, "step 2")
+    uploader.upload(folder, "End of training")
+    messages = [record.getMessage() for record in caplog.records]
+    assert (f"The Hub upload 'step 2' to {REPO_ID} failed after 1 try (ConnectionError: Connection reset by peer); "
+            "training goes on, the next checkpoint and the end of training upload the folder again. To push it by "
+            f"hand: {manual_upload_command(REPO_ID, folder)}") in messages
+    assert f"Uploaded {folder} to {REPO_ID} (End of training)" in messages
+
+    caplog.clear()
+    uploader = HubUploader(REPO_ID, token=TOKEN, retries=0, retry_wait_s=0.0)
+    uploader.upload_in_background(folder, "step 4")
+    uploader._worker.result()  # the background upload is done before the next one is set to fail
+    assert f"Uploaded {folder} to {REPO_ID} (step 4)" in [record.getMessage() for record in caplog.records]
+    fake_hub.failures = 1
+    with pytest.raises(UsageError, match=rf"^pushing {re.escape(str(folder))} to the Hub repository {REPO_ID} failed "
+                       r"after 1 try \(ConnectionError: "):
+        uploader.upload(folder, "End of training")
+
+
+def test_a_retry_warning_says_why_and_which_try_comes_next(
+    tmp_path: pathlib.Path, fake_hub: type[FakeHfApi], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_hub.failures = 1
+    HubUploader(REPO_ID, token=TOKEN, retries=1, retry_wait_s=0.0).upload(tmp_path, "End of training")
+    assert [record.getMessage() for record in caplog.records if record.levelname == "WARNING"] == [
+        "Hub upload 'End of training' failed (ConnectionError: Connection reset by peer): try 2 of 2 in 0 s"]
+
+
+def test_a_snapshot_copies_the_weights_where_hard_links_fail_and_keeps_nested_folders(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another filesystem (EXDEV) or one without hard links: the weights are copied; files two folders down too."""
+    folder = tmp_path / "run"
+    (folder / "figures" / "epoch_1").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "figures" / "epoch_1" / "reconstruction.png").write_bytes(b"png")
+
+    def no_hard_links(source: object, link: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    snapshot = snapshot_for_upload(folder)
+    assert (snapshot / "model.safetensors").read_bytes() == b"weights"
+    assert not (snapshot / "model.safetensors").samefile(folder / "model.safetensors")
+    assert (snapshot / "figures" / "epoch_1" / "reconstruction.png").read_bytes() == b"png"

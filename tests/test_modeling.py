@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 from official_mae import get_2d_sincos_pos_embed
 from PIL import Image
@@ -43,6 +44,7 @@ from modeling_mae import (
 )
 from modeling_mae.configuration_mae import ForeignConfigError
 from modeling_mae.interop.conversion import to_transformers_vit
+from modeling_mae.interop.model_card import finetuning_card
 from modeling_mae.modeling_mae import MAEAttention, MAELayer
 
 # ---------------------------------------------------------------------------------------------- config
@@ -325,6 +327,22 @@ def test_embedding_only_the_kept_patches_equals_embedding_all_then_keeping() -> 
     torch.testing.assert_close(kept, torch.cat([every_patch[:, :1], expected], dim=1))
 
 
+def test_non_square_patches_make_the_hand_counted_grid_and_the_official_table() -> None:
+    """16 x 24 images in 4 x 8 patches: 4 rows of 3 patches (a grid that swaps the patch sides, (2, 6), has as many
+    patches). Both tables are the official numpy formula on that grid, and patch 5 (row 1, column 2) is the pixels
+    at rows 4-7, columns 16-23."""
+    config = tiny_config(image_size=(16, 24), patch_size=(4, 8))
+    assert (config.grid_size, config.num_patches) == ((4, 3), 12)
+    model = MAEForPreTraining(config)
+    for table, width in ((model.mae.embeddings.position_embeddings, 32), (model.decoder.position_embeddings, 16)):
+        assert table.shape == (1, 1 + 12, width)
+        torch.testing.assert_close(table[0].double(), torch.from_numpy(get_2d_sincos_pos_embed(width, (4, 3))))
+    pixel_values = torch.randn(2, 3, 16, 24)
+    expected = pixel_values[:, :, 4:8, 16:24].permute(0, 2, 3, 1).reshape(2, -1)  # (B, p * q * C), channels last
+    torch.testing.assert_close(model.patchify(pixel_values)[:, 5], expected)
+    assert model.mae(pixel_values).last_hidden_state.shape == (2, 1 + 12, 32)
+
+
 def test_patchify_unpatchify_round_trip_non_square() -> None:
     model = MAEForPreTraining(tiny_config(image_size=(16, 24), patch_size=(4, 8)))
     pixel_values = torch.randn(2, 3, 16, 24)
@@ -538,6 +556,25 @@ def test_classifier_heads() -> None:
     assert cls_model.fc_norm is None and isinstance(cls_model.mae.layernorm, torch.nn.LayerNorm)
 
 
+@pytest.mark.parametrize("use_mean_pooling", [True, False])
+def test_the_classifier_pools_as_the_official_head_written_out(use_mean_pooling: bool) -> None:
+    """Global pooling (the paper's fine-tuning): the mean of the 16 patch tokens, never the CLS token, then fc_norm
+    and the head; else the CLS token after the encoder's final norm. Written out with torch's functional ops on the
+    last block's output; the CLS token is made large, so that letting it into the mean shows."""
+    model = MAEForImageClassification(tiny_config(num_labels=3, use_mean_pooling=use_mean_pooling)).eval()
+    with torch.no_grad():
+        model.mae.embeddings.cls_token.normal_(std=10.0)
+        norms = model.fc_norm if use_mean_pooling else model.mae.layernorm
+        for parameter in (*model.classifier.parameters(), *norms.parameters()):
+            parameter.normal_()
+        pixel_values = torch.randn(2, 3, 16, 16)
+        last_block = model.mae(pixel_values, output_hidden_states=True).hidden_states[-1]  # (B, 1 + 16, D)
+        pooled = last_block[:, 1:17].sum(dim=1) / 16 if use_mean_pooling else last_block[:, 0]
+        normalised = F.layer_norm(pooled, (32,), norms.weight, norms.bias, eps=model.config.layer_norm_eps)
+        expected = normalised @ model.classifier.weight.T + model.classifier.bias
+        torch.testing.assert_close(model(pixel_values).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
@@ -581,7 +618,7 @@ def test_finetuning_classifier_takes_mixup_targets_as_single_label() -> None:
     from modeling_mae.evaluation.arguments import FinetuneModelArguments
     from modeling_mae.loops.finetuning_setup import build_classifier
 
-    model = build_classifier(FinetuneModelArguments(model_config="tiny-32px"), ["cat", "dog", "fox"]).eval()
+    model = build_classifier(FinetuneModelArguments(model_config="tiny-32px"), ["cat", "dog", "fox"], {}).eval()
     out = model(torch.randn(4, 3, 32, 32), labels=MIXED_TARGETS)
     torch.testing.assert_close(out.loss, soft_cross_entropy(out.logits, MIXED_TARGETS))
 
@@ -831,3 +868,157 @@ def test_image_classification_pipeline(tmp_path) -> None:
     predictions = classify(image, top_k=3)
     assert {p["label"] for p in predictions} == {"cat", "dog", "fox"}
     assert abs(sum(p["score"] for p in predictions) - 1) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- channels, statistics
+
+
+def test_image_statistics_default_by_channel_count_follow_overrides_and_are_validated() -> None:
+    """ImageNet's statistics for RGB, 0.5/0.5 per channel otherwise; `num_channels=1` on an RGB preset takes the new
+    count's defaults (not ImageNet's three means), statistics given for it are kept; wrong lengths and zero stds are
+    one line naming the field and the channel."""
+    assert (MAEConfig().image_mean, MAEConfig().image_std) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert (tiny_config(num_channels=4).image_mean, tiny_config(num_channels=4).image_std) == ([0.5] * 4, [0.5] * 4)
+    assert MAEConfig().rescale_factor == 1 / 255
+    gray = load_config("tiny-32px", "num_channels=1")
+    assert (gray.num_channels, gray.image_mean, gray.image_std) == (1, [0.5], [0.5])
+    assert load_config("tiny-32px", "num_channels=2,image_std=[0.1,0.2]").image_std == [0.1, 0.2]
+    with pytest.raises(ValueError, match=r"^image_mean has 3 values \(\[0.1, 0.2, 0.3\]\) for num_channels=1: give"):
+        tiny_config(num_channels=1, image_mean=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"^image_std of channel 1 is 0.0: every std must be a positive number$"):
+        tiny_config(image_std=[0.2, 0.0, 0.2])
+    with pytest.raises(ValueError, match="rescale_factor must be a positive number, got 0"):
+        tiny_config(rescale_factor=0)
+
+
+def gray_pixels(values: np.ndarray, config: MAEConfig) -> torch.Tensor:
+    """numpy's `(value * rescale_factor - mean) / std` of a (H, W) image at the model's size: `(1, 1, H, W)`."""
+    normalised = (values.astype(np.float64) * config.rescale_factor - config.image_mean[0]) / config.image_std[0]
+    return torch.from_numpy(normalised).float()[None, None]
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_exported_processor_prepares_gray_images_with_the_configs_statistics(backend: str, tmp_path) -> None:
+    """transformers' own processor, reloaded from the folder, keeps a PIL "L" image and an (H, W, 1) array as one
+    channel, normalised with the config's mean, std and rescale factor (numpy on the same values). 16-bit images
+    take the torchvision backend, transformers' default: the PIL one resizes through 8-bit PIL images and refuses
+    them."""
+    config = tiny_config(num_channels=1, image_mean=[0.3], image_std=[0.2])
+    MAEModel(config).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
+    values = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+    for image in (Image.fromarray(values), values[..., None]):
+        torch.testing.assert_close(processor(image, return_tensors="pt").pixel_values, gray_pixels(values, config))
+    deep = tiny_config(num_channels=1, image_mean=[0.3], image_std=[0.2], rescale_factor=1 / 65535)
+    MAEModel(deep).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
+    values = np.random.default_rng(1).integers(0, 65536, (16, 16), dtype=np.uint16)
+    if backend == "pil":
+        with pytest.raises(ValueError, match="outside the range"):
+            processor(Image.fromarray(values), return_tensors="pt")
+        return
+    for image in (Image.fromarray(values), values[..., None]):  # PIL mode "I;16"
+        torch.testing.assert_close(processor(image, return_tensors="pt").pixel_values, gray_pixels(values, deep))
+
+
+@pytest.mark.parametrize("num_channels", [4, 5])
+def test_exported_processor_prepares_multiband_arrays_channels_last_and_first(num_channels: int, tmp_path) -> None:
+    """transformers finds the channel axis of 1, 3 or 4 channels itself; for 5 the folder records channels-last,
+    and a (C, H, W) array says `input_data_format="channels_first"`. Each band normalised with its own statistics."""
+    mean, std = [0.1 * (band + 1) for band in range(num_channels)], [0.5 + 0.1 * band for band in range(num_channels)]
+    MAEModel(tiny_config(num_channels=num_channels, image_mean=mean, image_std=std)).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    values = np.random.default_rng(0).integers(0, 256, (16, 16, num_channels), dtype=np.uint8)
+    normalised = (values.transpose(2, 0, 1) / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    expected = torch.from_numpy(normalised).float()[None]  # (1, C, H, W)
+    channels_first = {"input_data_format": "channels_first"} if num_channels == 5 else {}
+    for image, layout in ((values, {}), (np.ascontiguousarray(values.transpose(2, 0, 1)), channels_first)):
+        torch.testing.assert_close(processor(image, return_tensors="pt", **layout).pixel_values, expected)
+
+
+def test_feature_extraction_pipeline_takes_16_bit_gray_images_and_four_band_arrays(tmp_path, hf_home) -> None:
+    """transformers' own pipeline converts every input to 8-bit RGB and refuses arrays; the folder of a 1- or
+    4-channel model names our pipeline, which gives the features of the pixels numpy normalises from the same file,
+    PIL image or array."""
+    config = tiny_config(num_channels=1, image_mean=[0.4], image_std=[0.25], rescale_factor=1 / 65535)
+    encoder = MAEModel(config).eval()
+    encoder.save_pretrained(tmp_path / "gray")
+    values = np.random.default_rng(0).integers(0, 65536, (16, 16), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "scan.png")
+    extract = pipeline("image-feature-extraction", model=str(tmp_path / "gray"), trust_remote_code=True)
+    with torch.no_grad():
+        expected = encoder(gray_pixels(values, config)).last_hidden_state
+    for image in (str(tmp_path / "scan.png"), Image.open(tmp_path / "scan.png"), values[..., None]):
+        torch.testing.assert_close(extract(image, return_tensors=True), expected)
+    bands = tiny_config(num_channels=4, image_mean=[0.5] * 4, image_std=[0.25] * 4)
+    encoder = MAEModel(bands).eval()
+    encoder.save_pretrained(tmp_path / "bands")
+    values = np.random.default_rng(1).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    extract = pipeline("image-feature-extraction", model=str(tmp_path / "bands"), trust_remote_code=True)
+    with torch.no_grad():
+        pixels = torch.from_numpy((values.transpose(2, 0, 1) / 255 - 0.5) / 0.25).float()[None]
+        torch.testing.assert_close(extract(values, return_tensors=True), encoder(pixels).last_hidden_state)
+
+
+def rgb_kernels_written_out(kernels: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """timm's rules by hand, for the channel counts the tests use: R+G+B for 1 channel; R, G, B, R, ... times 3/C."""
+    red, green, blue = kernels[:, 0:1], kernels[:, 1:2], kernels[:, 2:3]
+    if num_channels == 1:
+        return red + green + blue
+    cycle = {4: [red, green, blue, red], 6: [red, green, blue, red, green, blue]}[num_channels]
+    return torch.cat(cycle, dim=1) * 3 / num_channels
+
+
+@pytest.mark.parametrize("num_channels", [1, 4, 6])
+def test_from_pretrained_num_channels_adapts_rgb_weights_by_timms_rules(num_channels: int, tmp_path, caplog) -> None:
+    """`from_pretrained(folder, num_channels=C)`: the patch kernels written out by hand (summed; repeated and scaled
+    by 3/C), the decoder's pixel rows derived (the mean of R, G, B for gray; R, G, B, R, ... copied), the statistics
+    by the same rule, and the rule in the log. So a gray image, or six bands that are two copies of an RGB image,
+    give the RGB model's features; for gray, its predictions' gray."""
+    rgb = MAEForPreTraining(tiny_config()).eval()
+    rgb.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        adapted = MAEForPreTraining.from_pretrained(tmp_path, num_channels=num_channels)
+    assert ("summed" if num_channels == 1 else f"scaled by 3/{num_channels}") in caplog.text
+    kernels = rgb.mae.embeddings.patch_embeddings.projection.weight.detach()  # (32, 3, 4, 4)
+    torch.testing.assert_close(adapted.mae.embeddings.patch_embeddings.projection.weight,
+                               rgb_kernels_written_out(kernels, num_channels))
+    rows = rgb.decoder.pred.weight.detach().view(16, 3, 16)  # (p * q, RGB, D_dec): patchify's order
+    expected_rows = rows.mean(dim=1, keepdim=True) if num_channels == 1 else rows[:, [0, 1, 2, 0, 1, 2][:num_channels]]
+    torch.testing.assert_close(adapted.decoder.pred.weight, expected_rows.reshape(16 * num_channels, 16))
+    if num_channels == 1:
+        assert adapted.config.image_mean == pytest.approx([0.449])
+        assert adapted.config.image_std == pytest.approx([0.226])
+    else:
+        assert adapted.config.image_mean == [0.485, 0.456, 0.406, 0.485, 0.456, 0.406][:num_channels]
+    gray = torch.randn(2, 1, 16, 16)
+    inputs = gray if num_channels == 1 else torch.randn(2, 3, 16, 16)
+    rgb_inputs = gray.expand(-1, 3, -1, -1) if num_channels == 1 else inputs
+    if num_channels == 6:
+        inputs = torch.cat([inputs, inputs], dim=1)
+    if num_channels != 4:
+        noise = torch.rand(2, 16)
+        with torch.no_grad():
+            out, rgb_out = adapted(inputs, noise=noise), rgb(rgb_inputs, noise=noise)
+        torch.testing.assert_close(adapted.mae(inputs).last_hidden_state, rgb.mae(rgb_inputs).last_hidden_state)
+        rgb_logits = rgb_out.logits.view(2, 16, 16, 3)
+        expected = rgb_logits.mean(dim=-1) if num_channels == 1 else torch.cat([rgb_logits, rgb_logits], dim=-1)
+        torch.testing.assert_close(out.logits, expected.reshape(2, 16, -1))
+
+
+def test_another_channel_count_without_num_channels_stays_an_error(tmp_path) -> None:
+    """A config of 1 channel for RGB weights is transformers' size-mismatch error (nothing silently re-initialised);
+    only RGB weights adapt."""
+    MAEForPreTraining(tiny_config()).save_pretrained(tmp_path / "rgb")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        MAEForPreTraining.from_pretrained(tmp_path / "rgb", config=tiny_config(num_channels=1))
+    MAEModel(tiny_config(num_channels=1)).save_pretrained(tmp_path / "gray")
+    with pytest.raises(ValueError, match=r"^only RGB \(3-channel\) weights adapt to another .*; these have 1 channels$"):
+        MAEModel.from_pretrained(tmp_path / "gray", num_channels=4)
+
+
+def test_the_model_card_states_the_channels_statistics_and_rescale_factor() -> None:
+    config = tiny_config(num_channels=1, num_labels=2, image_mean=[0.449], image_std=[0.226], rescale_factor=1 / 65535)
+    card = finetuning_card(config, model_name_or_path=None, model_config=None, seed=0, dataset_name=None,
+                           layer_decay=0.75, mixup=0.0, cutmix=0.0, label_smoothing=0.1, results={})
+    assert "| input | 1 channel, pixel values x 1/65535, normalised with mean [0.449], std [0.226] |" in card

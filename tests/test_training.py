@@ -27,6 +27,7 @@ from data_fixtures import make_parquet_shards
 from huggingface_hub.utils import filter_repo_objects
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters as dynamo_counters
 from transformers import AutoModel, AutoModelForPreTraining
 
 from modeling_mae import MAEForPreTraining
@@ -39,7 +40,7 @@ from modeling_mae.arguments import (
 )
 from modeling_mae.data.sources import DataArguments
 from modeling_mae.errors import UsageError
-from modeling_mae.loops import pretraining
+from modeling_mae.loops import pretraining, pretraining_outputs
 from modeling_mae.training.accelerator import fill_deepspeed_config, iterate_in_lockstep
 from modeling_mae.training.checkpoints import list_checkpoints, rotate_checkpoints
 from modeling_mae.training.optimization import (
@@ -307,6 +308,26 @@ def test_evaluation_batches_go_in_lockstep_until_every_process_is_done() -> None
     assert loss_is_finite_everywhere(TwoProcesses(torch.tensor([0.0])), torch.tensor(0.5))
 
 
+@pytest.mark.parametrize("eval_batch_size", [16, 8, 5])  # one batch, an exact multiple, an uneven last batch of 1
+def test_the_validation_loss_is_the_mean_over_images_whatever_the_eval_batch(eval_batch_size: int) -> None:
+    """`validation_loss` of 16 images is the loss of one forward over all 16 with the same masks (the run's seed
+    draws them in order, whatever the batches): every image has as many masked patches, so that loss is the mean over
+    images. A mean of batch means is off with an uneven last batch."""
+    model = MAEForPreTraining(tiny_config())
+    images = torch.randn(16, 3, 16, 16)
+    trainer = SimpleNamespace(
+        model=model, config=model.config, args=SimpleNamespace(run=SimpleNamespace(seed=3)),
+        accelerator=SimpleNamespace(num_processes=1, device=torch.device("cpu")),
+        eval_loader=[{"pixel_values": images[start : start + eval_batch_size]} for start in range(0, 16, eval_batch_size)],
+    )
+    noise = torch.rand(16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.eval()(images, noise=noise).loss.item()
+    model.train()
+    assert pretraining_outputs.validation_loss(trainer) == pytest.approx(expected, rel=1e-6)
+    assert model.training  # back to training
+
+
 def test_deepspeed_auto_values_are_filled_without_clipping() -> None:
     """The JSON's "auto" micro-batch and clipping become the run's batch and --max_grad_norm (0: no clipping, the
     paper's), values set in the JSON stay."""
@@ -469,6 +490,8 @@ def test_the_applied_learning_rate_is_the_papers_schedule(data_dir, model_config
     logged = logged_learning_rates(output)
     assert list(logged) == list(range(1, 9))  # optimizer steps, counted from 1 as the trackers log them
     assert list(logged.values()) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    card = (output / "README.md").read_text()  # the records say the same: batch 4 x 2 accumulated
+    assert "| effective batch | 8 |" in card and "| learning rate | 0.0005 (base 0.016 x 8 / 256) |" in card
 
 
 def test_bad_images_are_skipped_and_counted_in_the_results(model_config, tmp_path) -> None:
@@ -552,12 +575,20 @@ def test_checkpoint_and_resume_continue_exactly(data_dir, model_config, tmp_path
     assert results["train_loss"] == pytest.approx(json.loads((straight / "all_results.json").read_text())["train_loss"])
 
 
-def test_torch_compile_trains_like_eager_and_exports_plain_weights(data_dir, model_config, tmp_path) -> None:
+def test_torch_compile_trains_like_eager_and_exports_plain_weights(tmp_path) -> None:
     """`--torch_compile` (the GPU presets' setting) compiles the model in place: the run matches the eager one up to
-    inductor's reordering of float sums, and the export keeps the plain model's parameter names."""
+    inductor's reordering of float sums, and the export keeps the plain model's parameter names. Inductor's compiling
+    is most of the test's time, so the case is small: one encoder block, 2 steps, and no validation split (the
+    training step and the figure's forward are compiled, not a validation forward too)."""
+    data, model_config = tmp_path / "data", tmp_path / "model"
+    make_parquet_shards(data, 16, num_shards=1)
+    tiny_config(num_hidden_layers=1).save_pretrained(model_config)
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_main(run_args(data_dir, model_config, eager, "--max_train_steps", "3"))
-    run_main(run_args(data_dir, model_config, compiled, "--max_train_steps", "3", "--torch_compile"))
+    graphs = dynamo_counters["stats"]["unique_graphs"]
+    run_main(run_args(data, model_config, eager, "--max_train_steps", "2"))
+    assert dynamo_counters["stats"]["unique_graphs"] == graphs
+    run_main(run_args(data, model_config, compiled, "--max_train_steps", "2", "--torch_compile"))
+    assert dynamo_counters["stats"]["unique_graphs"] > graphs  # it did run compiled
     assert_same_weights(weights(compiled), weights(eager), atol=1e-4)
 
 

@@ -13,9 +13,9 @@ with four savings:
   call (`resize(box=...)`), exact to the sub-pixel;
 - uint8 -> normalised float is one multiply-add in place instead of torchvision's ToImage/ToDtype/Normalize chain.
 
-It also holds the two decoding primitives every path shares, `to_rgb` and `has_torchvision_jpeg_decoder`:
-`transforms` (the recipes, which build this fused one for pretraining) imports them from here, and this module imports
-nothing from `transforms`.
+It also holds the decoding primitives every path shares, `open_image`, `to_rgb` and `has_torchvision_jpeg_decoder`:
+`transforms` (the recipes, which build this fused one for pretraining) and `channels` (images of any channel count)
+import them from here, and this module imports from neither.
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ import torchvision
 from PIL import Image
 
 _DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes natively
+
+
+def open_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode encoded image bytes in their own mode; raises on truncated or non-image bytes (the caller skips those).
+
+    With ``min_side``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose short side stays >= min_side.
+    """
+    image = Image.open(io.BytesIO(data))
+    if min_side is not None and image.format == "JPEG":
+        image.draft(image.mode, (min_side, min_side))
+    image.load()  # decoding is lazy: force it here so a truncated file fails now, not inside the transform
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

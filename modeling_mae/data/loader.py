@@ -24,19 +24,23 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from ..errors import UsageError
+from .array_folder import ArrayFolder
+from .channels import RGB_CHANNELS
 from .holdout import HoldoutSide, carve_holdout
 from .labels import resolve_labels
-from .shards import guard_shards
+from .shards import ShardGuard, guard_shards
 from .sources import (
     DECODE_IN_WORKERS,
     IMAGE_COLUMN_CANDIDATES,
     KEY_COLUMN,
     LABEL_COLUMN_CANDIDATES,
     DataArguments,
+    array_dtype,
     available_splits,
     column_types,
     detect_column,
     epoch_samples,
+    holds_arrays,
     load_checked_source,
     open_stream,
     pick_split,
@@ -68,7 +72,8 @@ class _StreamPosition:
 
 
 class ImageStreamLoader:
-    """Batches ``{"pixel_values": (B, 3, H, W), "labels": (B,)}`` of this process's share of the stream.
+    """Batches ``{"pixel_values": (B, C, H, W), "labels": (B,)}`` of this process's share of the stream (C: the
+    transform's ``num_channels``).
 
     With ``decode_on`` a device, the tensors are already on it, and a batch with unreadable images has fewer than B.
     Already split by process: do not pass it through ``accelerator.prepare``. A training stream of known length yields
@@ -184,8 +189,8 @@ class ImageStreamLoader:
         elif read == 0:
             reason = "it holds no records"
         elif skipped == read:
-            reason = (f"all {read} records read were skipped (unreadable, smaller than a patch or without a label: "
-                      "see the warnings above)")
+            reason = (f"all {read} records read were skipped (unreadable, smaller than a patch, of another channel "
+                      "count or without a label: see the warnings above)")
         else:
             reason = (f"its {read - skipped} usable images are fewer than one batch of {self._batch_size}, and a "
                       "training epoch drops a partial batch")
@@ -305,16 +310,58 @@ def _decode_device(decode_on: str) -> torch.device:
     return device
 
 
-def _device_decoding(decode_on: str, transform: Callable[[Image.Image], torch.Tensor]) -> DeviceDecoding | None:
+def _device_decoding(
+    decode_on: str, transform: Callable[[Image.Image], torch.Tensor], arrays: bool
+) -> DeviceDecoding | None:
     if decode_on == DECODE_IN_WORKERS:
         return None
     device = _decode_device(decode_on)  # checked even where unused: a wrong flag fails before training starts
     augment = getattr(transform, "device_augment", None)
-    if augment is None:
-        logger.info("decode_on=%s: this loader's transform has no on-device version; it decodes in the workers.",
-                    decode_on)
+    if augment is None or arrays:
+        what = "the images are arrays" if arrays else "this loader's transform has no on-device version"
+        logger.info("decode_on=%s: %s; it decodes in the workers.", decode_on, what)
         return None
     return DeviceDecoding(device, augment)
+
+
+@dataclass(frozen=True)
+class OpenSplit:
+    """A split opened for streaming: its builder (whose shards read through `guard`), the dataset's name of the
+    split, its stream, column types and image column."""
+
+    builder: DatasetBuilder
+    name: str
+    guard: ShardGuard
+    stream: IterableDataset
+    features: dict[str, Any]
+    image_column: str
+    left_out: dict[str, str]  # the split's unreadable shards left out with --skip_bad_shards: {path: problem}
+
+    @property
+    def holds_arrays(self) -> bool:
+        """Whether the images are arrays (an array column, or a folder of .npy files), not encoded images."""
+        return holds_arrays(self.features[self.image_column]) or isinstance(self.builder, ArrayFolder)
+
+
+def open_split(args: DataArguments, split: str) -> OpenSplit:
+    """Open ``split`` ("train" or "validation") of the source for streaming, refusing in one line what cannot be
+    streamed (see `build_dataloader`)."""
+    builder, left_out = load_checked_source(args)
+    split_name = pick_split(split, args, available_splits(builder))
+    if split_name is None:
+        raise UsageError(f"No validation split found; available splits: {', '.join(available_splits(builder))}.")
+    split_left_out = left_out.get(split_name, {})
+    for path, problem in split_left_out.items():
+        warn_left_out(path, problem)
+    _refuse_known_empty(builder, split, split_name, split_left_out)
+    guard = guard_shards(builder, args.skip_bad_shards)
+    stream = open_stream(builder, split_name)
+    features = column_types(stream)
+    image_column = detect_column(features, args.image_column_name, ImageFeature, IMAGE_COLUMN_CANDIDATES, "Image",
+                                 fallback=holds_arrays)
+    if image_column is None:
+        raise UsageError(f"No image column found; available columns: {', '.join(features)}. Pass --image_column_name.")
+    return OpenSplit(builder, split_name, guard, stream, features, image_column, split_left_out)
 
 
 def build_dataloader(
@@ -342,26 +389,17 @@ def build_dataloader(
     labels (see `resolve_labels`; ``num_classes``, when given, must match named labels and bound integer ones).
     Images whose width or height is below ``min_image_size`` (pass the model's patch
     size) are skipped and counted.
+    The transform's ``num_channels`` (3 when it has none) is the channel count of the batches: see `stream`.
     Raises `UsageError` for an unknown dataset, a missing split or column (listing what exists), an empty folder, bad
     local shards, validation labels the train split lacks, or a ``decode_on`` that is no usable device.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    builder, left_out = load_checked_source(args)
-    split_name = pick_split(split, args, available_splits(builder))
-    if split_name is None:
-        raise UsageError(f"No validation split found; available splits: {', '.join(available_splits(builder))}.")
-    for path, problem in left_out.get(split_name, {}).items():
-        warn_left_out(path, problem)
-    _refuse_known_empty(builder, split, split_name, left_out.get(split_name, {}))
-    guard = guard_shards(builder, args.skip_bad_shards)
-    stream = open_stream(builder, split_name)
-    features = column_types(stream)
-    image_column = detect_column(features, args.image_column_name, ImageFeature, IMAGE_COLUMN_CANDIDATES, "Image")
-    if image_column is None:
-        raise UsageError(f"No image column found; available columns: {', '.join(features)}. Pass --image_column_name.")
+    opened = open_split(args, split)
+    builder, split_name, stream, features = opened.builder, opened.name, opened.stream, opened.features
+    image_column = opened.image_column
     label_columns = resolve_labels(builder, args, split_name, stream, features, num_classes) if labels else None
-    columns = Columns(image_column, label_columns)
+    columns = Columns(image_column, label_columns, array_dtype(features[image_column]))
     holdout_side = _holdout_side(args, stream, features, image_column, split)
     max_samples = args.max_train_samples if split == "train" else args.max_eval_samples
     override = args.num_train_samples if split == "train" else None
@@ -373,7 +411,7 @@ def build_dataloader(
     if train and num_samples is None and num_processes > 1:
         logger.warning("The training stream's length is unknown: pass --num_train_samples so that every process "
                        "runs the same number of steps per epoch.")
-    device_decoding = _device_decoding(args.decode_on, transform)
+    device_decoding = _device_decoding(args.decode_on, transform, opened.holds_arrays)
     worker_stream = WorkerStream(
         _prepare_source(stream, columns, features, train=train, seed=seed, args=args, max_samples=max_samples,
                         holdout_side=holdout_side),
@@ -390,7 +428,8 @@ def build_dataloader(
         seed=seed,
         from_bytes=getattr(transform, "from_bytes", None) if args.fast_decode else None,
         min_image_size=min_image_size,
-        shard_guard=guard,
+        shard_guard=opened.guard,
+        num_channels=getattr(transform, "num_channels", RGB_CHANNELS),
     )
     return ImageStreamLoader(
         worker_stream,
@@ -402,5 +441,5 @@ def build_dataloader(
         batch_size=batch_size,
         fixed_length=fixed_length,
         device_decoding=device_decoding,
-        skipped_shards=list(left_out.get(split_name, {})),
+        skipped_shards=list(opened.left_out),
     )

@@ -1,5 +1,8 @@
 """Where the images come from: `DataArguments` (the data flags), the source they name (a Hub id, a local folder of
-parquet, webdataset ``.tar`` or image files, or the embedded Fashion-MNIST sample), its splits and its columns.
+parquet, webdataset ``.tar``, image or ``.npy`` files, or the embedded Fashion-MNIST sample), its splits and its
+columns. The image column is an ``Image`` feature, else a column of a usual name, else a column holding arrays
+(``Array2D``/``Array3D``, nested lists of numbers: multi-band images). `ImageStatsArguments` are the flags of
+``run_scripts/image_stats.py``.
 
 Bad local shards are found here before any training (`shards.find_bad_shards`): fatal, or left out and counted with
 ``--skip_bad_shards``. Every script imports `DataArguments` before it parses its command line: `datasets`, `shards`
@@ -13,7 +16,7 @@ import functools
 import logging
 import pathlib
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "picture")
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "picture", "npy")
 
 
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target", "fine_label", "category")
@@ -47,7 +50,8 @@ KEY_COLUMN = "__key__"  # webdataset's sample key, the best name to log for a ba
 
 
 DECODE_IN_WORKERS = "workers"  # the default --decode_on; any other value is a torch device
-_DATA_SUFFIXES = (".parquet", ".tar", ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_DATA_SUFFIXES = (".parquet", ".tar", ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".npy")
+_ARRAY_DEPTHS = (2, 3)  # (H, W), and (H, W, C) or (C, H, W)
 
 
 @dataclass
@@ -64,8 +68,8 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "Hub dataset id (e.g. ILSVRC/imagenet-1k, timm/imagenet-1k-wds) or a local folder of "
-                          "parquet shards, webdataset .tar shards or class/xxx.jpg images. Default: the embedded "
-                          "Fashion-MNIST sample."},
+                          "parquet shards, webdataset .tar shards, class/xxx.jpg images or class/xxx.npy arrays. "
+                          "Default: the embedded Fashion-MNIST sample."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -121,6 +125,26 @@ class DataArguments:
     )
 
 
+STATISTICS_SPLITS = ("train", "validation")
+
+
+@dataclass
+class ImageStatsArguments:
+    """What run_scripts/image_stats.py computes the statistics of, and where it writes them."""
+
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {"num_channels": AT_LEAST_ONE, "max_images": AT_LEAST_ONE}
+
+    num_channels: int = field(default=3, metadata={"help": "The model's channel count: 1 reads grayscale and 16-bit "
+                                                           "images as one channel, 3 reads RGB, any count reads "
+                                                           "arrays (.npy, Array3D)."})
+    max_images: int = field(default=10_000, metadata={"help": "Images read (the first ones of the split): a bounded "
+                                                              "sample."})
+    split: str = field(default="train", metadata={"help": "The split whose images are read.",
+                                                  "choices": list(STATISTICS_SPLITS)})
+    output: str | None = field(default=None, metadata={"help": "Also write the statistics to this JSON file, to "
+                                                               "pass as --image_stats FILE."})
+
+
 def sample_dataset_path() -> pathlib.Path:
     """The Fashion-MNIST sample shipped inside the package (parquet shards, train + test splits)."""
     return pathlib.Path(__file__).resolve().parent / "sample_data" / "fashion_mnist"
@@ -132,7 +156,7 @@ def _check_local_folder(folder: pathlib.Path) -> None:
     if not any(path.suffix.lower() in _DATA_SUFFIXES for path in folder.rglob("*") if path.is_file()):
         raise UsageError(
             f"Dataset folder {str(folder)!r} is empty: expected parquet shards, webdataset .tar shards or an image "
-            "folder tree (class_name/xxx.jpg)."
+            "folder tree (class_name/xxx.jpg or class_name/xxx.npy)."
         )
 
 
@@ -147,8 +171,6 @@ def load_source(args: DataArguments) -> DatasetBuilder:
 
 def load_checked_source(args: DataArguments) -> tuple[DatasetBuilder, dict[str, dict[str, str]]]:
     """`load_source`, and the bad shards it left out (`{split: {path: problem}}`)."""
-    from datasets import load_dataset_builder
-
     from ..configuration_mae import missing_local_path_message
 
     name = args.dataset_name or str(sample_dataset_path())
@@ -158,10 +180,26 @@ def load_checked_source(args: DataArguments) -> tuple[DatasetBuilder, dict[str, 
     if pathlib.Path(name).expanduser().exists():
         folder = pathlib.Path(name).expanduser()
         _check_local_folder(folder)
-        builder = load_dataset_builder(str(folder))
+        builder = _load_local_builder(folder)
     else:
         builder = _load_hub_builder(name, args.dataset_config_name)
     return builder, _leave_out_bad_shards(builder, args.skip_bad_shards)
+
+
+def _load_local_builder(folder: pathlib.Path) -> DatasetBuilder:
+    """`datasets`' builder of a local folder; a folder of ``.npy`` files only (which `datasets` does not read) streams
+    as an image folder of arrays (`array_folder`)."""
+    from datasets import load_dataset_builder
+    from datasets.exceptions import DataFilesNotFoundError
+
+    try:
+        return load_dataset_builder(str(folder))
+    except DataFilesNotFoundError:
+        if not any(folder.rglob("*.npy")):
+            raise
+    from .array_folder import array_folder_builder
+
+    return array_folder_builder(folder)
 
 
 def _load_hub_builder(name: str, config_name: str | None) -> DatasetBuilder:
@@ -237,15 +275,47 @@ def resolve_split_name(args: DataArguments, split: str) -> str | None:
 
 
 def detect_column(
-    features: dict[str, Any], requested: str | None, wanted_type: type, candidates: Sequence[str], what: str
+    features: dict[str, Any], requested: str | None, wanted_type: type, candidates: Sequence[str], what: str,
+    fallback: Callable[[Any], bool] | None = None,
 ) -> str | None:
+    """The `requested` column (checked), else the first of `wanted_type`, else the first of `candidates` by name, else
+    the first whose feature `fallback` accepts; None when there is none."""
     if requested is not None:
         if requested not in features:
             raise UsageError(f"{what} column {requested!r} not found; available columns: {', '.join(features)}.")
         return requested
     typed = [name for name, feature in features.items() if isinstance(feature, wanted_type)]
     named = [name for name in candidates if name in features]
-    return (typed + named + [None])[0]
+    others = [name for name, feature in features.items() if fallback is not None and fallback(feature)]
+    return (typed + named + others + [None])[0]
+
+
+def array_dtype(feature: Any) -> str | None:
+    """The element dtype of a column that holds images as arrays: an ``Array2D``/``Array3D``, or numbers nested 2 or
+    3 lists deep (a parquet list column, a webdataset ``.npy`` member); None for any other feature."""
+    from datasets import Array2D, Array3D, LargeList, List, Value
+
+    if isinstance(feature, (Array2D, Array3D)):
+        return feature.dtype
+    depth = 0
+    while isinstance(feature, (List, LargeList)):
+        feature, depth = feature.feature, depth + 1
+    if depth in _ARRAY_DEPTHS and isinstance(feature, Value) and _is_numeric(feature.dtype):
+        return feature.dtype
+    return None
+
+
+def holds_arrays(feature: Any) -> bool:
+    return array_dtype(feature) is not None
+
+
+def _is_numeric(dtype: str) -> bool:
+    import numpy as np
+
+    try:
+        return np.dtype(dtype).kind in "biuf"
+    except TypeError:  # string, binary, timestamp[s], ...: no numpy dtype
+        return False
 
 
 def open_stream(builder: DatasetBuilder, split_name: str) -> IterableDataset:

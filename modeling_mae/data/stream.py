@@ -4,6 +4,11 @@ Every worker builds whole batches from its own part of the stream and reports, w
 has consumed and which ones were bad (undecodable, too small, unlabelled): the main process (`loader`) keeps these
 positions and counts, so nothing relies on worker-local state. With ``decode_on`` a device the workers only read the
 encoded bytes (`DeviceDecoding` decodes them in the main process).
+
+The transform's ``num_channels`` (C) chooses the decoding: for 3, encoded images go through the RGB path as they always
+did; for any other C, and for arrays whatever C is, `channels.decode_channels` reads C channels on the data's own
+scale, and an image of another channel count is skipped and counted with the reason (``3 channels (RGB image), the
+model takes 1``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
@@ -23,6 +29,7 @@ from datasets.utils.file_utils import xopen
 from PIL import Image
 
 from ..errors import UsageError
+from .channels import RGB_CHANNELS, ChannelMismatch, decode_channels, uses_rgb_path
 from .fast_decode import to_rgb
 from .labels import LabelColumn
 from .shards import ShardGuard
@@ -45,16 +52,21 @@ MIN_IMAGES_BEFORE_BAD_FRACTION_CHECK = 32  # a few bad files at the start of a s
 PASS_EPOCH_STRIDE = 1_000_003  # seeds the extra passes a worker makes to fill a fixed-length epoch, distinct per epoch
 
 
-def _record_source(value: Any) -> bytes | Image.Image:
-    """The image column's value ({"bytes", "path"} from Image(decode=False), raw bytes, or an already decoded PIL image)
-    as encoded bytes, or the PIL image; a path is read once, here."""
+def _record_source(value: Any, dtype: str | None = None) -> bytes | Image.Image | np.ndarray:
+    """The image column's value ({"bytes", "path"} from Image(decode=False), raw bytes, an already decoded PIL image,
+    an array, or an array column's nested lists) as encoded bytes, the PIL image or an array (of `dtype`, the array
+    column's, when given); a path is read once, here."""
     if isinstance(value, dict):
         return value.get("bytes") or _read_file(value["path"])
+    if isinstance(value, list):
+        return np.asarray(value, dtype=dtype)  # a parquet Array3D/list column, or a webdataset .npy streamed as lists
     return value
 
 
-def _as_bytes(source: bytes | Image.Image) -> bytes:
-    """Encoded bytes, to be decoded elsewhere."""
+def _as_bytes(source: bytes | Image.Image | np.ndarray) -> bytes:
+    """Encoded bytes, to be decoded elsewhere (an array: its raw bytes, to be hashed)."""
+    if isinstance(source, np.ndarray):
+        return source.tobytes()
     if isinstance(source, Image.Image):
         # A source without declared features comes already decoded by `datasets`: re-encode it, losslessly.
         buffer = io.BytesIO()
@@ -90,6 +102,7 @@ def _record_key(record: dict[str, Any], image_column: str, position: int) -> str
 class Columns:
     image: str
     labels: LabelColumn | None  # None: the loader does not read labels, or the data has none
+    image_dtype: str | None = None  # an array column's element dtype (Array3D, nested lists); None: encoded images
 
 
 class UnusableDataError(UsageError, RuntimeError):
@@ -145,8 +158,10 @@ class WorkerStream(torch.utils.data.IterableDataset):
         from_bytes: Callable[[bytes, random.Random], torch.Tensor] | None = None,
         min_image_size: int = 1,
         shard_guard: ShardGuard | None = None,
+        num_channels: int = RGB_CHANNELS,
     ) -> None:
         self.source = source
+        self.num_channels = num_channels
         self.min_image_size = min_image_size
         self.shard_guard = shard_guard  # the same object reads the shards (in this process or a worker's copy)
         self.seed = seed
@@ -234,7 +249,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
         as an uninterrupted one, whatever the worker processes' RNG states."""
         return hash((self.seed, epoch, self.process_index, worker, position)) & (2**63 - 1)
 
-    def _augment(self, image: Image.Image, seed: int) -> torch.Tensor:
+    def _augment(self, image: Image.Image | torch.Tensor, seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG (the main process's, without workers) alone
             torch.manual_seed(seed)
             return self.transform(image)
@@ -243,19 +258,28 @@ class WorkerStream(torch.utils.data.IterableDataset):
         """The record's image, augmented, or still encoded when the loader decodes on a device; or None and why not.
 
         An image smaller than ``min_image_size`` (e.g. smaller than one patch of the model) is skipped: upscaled to the
-        model's input it would only teach it blur.
+        model's input it would only teach it blur. So is an image of another channel count than the model's.
         """
         try:
-            source = _record_source(record[self.columns.image])
-            size = _source_size(source) if self.min_image_size > 1 else None
+            source = _record_source(record[self.columns.image], self.columns.image_dtype)
+            if uses_rgb_path(source, self.num_channels):
+                size = _source_size(source) if self.min_image_size > 1 else None
+            else:
+                source = decode_channels(source, self.num_channels, self.min_decode_side)  # (C, H, W) float32
+                size = (source.shape[-1], source.shape[-2])
             if size is not None and min(size) < self.min_image_size:
                 return None, f"{size[0]}x{size[1]} px, smaller than {self.min_image_size} px"
-            if self.transform is None:
+            if isinstance(source, torch.Tensor):
+                image = source
+            elif self.transform is None:
                 return _as_bytes(source), None
-            if self.from_bytes is not None:
+            elif self.from_bytes is not None:
                 # Decoding and augmentation are one step here, so any failure in it means a bad file.
                 return self.from_bytes(_as_bytes(source), random.Random(seed)), None
-            image = _as_image(source, self.min_decode_side)
+            else:
+                image = _as_image(source, self.min_decode_side)
+        except ChannelMismatch as mismatch:
+            return None, str(mismatch)
         except Exception as error:  # noqa: BLE001 - any decoder failure means "bad file": skip it, never stop the run
             logger.debug("Cannot decode %s: %r", key, error)
             return None, "unreadable image"

@@ -21,6 +21,8 @@ from ..arguments import (
     OptimizationArguments,
     Range,
     RunArguments,
+    display_channels_field,
+    parse_display_channels,
 )
 
 POOLINGS: tuple[str, ...] = ("cls", "mean")
@@ -97,6 +99,10 @@ class VisualizeArguments:
     mask_ratio: float | None = field(default=None, metadata={"help": "Default: the model's (0.75 in the paper)."})
     seed: int = field(default=0, metadata={"help": "Seeds the masks."})
     output: str = field(default="outputs/reconstruction.png", metadata={"help": "Where the PNG grid is written."})
+    display_channels: str | None = display_channels_field()
+
+    def __post_init__(self) -> None:
+        parse_display_channels(self.display_channels)  # the count now; the range once the model is loaded
 
 
 @dataclass
@@ -104,7 +110,8 @@ class FinetuneModelArguments(ModelArguments):
     """`ModelArguments` plus the classifier's fine-tuning knobs."""
 
     FLAG_RANGES: ClassVar[dict[str, Range]] = {
-        "layer_decay": Range(low=0, high=1, low_open=True), "drop_path_rate": FRACTION, "image_size": AT_LEAST_ONE,
+        **ModelArguments.FLAG_RANGES, "layer_decay": Range(low=0, high=1, low_open=True), "drop_path_rate": FRACTION,
+        "image_size": AT_LEAST_ONE,
         "num_labels": AT_LEAST_ONE,
     }
 
@@ -167,6 +174,9 @@ def recipe_regime(image_side: int, train_images: int | None, augment: Augmentati
 @dataclass
 class FinetuneOptimizationArguments(OptimizationArguments):
     """The paper's fine-tuning optimizer (base lr 5e-4 for ViT-B, 1e-3 for L/H, per 256 images)."""
+
+    # At least one step: the results are those of the last epoch's evaluation, and 0 steps run no epoch.
+    FLAG_RANGES: ClassVar[dict[str, Range]] = {**OptimizationArguments.FLAG_RANGES, "max_train_steps": AT_LEAST_ONE}
 
     base_learning_rate: float = field(default=1e-3, metadata={"help": "lr = base_learning_rate * batch / 256"})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 (the official fine-tuning keeps 0.999)."})

@@ -5,6 +5,11 @@ As in the paper, the reconstruction is the raw decoder output on every patch, ma
 patch's own mean/std when the model regresses normalised pixels (`norm_pix_loss`). No loss is computed on the
 visible patches, so their raw output is poor; the third column pastes the visible patches back, as the official
 demo notebook does.
+
+Images of any channel count C become 8-bit RGB pictures: un-normalised with the data set's per-channel mean/std (the
+model config's) back to the data's own [0, 1] scale (8-bit / 255, 16-bit / 65535), which maps to 0-255 whatever the
+data's depth; then three bands are shown as red, green and blue (`display_bands`): C == 1 in grayscale, C == 3 as it
+is, C > 3 a chosen band triple (`--display_channels`, default the first three).
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from accelerate import Accelerator
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from ..errors import UsageError
+
 GAP = 2  # pixels of white between tiles
 MIN_TILE_SIDE = 96  # small images (the 32x32 sample) are enlarged so they can be seen
 COLUMN_TITLES = ("masked", "reconstruction", "reconstruction + visible", "original")
 TILE_WIDTH_PER_TITLE_PIXEL = 8  # title font size = tile width / 8 (12 px over the 96-pixel tiles of the sample)
 MIN_TITLE_FONT_SIZE = 12
+PICTURE_BANDS = 3  # red, green, blue
 
 
 @torch.no_grad()
@@ -49,11 +57,36 @@ def reconstruct(
     return pixel_values * (1 - pixel_mask), reconstruction, pixel_mask
 
 
-def to_uint8_images(images: torch.Tensor, image_mean: Sequence[float], image_std: Sequence[float]) -> np.ndarray:
-    """Normalised `(B, C, H, W)` -> `(B, H, W, C)` uint8 pixels."""
+def display_bands(num_channels: int, display_channels: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The bands of a `num_channels`-channel image shown as red, green and blue: `display_channels` (0-based) when
+    given, else the first three, or the first band three times (grayscale) for fewer than three channels. An index
+    out of range is a `UsageError` naming the valid range."""
+    if display_channels is None:
+        return (0,) * PICTURE_BANDS if num_channels < PICTURE_BANDS else tuple(range(PICTURE_BANDS))
+    if any(not 0 <= band < num_channels for band in display_channels):
+        raise UsageError(
+            f"--display_channels {','.join(map(str, display_channels))}: the model's images have {num_channels} "
+            f"channel(s), so each index must be in 0..{num_channels - 1}"
+        )
+    return tuple(display_channels)
+
+
+def to_uint8_images(
+    images: torch.Tensor,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    display_channels: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Normalised `(B, C, H, W)` -> `(B, H, W, 3)` uint8 pictures of the `display_bands` (`image_mean`/`image_std`:
+    one value per channel)."""
+    if not len(image_mean) == len(image_std) == images.shape[1]:
+        # Broadcasting 3 statistics over 1 channel would silently make a tinted 3-channel picture of a grayscale image.
+        raise ValueError(f"{images.shape[1]}-channel images with {len(image_mean)} means and {len(image_std)} stds")
     mean = torch.tensor(image_mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(image_std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    pixels = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    bands = list(display_bands(images.shape[1], display_channels))
+    scaled = (images * std + mean)[:, bands]  # (B, 3, H, W) on the data's [0, 1] scale
+    pixels = (scaled.clamp(0, 1) * 255).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -115,13 +148,14 @@ def reconstruction_figure(
     image_mean: Sequence[float],
     image_std: Sequence[float],
     noise: torch.Tensor | None = None,
+    display_channels: Sequence[int] | None = None,
 ) -> Image.Image:
     """Figure 2: a row per image of `pixel_values`, under the column titles: masked | reconstruction |
-    reconstruction + visible | original."""
+    reconstruction + visible | original; `display_channels`: the bands shown (`display_bands`)."""
     masked, reconstruction, pixel_mask = reconstruct(model, unwrapped, pixel_values, noise)
     pasted = masked + reconstruction * pixel_mask
     columns = [
-        to_uint8_images(images, image_mean, image_std)
+        to_uint8_images(images, image_mean, image_std, display_channels)
         for images in (masked, reconstruction, pasted, pixel_values.float())
     ]
     return add_column_titles(grid_image([list(row) for row in zip(*columns, strict=True)]))

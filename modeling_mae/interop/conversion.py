@@ -9,6 +9,9 @@ timm's `VisionTransformer` (`export_to_timm`).
 Every mapping is a list of (regex, replacement) renames applied to each key, plus the one real
 change of layout: transformers keeps query/key/value apart where we (and the official code) fuse
 them into one `qkv` matrix.
+
+RGB weights convert to another channel count (`convert_checkpoint(..., num_channels=C)`) by the model's own
+`adapted_to_channels`, the rules of timm's `adapt_input_conv`: what `from_pretrained(..., num_channels=C)` does.
 """
 
 from __future__ import annotations
@@ -29,12 +32,16 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-from ..configuration_mae import MAEConfig, parse_overrides
+from ..configuration_mae import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    MAEConfig,
+    parse_overrides,
+)
 from ..data.transforms import EVAL_CROP_FRACTION
 from ..errors import UsageError, describe
 from ..modeling_mae import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
+    PATCH_KERNELS_SUFFIX,
     MAEForImageClassification,
     MAEForPreTraining,
     MAEModel,
@@ -235,11 +242,10 @@ def mae_config_from_timm(state_dict: StateDict, timm_config: dict[str, Any], **o
     global_pool = model_args.get("global_pool", timm_config.get("global_pool"))
     if global_pool in ("avg", "token"):
         values["use_mean_pooling"] = global_pool == "avg"
-    statistics = tuple(tuple(pretrained_cfg.get(key, default)) for key, default in
-                       (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)))
-    if statistics != (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD):
-        logger.warning("these timm weights expect inputs normalised with mean %s, std %s; the converted model's "
-                       "preprocessor_config.json has the ImageNet ones (MAE's): edit it", *statistics)
+    # The statistics the weights were trained with (timm's defaults are ImageNet's too): the config carries them into
+    # the converted model's preprocessor_config.json.
+    values["image_mean"] = list(pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+    values["image_std"] = list(pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
     return mae_config_from_official(state_dict, **{**values, **overrides})
 
 
@@ -323,6 +329,10 @@ def load_checkpoint(source: str, overrides: str | dict[str, Any] | None = None) 
 
 def build_converted_model(config: MAEConfig, state_dict: StateDict) -> MAEPreTrainedModel:
     """A pretraining model when the decoder is there, else the encoder (`mae_pretrain_vit_*`)."""
+    kernels = next(tensor for key, tensor in state_dict.items() if key.endswith(PATCH_KERNELS_SUFFIX))
+    if kernels.shape[1] != config.num_channels:
+        raise UsageError(f"the checkpoint has {kernels.shape[1]} input channels, the config {config.num_channels}: "
+                         f"pass --num_channels {config.num_channels} to adapt RGB weights to them")
     has_decoder = any(key.startswith("decoder.") for key in state_dict)
     has_head = "classifier.weight" in state_dict
     model_class = MAEForPreTraining if has_decoder else MAEForImageClassification if has_head else MAEModel
@@ -335,11 +345,28 @@ def build_converted_model(config: MAEConfig, state_dict: StateDict) -> MAEPreTra
     return model.eval()
 
 
+# With `num_channels`, the statistics the overrides give are those of the adapted channels, set after adapting.
+ADAPTED_CHANNEL_FIELDS = ("image_mean", "image_std", "rescale_factor")
+
+
 def convert_checkpoint(
-    source: str, output_dir: str | None = None, overrides: str | dict[str, Any] | None = None
+    source: str,
+    output_dir: str | None = None,
+    overrides: str | dict[str, Any] | None = None,
+    num_channels: int | None = None,
 ) -> MAEPreTrainedModel:
-    """Convert `source` (official .pth, transformers folder or Hub id) and optionally save it."""
-    model = build_converted_model(*load_checkpoint(source, overrides))
+    """Convert `source` (official .pth, transformers folder or Hub id) and optionally save it. `num_channels` other
+    than the checkpoint's adapts RGB weights to that many input channels (`MAEPreTrainedModel.adapted_to_channels`,
+    which logs the rule); the adapted channels' statistics are the RGB ones by the same rule unless `overrides` give
+    `image_mean`/`image_std`."""
+    values = parse_overrides(overrides)
+    adapted_fields = {name: values.pop(name) for name in ADAPTED_CHANNEL_FIELDS if num_channels and name in values}
+    model = build_converted_model(*load_checkpoint(source, values))
+    if num_channels is not None and num_channels != model.config.num_channels:
+        try:
+            model = model.adapted_to_channels(num_channels, **adapted_fields)
+        except ValueError as error:  # not RGB weights, or statistics that do not fit the channels
+            raise UsageError(f"--num_channels {num_channels}: {error}") from error
     if output_dir:
         model.save_pretrained(output_dir)
         with_default_modes(output_dir)
@@ -495,7 +522,7 @@ def timm_spec(model: MAEPreTrainedModel) -> TimmSpec:
         model_args["fc_norm"] = False  # our encoder normalises every token, then pools: timm's `norm`, not `fc_norm`
     pretrained_cfg: dict[str, Any] = {
         "num_classes": num_classes, "input_size": [config.num_channels, *config.image_size],
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "interpolation": "bicubic",
+        "mean": tuple(config.image_mean), "std": tuple(config.image_std), "interpolation": "bicubic",
         "crop_pct": EVAL_CROP_FRACTION,
     }
     if is_classifier:

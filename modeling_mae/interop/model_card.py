@@ -122,6 +122,17 @@ def describe_architecture(config: MAEConfig) -> str:
     return f"ViT {config.hidden_size}x{config.num_hidden_layers}, patch {config.patch_size}, image {config.image_size}"
 
 
+def describe_inputs(config: MAEConfig) -> str:
+    """"1 channel, pixel values x 1/65535, normalised with mean [0.449], std [0.226]": what the model expects (the
+    exported image processor does it)."""
+    inverse = 1 / config.rescale_factor
+    is_fraction = inverse > 1 and abs(inverse - round(inverse)) < 1e-6  # 1/255, 1/65535
+    scale = f"1/{round(inverse)}" if is_fraction else f"{config.rescale_factor:g}"
+    channels = f"{config.num_channels} channel{'s' if config.num_channels > 1 else ''}"
+    mean, std = ([round(value, 4) for value in values] for values in (config.image_mean, config.image_std))
+    return f"{channels}, pixel values x {scale}, normalised with mean {mean}, std {std}"
+
+
 def pretraining_card(
     config: MAEConfig,
     *,
@@ -150,6 +161,7 @@ def pretraining_card(
             "split": train_split,
             "images per epoch": images_per_epoch,
             "augmentation": "RandomResizedCrop(scale=(0.2, 1)) + horizontal flip",
+            "input": describe_inputs(config),
         },
         "Recipe": {
             "model": f"{public_name(model_source, 'a local model')}: {describe_architecture(config)}, decoder "
@@ -206,6 +218,7 @@ def finetuning_card(
             "initialisation": describe_start(model_name_or_path, model_config, seed),
             "dataset": describe_dataset(dataset_name),
             "model": describe_architecture(config),
+            "input": describe_inputs(config),
             "head": "mean of patch tokens + fc_norm" if config.use_mean_pooling else "CLS token",
             "layer decay": layer_decay,
             "drop path": config.drop_path_rate,

@@ -19,7 +19,7 @@ from ..arguments import (
     load_model_config,
     save_resolved_config,
 )
-from ..configuration_mae import load_config, parse_overrides
+from ..configuration_mae import MAEConfig, load_config, parse_overrides
 from ..data.loader import ImageStreamLoader
 from ..data.transforms import eval_transform, finetune_transform, mixup_cutmix
 from ..errors import UsageError
@@ -59,12 +59,16 @@ from .finetuning import (
     resume,
     train,
 )
+from .image_statistics import image_statistics, pixel_normalisation, statistics_of
 
 
-def build_classifier(model_args: FinetuneModelArguments, class_names: list[str]) -> MAEForImageClassification:
-    """The classifier from pretrained weights (its decoder is dropped, the head is new) or from a random init."""
+def build_classifier(
+    model_args: FinetuneModelArguments, class_names: list[str], statistics: dict[str, Any]
+) -> MAEForImageClassification:
+    """The classifier from pretrained weights (its decoder is dropped, the head is new) or from a random init, with
+    the image statistics its loaders normalise with."""
     overrides = {**parse_overrides(model_args.config_overrides), "drop_path_rate": model_args.drop_path_rate,
-                 "use_mean_pooling": model_args.global_pool}
+                 "use_mean_pooling": model_args.global_pool, **statistics}
     # Single-label, said explicitly: MixUp/CutMix targets are float, which transformers' rule takes for multi-label.
     labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
               "label2id": {name: index for index, name in enumerate(class_names)},
@@ -85,22 +89,31 @@ def build_classifier(model_args: FinetuneModelArguments, class_names: list[str])
     return model
 
 
-def build_loaders(args: Arguments, accelerator: Accelerator) -> tuple[ImageStreamLoader, ImageStreamLoader]:
+def source_config(args: Arguments) -> MAEConfig:
+    """The config fine-tuning starts from, with the image statistics of this run (`image_statistics`) written in."""
+    model_args = args.model
+    config = load_model_config(model_args.model_name_or_path or model_args.model_config or DEFAULT_MODEL_CONFIG,
+                               model_args.config_overrides)  # a wrong --config_overrides fails here
+    config.update(image_statistics(model_args, args.data, config))
+    return config
+
+
+def build_loaders(
+    args: Arguments, accelerator: Accelerator, config: MAEConfig
+) -> tuple[ImageStreamLoader, ImageStreamLoader]:
     """This process's train and validation loaders at the fine-tuning resolution.
 
-    They come before the classifier (it needs the class names), so the resolution is read off the config.
+    They come before the classifier (it needs the class names), so the resolution is read off `source_config`.
     """
     model_args, optim, augment = args.model, args.optim, args.augment
-    source_config = load_model_config(model_args.model_name_or_path or model_args.model_config or DEFAULT_MODEL_CONFIG,
-                                      model_args.config_overrides)  # a wrong --config_overrides fails here
-    image_size = (model_args.image_size,) * 2 if model_args.image_size else source_config.image_size
-    patch, num_labels = max(source_config.patch_size), model_args.num_labels
-    transform = finetune_transform(image_size, crop_scale=(augment.crop_min_scale, 1.0),
+    image_size = (model_args.image_size,) * 2 if model_args.image_size else config.image_size
+    patch, num_labels, normalisation = max(config.patch_size), model_args.num_labels, pixel_normalisation(config)
+    transform = finetune_transform(image_size, **normalisation, crop_scale=(augment.crop_min_scale, 1.0),
                                    rand_augment=augment.rand_augment, erasing=augment.random_erasing)
     train_loader = split_loader(accelerator, args.data, "train", transform,
                                 optim.per_device_train_batch_size, train=True, seed=args.run.seed,
                                 num_classes=num_labels, min_image_size=patch)
-    eval_loader = split_loader(accelerator, args.data, "validation", eval_transform(image_size),
+    eval_loader = split_loader(accelerator, args.data, "validation", eval_transform(image_size, **normalisation),
                                optim.per_device_eval_batch_size, train=False, num_classes=num_labels,
                                min_image_size=patch)
     accelerator.print(recipe_regime(max(image_size), train_loader.num_samples, augment))
@@ -135,9 +148,10 @@ def setup(args: Arguments, accelerator: Accelerator | None = None) -> Loop:
     metric = ClassificationMetric(accelerator, args.metric.metric)  # a wrong --metric fails now, not after hours
     uploader = build_uploader(run, accelerator.is_main_process)  # a push that cannot work fails before training
     set_seed(run.seed)  # identical weights on every process
-    train_loader, eval_loader = build_loaders(args, accelerator)
+    config = source_config(args)
+    train_loader, eval_loader = build_loaders(args, accelerator, config)
     class_names = resolve_class_names(train_loader, args.model.num_labels)
-    model = build_classifier(args.model, class_names)
+    model = build_classifier(args.model, class_names, statistics_of(config))
     identity = run_identity(model.config, args.data, train_loader.split)
     set_seed(run.seed, device_specific=True)  # then different augmentations per process
     mixer = mixup_cutmix(len(class_names), args.augment.mixup, args.augment.cutmix, args.augment.label_smoothing)

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from ..arguments import ModelArguments
 from ..data.sources import DataArguments
+from ..data.statistics import check_channels
 from ..data.transforms import eval_transform
 from ..evaluation.arguments import KnnArguments
 from ..evaluation.features import extract_features, extract_local_features
@@ -22,6 +23,7 @@ from ..evaluation.results import class_names_of, save_results, split_loader, sum
 from ..training.accelerator import build_accelerator
 from ..training.output_lock import holding_output_dir
 from ..training.progress import configure_logging, print_outputs
+from .image_statistics import pixel_normalisation
 
 
 def evaluate_knn(
@@ -41,7 +43,8 @@ def score_knn(
     metric = ClassificationMetric(accelerator, metric_args.metric)  # a wrong --metric fails now, not after hours
     start = time.perf_counter()
     encoder = frozen_encoder(model_args, knn_args.seed, accelerator.device)
-    transform = eval_transform(encoder.config.image_size)
+    check_channels(data_args, encoder.config.num_channels)  # a data set of other channels fails now, in one line
+    transform = eval_transform(encoder.config.image_size, **pixel_normalisation(encoder.config))
     batch_size, patch = knn_args.per_device_eval_batch_size, max(encoder.config.patch_size)
     train_loader = split_loader(accelerator, data_args, "train", transform, batch_size, train=False,
                                 min_image_size=patch)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ..arguments import ModelArguments
 from ..data.loader import ImageStreamLoader, refuse_fewer_than_a_batch
 from ..data.sources import DataArguments
+from ..data.statistics import check_channels
 from ..data.transforms import eval_transform, pretrain_transform
 from ..evaluation.arguments import LinearProbeArguments
 from ..evaluation.features import (
@@ -45,6 +46,7 @@ from ..training.optimization import (
 )
 from ..training.output_lock import holding_output_dir
 from ..training.progress import configure_logging, print_outputs, progress_bar
+from .image_statistics import pixel_normalisation
 
 HEAD_FILE = "linear_head.safetensors"
 
@@ -160,14 +162,16 @@ def train_and_score(
     encoder = frozen_encoder(model_args, probe.seed, accelerator.device)  # the seed also draws the head's init
     size, batch_size, eval_batch_size = (encoder.config.image_size, probe.per_device_train_batch_size,
                                          probe.per_device_eval_batch_size)
-    patch = max(encoder.config.patch_size)
-    eval_loader = split_loader(accelerator, data_args, "validation", eval_transform(size), eval_batch_size, train=False,
+    check_channels(data_args, encoder.config.num_channels)  # a data set of other channels fails now, in one line
+    patch, normalisation = max(encoder.config.patch_size), pixel_normalisation(encoder.config)
+    evaluation = eval_transform(size, **normalisation)
+    eval_loader = split_loader(accelerator, data_args, "validation", evaluation, eval_batch_size, train=False,
                                min_image_size=patch)
     val_features, val_labels = extract_local_features(accelerator, encoder, eval_loader, probe.pooling,
                                                       "validation features")
 
     if probe.cached_features:
-        train_loader = split_loader(accelerator, data_args, "train", eval_transform(size), eval_batch_size, train=False,
+        train_loader = split_loader(accelerator, data_args, "train", evaluation, eval_batch_size, train=False,
                                     min_image_size=patch)
         features, labels = extract_features(accelerator, encoder, train_loader, probe.pooling, "train features")
         refuse_fewer_than_a_batch(train_loader.split, features.shape[0], batch_size, accelerator.num_processes)
@@ -176,8 +180,8 @@ def train_and_score(
             cached_batches, accelerator, features, labels, batch_size, seed=probe.seed
         )
     else:
-        train_loader = split_loader(accelerator, data_args, "train", pretrain_transform(size), batch_size, train=True,
-                                    seed=probe.seed, min_image_size=patch)
+        train_loader = split_loader(accelerator, data_args, "train", pretrain_transform(size, **normalisation),
+                                    batch_size, train=True, seed=probe.seed, min_image_size=patch)
         labels = val_labels  # class names need labels only when the dataset has no ClassLabel feature
         batches_per_epoch = len(train_loader)
         epoch_batches = functools.partial(streamed_batches, encoder, train_loader, probe.pooling, device=accelerator.device)
@@ -196,7 +200,7 @@ def train_and_score(
     metrics: dict[str, Any] = {
         **metric.compute(),
         "train_loss": train_loss,
-        "train_steps": plan.total_steps,
+        "train_steps": training.scheduler.last_epoch,  # the optimizer steps taken: the scheduler steps with each
         "learning_rate": training.learning_rate,
         "gradient_accumulation_steps": accumulation,
         "pooling": probe.pooling,

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
+from ..arguments import parse_display_channels
 from ..evaluation.visualization import log_figure, reconstruction_figure
 from ..interop.hub import export_model
 from ..interop.model_card import pretraining_card, write_model_card
-from ..modeling_mae import build_image_processor
 from ..training.accelerator import (
     iterate_in_lockstep,
 )
@@ -80,18 +80,20 @@ def log_validation(trainer: Trainer, step: int) -> float | None:
 
 def save_figure(trainer: Trainer, step: int, periodic: bool = True) -> pathlib.Path:
     """Figure 2 of the paper on the fixed figure batch: `reconstruction.png`, and `reconstruction_step{N}.png` when
-    `periodic` (--log_images_steps; not the end-of-run figure, which would only copy reconstruction.png)."""
+    `periodic` (--log_images_steps; not the end-of-run figure, which would only copy reconstruction.png). The same
+    picture goes to the trackers: `--display_channels` of images of more than 3 channels, un-normalised with the
+    config's statistics."""
     accelerator = trainer.accelerator
     generator = torch.Generator().manual_seed(trainer.args.run.seed)  # the same masks in every figure
     noise = torch.rand(trainer.figure_batch.shape[0], trainer.config.num_patches, generator=generator)
-    processor = build_image_processor(trainer.config)
     figure = reconstruction_figure(
         trainer.model,
         trainer.unwrapped,
         trainer.figure_batch.to(accelerator.device),
-        processor.image_mean,
-        processor.image_std,
+        trainer.config.image_mean,
+        trainer.config.image_std,
         noise.to(accelerator.device),
+        parse_display_channels(trainer.args.run.display_channels),
     )
     latest = trainer.output_dir / FIGURE_FILE
     if accelerator.is_main_process:

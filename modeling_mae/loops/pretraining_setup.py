@@ -15,8 +15,8 @@ from accelerate.utils import set_seed
 
 from ..arguments import (
     RUN_CONFIG_FILE,
-    PretrainModelArguments,
     load_model_config,
+    parse_display_channels,
     save_resolved_config,
     without_secrets,
 )
@@ -25,6 +25,7 @@ from ..data.loader import ImageStreamLoader, build_dataloader
 from ..data.sources import resolve_split_name
 from ..data.transforms import eval_transform, pretrain_transform
 from ..evaluation.models import load_pretrained
+from ..evaluation.visualization import display_bands
 from ..interop.hub import build_uploader
 from ..modeling_mae import MAEForPreTraining
 from ..text import counted, format_number
@@ -50,6 +51,7 @@ from ..training.progress import (
     tracker_values,
 )
 from ..training.run_identity import run_identity
+from .image_statistics import image_statistics, pixel_normalisation
 from .pretraining import resume, train
 from .pretraining_outputs import export, results, save_figure
 from .pretraining_state import (
@@ -63,12 +65,16 @@ from .pretraining_state import (
 logger = logging.getLogger(__name__)
 
 
-def build_config(model_args: PretrainModelArguments) -> MAEConfig:
+def build_config(args: Arguments) -> MAEConfig:
     """`--model_config` (else the config of `--model_name_or_path`, else tiny-32px) + overrides; the dedicated
-    `--mask_ratio`/`--norm_pix_loss` flags win over `--config_overrides`."""
+    `--mask_ratio`/`--norm_pix_loss` flags win over `--config_overrides`; then the image statistics (which need the
+    config's channel count) written in."""
+    model_args = args.model
     flags = {name: getattr(model_args, name) for name in ("mask_ratio", "norm_pix_loss")}
     given = {name: value for name, value in flags.items() if value is not None}
-    return load_model_config(model_source(model_args), model_args.config_overrides, **given)
+    config = load_model_config(model_source(model_args), model_args.config_overrides, **given)
+    statistics = image_statistics(model_args, args.data, config)
+    return load_model_config(model_source(model_args), model_args.config_overrides, **given, **statistics)
 
 
 def build_model(args: Arguments, config: MAEConfig) -> MAEForPreTraining:
@@ -97,10 +103,12 @@ def build_dataloaders(
         "num_processes": accelerator.num_processes,
     }
     unlabelled = {"labels": False, "min_image_size": max(config.patch_size)}  # pretraining never reads the labels
+    normalisation = pixel_normalisation(config)
+    evaluation = eval_transform(config.image_size, **normalisation)
     train_loader = build_dataloader(
         args.data,
         "train",
-        pretrain_transform(config.image_size),
+        pretrain_transform(config.image_size, **normalisation),
         args.optim.per_device_train_batch_size,
         train=True,
         **shard,
@@ -111,7 +119,7 @@ def build_dataloaders(
         build_dataloader(
             args.data,
             "validation",
-            eval_transform(config.image_size),
+            evaluation,
             args.optim.per_device_eval_batch_size,
             train=False,
             **shard,
@@ -123,7 +131,7 @@ def build_dataloaders(
     # The same few images on every process (the figure's forward pass is a collective under DDP/ZeRO-3).
     figure_split = "validation" if has_validation else "train"
     figure_loader = build_dataloader(
-        args.data, figure_split, eval_transform(config.image_size), FIGURE_IMAGES, train=False, **unlabelled
+        args.data, figure_split, evaluation, FIGURE_IMAGES, train=False, **unlabelled
     )
     return train_loader, eval_loader, next(iter(figure_loader))["pixel_values"]
 
@@ -154,7 +162,8 @@ def setup(args: Arguments, accelerator: Accelerator | None = None) -> Trainer:
     )
     uploader = build_uploader(args.run, accelerator.is_main_process)  # a push that cannot work fails before training
     set_seed(args.run.seed)  # identical initial weights on every process
-    config = build_config(args.model)
+    config = build_config(args)
+    display_bands(config.num_channels, parse_display_channels(args.run.display_channels))  # fails now, not at a figure
     model = build_model(args, config)
     set_seed(args.run.seed, device_specific=True)  # then different masks per process (the official seed + rank)
     train_loader, eval_loader, figure_batch = build_dataloaders(args, config, accelerator)
