@@ -50,7 +50,7 @@ from modeling_mae.arguments import RunArguments
 from modeling_mae.errors import UsageError
 from modeling_mae.loops import finetuning, pretraining, pretraining_outputs
 from modeling_mae.training import checkpoint_files, output_lock
-from modeling_mae.training.accelerator import machine_count
+from modeling_mae.training.accelerator import BatchLayout, machine_count
 from modeling_mae.training.checkpoint_files import (
     FULL_DISK_FREE_BYTES,
     PICKLE_SUFFIXES,
@@ -66,6 +66,11 @@ from modeling_mae.training.output_lock import (
     OutputDirLock,
 )
 from modeling_mae.training.progress import NonFiniteLossError
+from modeling_mae.training.resume import (
+    check_process_files,
+    resume_command,
+    resume_elsewhere,
+)
 from run_scripts import run_finetune
 
 PAGE = 4096
@@ -849,3 +854,26 @@ def test_deepspeed_checkpoints_may_also_build_the_classes_named_by_their_dotted_
     monkeypatch.setattr(checkpoint_files, "DEEPSPEED_GLOBALS", ("torch.nn.Linear", "collections.OrderedDict"))
     plain = checkpoint_files.allowed_globals(deepspeed=False)
     assert checkpoint_files.allowed_globals(deepspeed=True) == [*plain, torch.nn.Linear, collections.OrderedDict]
+
+
+
+def test_the_resume_command_keeps_every_flag_but_the_checkpoint_to_resume(monkeypatch) -> None:
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # one process: python, not accelerate launch
+    argv = ["run_mae.py", "--output_dir", "my run", "--resume_from_checkpoint", "step_3", "--seed=3",
+            "--resume-from-checkpoint=step_6"]
+    assert resume_command(argv) == "python run_mae.py --output_dir 'my run' --seed=3 --resume_from_checkpoint latest"
+
+
+def test_a_missing_process_file_names_the_previous_checkpoint_or_says_there_is_none(tmp_path) -> None:
+    layout = BatchLayout(num_processes=1, per_device_batch_size=8, gradient_accumulation_steps=1, num_machines=2)
+    for step in (2, 4):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "trainer_state.json").write_text("{}")
+    with pytest.raises(UsageError) as missing:
+        check_process_files(tmp_path / "step_4", layout)
+    assert str(missing.value) == (
+        f"{tmp_path / 'step_4' / 'process_state_0.json'} is missing: process 0 writes it into the checkpoint folder, so "
+        "when processes run on several machines (this run: 2), output_dir must be on a filesystem that all of them "
+        f"share; resume from the previous one with --resume_from_checkpoint {tmp_path / 'step_2'}")
+    assert resume_elsewhere(tmp_path / "step_2") == (
+        "no earlier checkpoint is in that folder: start again without --resume_from_checkpoint")

@@ -41,6 +41,7 @@ from torch.multiprocessing import start_processes
 from transformers import AutoModelForImageClassification
 
 from modeling_mae import MAEForImageClassification, MAEForPreTraining, MAEModel
+from modeling_mae.arguments import ModelArguments
 from modeling_mae.errors import UsageError
 from modeling_mae.evaluation.features import gather_variable_length, pool_features
 from modeling_mae.evaluation.knn import knn_scores
@@ -53,10 +54,12 @@ from modeling_mae.evaluation.layer_decay import (
 from modeling_mae.evaluation.linear_probe import LARS, LinearProbeHead
 from modeling_mae.evaluation.metrics import TOP_K_ACCURACY_SCRIPT, ClassificationMetric
 from modeling_mae.evaluation.models import (
+    frozen_encoder,
     load_encoder,
     load_pretrained,
     resize_model_resolution,
 )
+from modeling_mae.evaluation.results import class_names_of
 from modeling_mae.evaluation.visualization import (
     COLUMN_TITLES,
     GAP,
@@ -866,6 +869,8 @@ def test_knn_scores_vote_with_the_20_nearest_by_default() -> None:
     scores = knn_scores(torch.tensor([[2.0, 0.0]]), bank, bank_labels, num_classes=2)
     expected = torch.tensor([[(angles[:20].cos() / 0.07).exp().sum(), 0.0]], dtype=torch.float64)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=0)
+    # No queries (a process whose evaluation share is empty): no rows.
+    assert knn_scores(torch.zeros(0, 2), bank, bank_labels, num_classes=2).shape == (0, 2)
 
 
 def test_lars_defaults_are_the_official_ones() -> None:
@@ -881,3 +886,78 @@ def test_a_damaged_weights_file_is_named_in_one_line(pretrained: pathlib.Path, t
     weights_file.write_bytes(weights_file.read_bytes()[:1000])
     with pytest.raises(UsageError, match=rf"^{re.escape(str(weights_file))} cannot be read as weights \(\w+: "):
         load_pretrained(MAEModel, str(folder))
+
+
+def test_integer_labels_without_names_are_named_up_to_the_largest_label() -> None:
+    """A split of plain integer labels (no ClassLabel): classes "0" .. the largest label seen, gaps included."""
+    accelerator, unnamed = Accelerator(cpu=True), SimpleNamespace(class_names=None)
+    assert class_names_of(accelerator, unnamed, torch.tensor([0, 4, 2])) == ["0", "1", "2", "3", "4"]
+    assert class_names_of(accelerator, unnamed, torch.tensor([], dtype=torch.long)) == []
+    assert class_names_of(accelerator, SimpleNamespace(class_names=("cat", "dog")), torch.tensor([0])) == ["cat", "dog"]
+
+
+def test_integer_labels_are_named_up_to_the_largest_label_of_any_process() -> None:
+    """Two processes: this one saw labels up to 1, the other up to 3 (accelerate's reduce of the two, written out
+    for the reductions it has): every process names 4 classes."""
+
+    def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        other = torch.tensor([3])
+        return {"max": torch.maximum, "sum": torch.add, "mean": lambda a, b: (a + b) / 2}[reduction](tensor, other)
+
+    two_processes = SimpleNamespace(num_processes=2, device=torch.device("cpu"), reduce=reduce)
+    names = class_names_of(two_processes, SimpleNamespace(class_names=None), torch.tensor([1, 0]))
+    assert names == ["0", "1", "2", "3"]
+
+
+def test_a_padding_batch_of_a_finished_process_adds_nothing() -> None:
+    """`is_real=False`: the batch a process re-runs only to keep the others company (wrong labels here) is not scored."""
+    metric = ClassificationMetric(Accelerator(cpu=True))
+    scores = torch.eye(6)  # sample i ranks class i first
+    metric.add_batch(scores[:2], torch.tensor([0, 1]))
+    metric.add_batch(scores[2:5], torch.tensor([0, 0, 0]), is_real=False)
+    assert metric.compute() == {"eval_accuracy": 1.0, "eval_top5_accuracy": 1.0, "eval_samples": 2}
+
+
+def test_the_frozen_encoder_applies_the_config_overrides(pretrained: pathlib.Path) -> None:
+    args = ModelArguments(model_name_or_path=str(pretrained), config_overrides="drop_path_rate=0.3")
+    encoder = frozen_encoder(args, seed=0, device=torch.device("cpu"))
+    assert encoder.config.drop_path_rate == 0.3 and not encoder.training
+    assert not any(parameter.requires_grad for parameter in encoder.parameters())
+
+
+def test_a_load_that_leaves_weights_out_says_from_where(pretrained: pathlib.Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="modeling_mae.evaluation.models")
+    load_pretrained(MAEForImageClassification, str(pretrained))  # a new head; the decoder's weights go unused
+    assert any(record.getMessage().startswith(f"MAEForImageClassification from {pretrained}: ")
+               for record in caplog.records)
+
+
+def test_load_pretrained_of_a_folder_with_a_config_alone_is_one_line(tmp_path: pathlib.Path) -> None:
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(tmp_path))}: the folder holds a config.json but no weights"):
+        load_pretrained(MAEModel, str(tmp_path))
+
+
+def test_a_metric_that_cannot_load_says_why_in_its_first_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(path: str, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach 'accuracy' on the Hub (LocalEntryNotFoundError)\nTraceback ...")
+
+    monkeypatch.setattr(evaluate, "load", unreachable)
+    with pytest.raises(UsageError, match=r"^--metric accuracy: `evaluate` cannot load it \(Couldn't reach 'accuracy' "
+                                         r"on the Hub \(LocalEntryNotFoundError\)\)\. "):
+        ClassificationMetric(Accelerator(cpu=True), "accuracy")
+
+
+def test_the_metric_keeps_the_predictions_in_memory_and_an_empty_split_is_one_line(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No cache file of predictions (two runs at once would share evaluate's default_experiment file); nothing
+    scored: one line."""
+    monkeypatch.setattr(evaluate.config, "HF_METRICS_CACHE", str(tmp_path))
+    metric = ClassificationMetric(Accelerator(cpu=True))
+    metric.add_batch(torch.eye(6)[:2], torch.tensor([0, 1]))
+    assert not list(tmp_path.rglob("*.arrow"))
+    assert metric.compute()["eval_samples"] == 2
+    with pytest.raises(UsageError) as empty:
+        metric.compute()
+    assert str(empty.value) == "no validation image was scored: the validation split is empty"

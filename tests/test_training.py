@@ -56,6 +56,7 @@ from modeling_mae.training.progress import (
     NonFiniteLossGuard,
     TrainingProgress,
     loss_is_finite_everywhere,
+    tracked,
 )
 from modeling_mae.training.resume import resolve_resume_checkpoint
 from run_scripts import (
@@ -701,3 +702,36 @@ def test_sigkill_then_resume_latest(data_dir, model_config, tmp_path) -> None:
         torch.set_num_threads(threads)
     assert_same_weights(weights(output), weights(tmp_path / "straight"))
     assert results["train_loss"] == pytest.approx(straight["train_loss"])
+
+
+# --------------------------------------------------------- progress and rotation messages (found by mutation testing)
+
+
+def test_tracked_counts_each_item_against_its_length_or_the_given_total(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a log (no terminal): the total is the items' length, or the one given; a disabled bar says nothing."""
+    monkeypatch.setattr("modeling_mae.training.progress.is_terminal", lambda: False)
+    caplog.set_level("INFO", logger="modeling_mae.training.progress")
+    assert list(tracked([5, 6, 7], "k-NN", unit="chunk")) == [5, 6, 7]
+    assert caplog.records[-1].getMessage().startswith("k-NN: 3/3 chunk (100%), ")
+    assert list(tracked([1, 2], "features", unit="batch", total=4)) == [1, 2]  # e.g. this process's share of 4
+    assert caplog.records[-1].getMessage().startswith("features: 2/4 batch (50%), ")
+    caplog.clear()
+    assert list(tracked([1, 2], "quiet", enabled=False)) == [1, 2]  # every process but the main one
+    assert not caplog.records
+
+
+def test_rotation_removes_the_link_of_a_linked_checkpoint_and_says_its_target_stays(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="modeling_mae.training.checkpoints")
+    target, output = tmp_path / "elsewhere" / "step_2", tmp_path / "run"
+    for folder in (target, output / "step_4"):
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+    (output / "step_2").symlink_to(target)
+    rotate_checkpoints(output, total_limit=1)
+    assert [path.name for path in output.iterdir()] == ["step_4"] and target.is_dir()
+    assert f"Removing the link of old checkpoint {output / 'step_2'} (its target {target} stays)" in [
+        record.getMessage() for record in caplog.records]
