@@ -303,6 +303,15 @@ PLANTS = (
     Plant("hub_error_token_unmasked", "modeling_mae/interop/hub.py",
           'return text.replace(self._token, "***") if self._token else text', "return text",
           ("tests/test_hub.py", "-k", "quotes_the_token")),
+    # Your own images (issue 22): the wiring from the data set's channels and statistics to the exported processor.
+    Plant("other_channels_normalised_with_the_presets_statistics", "modeling_mae/loops/image_statistics.py",
+          'return "auto" if config.num_channels != RGB_CHANNELS', 'return "config" if config.num_channels != RGB_CHANNELS',
+          ("tests/test_channels.py",)),
+    Plant("sixteen_bit_processor_rescales_by_255", "modeling_mae/loops/image_statistics.py",
+          'return {**chosen, "rescale_factor": rescale_factor}', "return chosen", ("tests/test_channels.py",)),
+    Plant("classifier_loses_the_data_sets_statistics", "modeling_mae/loops/finetuning_setup.py",
+          '"use_mean_pooling": model_args.global_pool, **statistics}', '"use_mean_pooling": model_args.global_pool}',
+          ("tests/test_channels.py",)),
 )
 
 

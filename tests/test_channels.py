@@ -110,6 +110,11 @@ def test_own_images_pretrain_finetune_knn_and_load_back_with_their_statistics(
     classifier = json.loads((tmp_path / "finetuned" / "config.json").read_text())
     assert classifier["num_channels"] == kind.num_channels
     assert classifier["image_mean"] == pytest.approx(processor_config["image_mean"])
+    scratch = tmp_path / "scratch"  # a classifier from a random init measures the data set's statistics itself
+    finetune_main(["--config_overrides", f"{TINY},num_channels={kind.num_channels}", *common, *colour,
+                   *kind.label_flags, "--max_train_steps", "1", "--per_device_train_batch_size", "8",
+                   "--output_dir", str(scratch)])
+    assert json.loads((scratch / "preprocessor_config.json").read_text()) == processor_config
     knn = knn_main(["--model_name_or_path", str(pretrained), *common, "--output_dir", str(tmp_path / "knn")])
     assert knn["train_samples"] == TRAIN and knn["eval_samples"] == VALIDATION
 
