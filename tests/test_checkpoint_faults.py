@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
 import json
 import math
 import os
@@ -22,11 +23,13 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -47,9 +50,10 @@ from test_training import (
 
 from modeling_mae import errors
 from modeling_mae.arguments import RunArguments
+from modeling_mae.data.sources import DataArguments
 from modeling_mae.errors import UsageError
 from modeling_mae.loops import finetuning, pretraining, pretraining_outputs
-from modeling_mae.training import checkpoint_files, output_lock
+from modeling_mae.training import checkpoint_files, output_lock, run_identity
 from modeling_mae.training.accelerator import BatchLayout, machine_count
 from modeling_mae.training.checkpoint_files import (
     FULL_DISK_FREE_BYTES,
@@ -68,6 +72,8 @@ from modeling_mae.training.output_lock import (
 from modeling_mae.training.progress import NonFiniteLossError
 from modeling_mae.training.resume import (
     check_process_files,
+    claim_output_dir,
+    fits,
     resume_command,
     resume_elsewhere,
 )
@@ -877,3 +883,73 @@ def test_a_missing_process_file_names_the_previous_checkpoint_or_says_there_is_n
         f"share; resume from the previous one with --resume_from_checkpoint {tmp_path / 'step_2'}")
     assert resume_elsewhere(tmp_path / "step_2") == (
         "no earlier checkpoint is in that folder: start again without --resume_from_checkpoint")
+
+
+
+def test_a_trainer_state_value_fits_a_list_or_dict_field_only_when_it_is_one() -> None:
+    """What `progress_from_state` checks each JSON value with: an empty string or mapping is no list, a string or a
+    list no dict, whatever their items."""
+    assert fits([1, 2], list[int]) and fits([], list[int]) and fits({"a": 1}, dict[str, int]) and fits({}, dict)
+    for value, kind in (("", list[int]), ({}, list[int]), (3, list[int]), ("x", dict), ([], dict[str, int]),
+                        ([1], dict)):
+        assert not fits(value, kind), (value, kind)
+
+
+
+def test_going_back_to_an_earlier_checkpoint_says_where_the_later_ones_went(tmp_path, caplog) -> None:
+    for step in (2, 4, 6):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "trainer_state.json").write_text("{}")
+    main_process = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    claim_output_dir(main_process, tmp_path, tmp_path / "step_2")
+    assert sorted(path.name for path in (tmp_path / "superseded").iterdir()) == ["step_4", "step_6"]
+    said = (f"Resumed from step_2: moved the later checkpoints of the run it went back on to {tmp_path / 'superseded'} "
+            "(step_4, step_6); delete them once they are no longer needed")
+    assert [record.getMessage() for record in caplog.records if record.levelname == "WARNING"] == [said]
+
+
+
+def test_a_hub_datasets_identity_is_its_name_and_files_whatever_the_revision(monkeypatch) -> None:
+    """Recorded by name, not as a path under the working directory; each file's URL without the revision (only the
+    first @...: a folder may hold an @), and a fingerprint of the first 16 hex digits of their SHA-256."""
+    files = ["hf://datasets/org/name@abc123/images@2x/train-0.parquet", "hf://datasets/org/name@abc123/train-1.parquet"]
+    source = SimpleNamespace(config=SimpleNamespace(data_files={"train": files}))
+    monkeypatch.setattr(run_identity, "load_source", lambda args: source)
+    identity = run_identity.data_identity(DataArguments(dataset_name="org/name"), "train")
+    entries = [["hf://datasets/org/name/images@2x/train-0.parquet", None], ["hf://datasets/org/name/train-1.parquet",
+                                                                           None]]
+    assert (identity[run_identity.DATA_LOCATION], identity["files"]) == ("org/name", 2)
+    assert identity["fingerprint"] == hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def test_a_damaged_lock_file_is_refused_while_fresh_and_taken_back_once_stale(tmp_path, caplog) -> None:
+    """A lock file that names no run (cut while written): a run writing it now, until its heartbeat goes stale."""
+    path = tmp_path / LOCK_NAME
+    path.write_text('{"host": "node-')
+    with pytest.raises(UsageError, match=r"in use by another run \(a run starting at this moment\)"):
+        OutputDirLock(tmp_path).acquire()
+    beat = time.time() - STALE_AFTER_S - 60
+    os.utime(path, (beat, beat))
+    lock = OutputDirLock(tmp_path)
+    lock.acquire()
+    assert re.search(r"Took back the lock of .+ from a run that is gone \(no heartbeat for 36\d s\): unreadable",
+                     caplog.text)
+    lock.release()
+
+
+def test_a_lock_released_without_being_taken_leaves_the_folder_alone(tmp_path) -> None:
+    """A run that stopped before taking its lock (e.g. refused) releases it on the way out: nothing to do."""
+    other = write_lock(tmp_path, 10, host="node-7", pid=4242)
+    OutputDirLock(tmp_path).release()
+    assert json.loads(other.read_text())["host"] == "node-7"
+
+
+def test_the_lock_file_is_a_plain_readable_file(tmp_path) -> None:
+    previous = os.umask(0o022)
+    try:
+        lock = OutputDirLock(tmp_path)
+        lock.acquire()
+        assert stat.S_IMODE(lock.path.stat().st_mode) == 0o644  # not executable
+        lock.release()
+    finally:
+        os.umask(previous)

@@ -442,7 +442,7 @@ mae = AutoModelForPreTraining.from_pretrained("me/mae", trust_remote_code=True)
 | norm_pix_loss | False |
 | optimizer | AdamW, betas (0.9, 0.95), weight decay 0.05 (none on biases and norms) |
 | learning rate | 0.000125 (base 0.001 x 32 / 256) |
-| schedule | 1 warmup steps, half-cycle cosine to 0 |
+| schedule | 1 warmup step, half-cycle cosine to 0 |
 | effective batch | 32 |
 | processes | 2 |
 | mixed precision | bf16 |

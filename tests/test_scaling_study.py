@@ -23,6 +23,7 @@ from datasets import load_dataset
 from PIL import Image
 
 from modeling_mae.errors import UsageError
+from modeling_mae.studies.channels import render_record as render_evidence
 from modeling_mae.studies.recipe_sweep import render_sweep
 from modeling_mae.studies.scaling import PROTOCOLS, chosen_learning_rate
 from modeling_mae.studies.scaling_report import (
@@ -208,8 +209,8 @@ def test_smoke_study_chooses_on_the_held_out_split_records_everything_and_reruns
 @pytest.mark.parametrize("record_path", sorted(DOCS_RECORDS.glob("*.json")), ids=lambda path: path.name)
 def test_every_committed_table_is_what_its_committed_record_makes(record_path: pathlib.Path) -> None:
     record = json.loads(record_path.read_text())
-    table = render_sweep(record) if record["study"] == "recipe_sweep" else render_table(record)
-    assert record_path.with_suffix(".md").read_text() == table
+    renderers = {"recipe_sweep": render_sweep, "channels_evidence": render_evidence}
+    assert record_path.with_suffix(".md").read_text() == renderers.get(record["study"], render_table)(record)
 
 
 # ---------------------------------------------------------------------------------------------------- stage runner

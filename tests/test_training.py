@@ -735,3 +735,10 @@ def test_rotation_removes_the_link_of_a_linked_checkpoint_and_says_its_target_st
     assert [path.name for path in output.iterdir()] == ["step_4"] and target.is_dir()
     assert f"Removing the link of old checkpoint {output / 'step_2'} (its target {target} stays)" in [
         record.getMessage() for record in caplog.records]
+
+
+def test_an_epoch_shorter_than_one_step_says_both_lengths() -> None:
+    with pytest.raises(ValueError) as refused:
+        plan_training(2, 4, num_train_epochs=1)
+    assert str(refused.value) == ("an epoch of 2 batches is shorter than one optimizer step of 4 micro-batches: lower "
+                                  "the batch size or the accumulation")

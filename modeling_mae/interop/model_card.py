@@ -19,6 +19,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..arguments import DEFAULT_MODEL_CONFIG, OptimizationArguments
 from ..configuration_mae import MAEConfig
+from ..text import counted
 from ..training.optimization import TrainingPlan, effective_batch_size
 
 CARD_FILE = "README.md"
@@ -173,7 +174,7 @@ def pretraining_card(
             "learning rate": f"{learning_rate:.3g}"
             if explicit_lr
             else f"{learning_rate:.3g} (base {optim.base_learning_rate:g} x {batch} / 256)",
-            "schedule": f"{plan.warmup_steps} warmup steps, half-cycle cosine to {optim.min_lr:g}",
+            "schedule": f"{counted(plan.warmup_steps, 'warmup step')}, half-cycle cosine to {optim.min_lr:g}",
             "effective batch": batch,
             "processes": num_processes,
             "mixed precision": mixed_precision,

@@ -141,6 +141,11 @@ def render_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def render_record(record: dict[str, Any]) -> str:
+    """The evidence table from a committed record alone."""
+    return render_table({name: stage["results"] for name, stage in record["stages"].items()})
+
+
 def run_evidence(args: Any, scripts: pathlib.Path) -> dict[str, Any]:
     """Run (or reuse) every stage, then write the record and its table; returns the record."""
     output_dir = pathlib.Path(args.output_dir)
