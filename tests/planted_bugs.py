@@ -108,7 +108,7 @@ PLANTS = (
     Plant("finetune_drop_path_flag_ignored", "modeling_mae/loops/finetuning_setup.py",
           '"drop_path_rate": model_args.drop_path_rate,', '"drop_path_rate": 0.1,', FINETUNE_FLAGS),
     Plant("finetune_global_pool_ignored", "modeling_mae/loops/finetuning_setup.py",
-          '"use_mean_pooling": model_args.global_pool}', '"use_mean_pooling": True}', FINETUNE_FLAGS),
+          '"use_mean_pooling": model_args.global_pool,', '"use_mean_pooling": True,', FINETUNE_FLAGS),
     Plant("finetune_position_table_always_trained", "modeling_mae/loops/finetuning_setup.py",
           "requires_grad_(model_args.train_position_embeddings)", "requires_grad_(True)", FINETUNE_FLAGS),
     Plant("finetune_min_lr_dropped", "modeling_mae/loops/finetuning_setup.py",
